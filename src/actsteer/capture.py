@@ -1,0 +1,300 @@
+"""Which modules to steer, and recording their activations pooled into one sample per text.
+
+Modules are chosen by a named preset (resolved per architecture family), a regular expression
+(full match over `model.named_modules()`) or an explicit list of names. Recording runs batched
+forward passes with hooks; padding never reaches the statistics.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from actsteer.errors import ActSteerError
+
+POOLINGS = ("mean", "last", "max", "all")
+
+_BLOCK = r"(?:.*\.)?layers\.\d+\."
+#: Preset module patterns per architecture family (full-match regular expressions).
+PRESETS: dict[str, dict[str, str]] = {
+    "llama": {
+        "post-attn-ln": _BLOCK + r"post_attention_layernorm",
+        "layernorms": _BLOCK + r"(?:input_layernorm|post_attention_layernorm)|(?:.*\.)?norm",
+        "attn-out": _BLOCK + r"self_attn\.o_proj",
+        "mlp-out": _BLOCK + r"mlp\.down_proj",
+    },
+    "gemma": {
+        "post-attn-ln": _BLOCK + r"post_attention_layernorm",
+        "layernorms": _BLOCK
+        + r"(?:input|post_attention|pre_feedforward|post_feedforward)_layernorm|(?:.*\.)?norm",
+        "attn-out": _BLOCK + r"self_attn\.o_proj",
+        "mlp-out": _BLOCK + r"mlp\.down_proj",
+    },
+    "gpt2": {
+        "post-attn-ln": r"(?:.*\.)?h\.\d+\.ln_2",
+        "layernorms": r"(?:.*\.)?h\.\d+\.ln_[12]|(?:.*\.)?ln_f",
+        "attn-out": r"(?:.*\.)?h\.\d+\.attn\.c_proj",
+        "mlp-out": r"(?:.*\.)?h\.\d+\.mlp\.c_proj",
+    },
+}
+_FAMILY_OF_MODEL_TYPE = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3"), "llama"),
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"), "gemma"),
+    "gpt2": "gpt2",
+}
+PRESET_NAMES = tuple(PRESETS["llama"])
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The preset family of a transformers model, from its config's model_type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _FAMILY_OF_MODEL_TYPE.get(model_type or "")
+
+
+def _summarise_names(names: Sequence[str], limit: int = 12) -> str:
+    """Module names with layer indices collapsed ("model.layers.*.mlp"), for error messages."""
+    shapes = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names if n))
+    more = f" … ({len(shapes) - limit} more)" if len(shapes) > limit else ""
+    return ", ".join(shapes[:limit]) + more
+
+
+def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Module names selected by a preset name, a regex (full match) or a list of names.
+
+    Names come back in the model's module order. A selection that matches nothing is an error
+    that shows the module names that exist.
+    """
+    names = [name for name, _ in model.named_modules()]
+    if isinstance(spec, str) and spec in PRESET_NAMES:
+        family = model_family(model)
+        if family is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise ActSteerError(
+                f"preset {spec!r} is not defined for model type {model_type!r}; pass a regular "
+                f"expression over module names instead, e.g. one of: {_summarise_names(names)}"
+            )
+        spec = PRESETS[family][spec]
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ActSteerError(f"module pattern {spec!r} is not a valid regex: {err}") from None
+        chosen = [n for n in names if n and pattern.fullmatch(n)]
+        if not chosen:
+            raise ActSteerError(
+                f"module pattern {spec!r} matches no module of this model; presets: "
+                f"{', '.join(PRESET_NAMES)}; module names look like: {_summarise_names(names)}"
+            )
+        return chosen
+    wanted = list(spec)
+    missing = [n for n in wanted if n not in set(names)]
+    if missing or not wanted:
+        raise ActSteerError(
+            f"module {missing[0] if missing else '(none given)'!r} does not exist in this model; "
+            f"module names look like: {_summarise_names(names)}"
+        )
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(wanted, key=order.__getitem__)
+
+
+def output_tensor(output: object) -> torch.Tensor:
+    """The activation tensor of a module output (the first element of a tuple output)."""
+    tensor = output[0] if isinstance(output, tuple) else output
+    if not isinstance(tensor, torch.Tensor):
+        raise ActSteerError(
+            f"module output of type {type(tensor).__name__} cannot be steered; "
+            "choose modules that return a tensor"
+        )
+    return tensor
+
+
+def pool(activations: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (B, T, D) token activations over real tokens (mask (B, T) bool) into samples.
+
+    mean/last/max give (B, D); all gives (number of real tokens, D).
+    """
+    if activations.ndim != 3 or activations.shape[:2] != mask.shape:
+        raise ActSteerError(
+            f"expected (batch, tokens, units) activations matching the batch {tuple(mask.shape)}, "
+            f"got shape {tuple(activations.shape)}; choose modules whose output is per token"
+        )
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(activations.dtype)
+        return (activations * weights).sum(1) / weights.sum(1).clamp(min=1)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(dim=1)
+        return activations[torch.arange(mask.shape[0], device=mask.device), last]
+    if pooling == "max":
+        return activations.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+    if pooling == "all":
+        return activations[mask]
+    raise ActSteerError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+class SampleBuffer:
+    """Collects pooled samples of one module; with a cap, keeps a uniform random subset.
+
+    The capped subset is a reservoir (random keys, keep the smallest), so memory stays at most
+    cap + one batch of rows however many tokens pass through.
+    """
+
+    def __init__(self, cap: int | None, seed: int = 0) -> None:
+        self.cap = cap
+        self.rows: list[torch.Tensor] = []
+        self.keys: torch.Tensor | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().float().cpu()
+        if self.cap is None:
+            self.rows.append(rows)
+            return
+        keys = torch.rand(rows.shape[0], generator=self.generator)
+        if self.keys is not None:
+            rows = torch.cat([self.rows[0], rows])
+            keys = torch.cat([self.keys, keys])
+        if rows.shape[0] > self.cap:
+            keep = keys.topk(self.cap, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = [rows], keys
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.empty(0, 0)
+
+
+class Recorder:
+    """Forward hooks that pool the outputs of named modules into SampleBuffers.
+
+    Set `mask` to the current batch's attention mask before each forward pass.
+    """
+
+    def __init__(
+        self, model: nn.Module, modules: Sequence[str], pooling: str, cap: int | None, seed: int = 0
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise ActSteerError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        self.mask: torch.Tensor | None = None
+        self.buffers = {name: SampleBuffer(cap, seed) for name in modules}
+        lookup = dict(model.named_modules())
+        self.handles = [
+            lookup[name].register_forward_hook(self._hook(name)) for name in self.buffers
+        ]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            assert self.mask is not None, "Recorder.mask must be set before a forward pass"
+            self.buffers[name].add(pool(output_tensor(output), self.mask, self.pooling))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def samples(self) -> dict[str, torch.Tensor]:
+        return {name: buffer.samples() for name, buffer in self.buffers.items()}
+
+
+def check_texts(texts: Sequence[str], what: str) -> list[str]:
+    """Texts as a list of non-empty strings, or a clear error."""
+    if isinstance(texts, str):
+        raise ActSteerError(f"{what} must be a list of texts, not one string")
+    texts = [t for t in texts if t and t.strip()]
+    if len(texts) < 2:
+        raise ActSteerError(
+            f"{what} has {len(texts)} non-empty text(s); at least 2 are needed to estimate a "
+            "distribution (a few dozen or more give stable maps)"
+        )
+    return texts
+
+
+@contextmanager
+def _right_padding(tokenizer) -> Iterator[None]:
+    """Right padding for recording: real tokens keep positions 0..n-1 without position ids."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
+def batches(
+    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised, right-padded batches on the model's device."""
+    with _right_padding(tokenizer):
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(
+                list(texts[start : start + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+            yield {
+                k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")
+            }
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward_body(model: nn.Module, modules: Sequence[str]) -> nn.Module:
+    """The smallest part of the model to run: the base model (no LM head) when it holds them all."""
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    if isinstance(body, nn.Module) and all(n.startswith(prefix + ".") for n in modules):
+        return body
+    return model
+
+
+def sample_cap(pooling: str, n_modules: int, width: int, budget_mb: float) -> int | None:
+    """Per-module sample cap for `all` pooling so all buffers fit in budget_mb of float32."""
+    if pooling != "all":
+        return None
+    return max(1000, int(budget_mb * 2**20 / (4 * max(1, n_modules) * max(1, width))))
+
+
+def record(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    modules: Sequence[str],
+    *,
+    pooling: str = "mean",
+    batch_size: int = 16,
+    max_length: int = 128,
+    budget_mb: float = 1024,
+    progress: bool = True,
+    desc: str = "recording",
+) -> dict[str, torch.Tensor]:
+    """Pooled activations {module: (samples, units)} of `texts` at the named modules.
+
+    With pooling "all" every real token is a sample, subsampled uniformly so all modules together
+    hold at most about `budget_mb` of float32.
+    """
+    texts = check_texts(texts, desc)
+    width = getattr(getattr(model, "config", None), "hidden_size", 1024)
+    recorder = Recorder(
+        model, modules, pooling, sample_cap(pooling, len(modules), width, budget_mb)
+    )
+    body = forward_body(model, modules)
+    total = -(-len(texts) // batch_size)
+    try:
+        with torch.inference_mode():
+            encoded = batches(tokenizer, texts, batch_size, max_length, model_device(model))
+            for batch in tqdm(encoded, total=total, desc=desc, disable=not progress, leave=False):
+                recorder.mask = batch["attention_mask"].bool()
+                body(**batch, use_cache=False)
+    finally:
+        recorder.remove()
+    return recorder.samples()

@@ -1,0 +1,172 @@
+"""The per-unit affine map T(a) = ω ⊙ a + β with a support: fitting, applying, inverting.
+
+Pure torch; knows nothing about models. Samples are (N, D) tensors: N samples of D units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from actsteer.errors import ActSteerError
+
+#: Supports stored with every map, as (lower, upper) quantiles of the source samples in percent.
+SUPPORT_QUANTILES: dict[str, tuple[float, float]] = {
+    "q0-100": (0.0, 100.0),
+    "q1-99": (1.0, 99.0),
+    "q5-95": (5.0, 95.0),
+}
+#: The unbounded support: every activation is transported.
+SUPPORT_ALL = "all"
+SUPPORTS = (*SUPPORT_QUANTILES, SUPPORT_ALL)
+
+_ZERO_VARIANCE = 1e-12
+
+
+@dataclass
+class AffineMap:
+    """ω, β of shape (D,), plus per-support (lo, hi) bounds of shape (D,)."""
+
+    omega: torch.Tensor
+    beta: torch.Tensor
+    bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.omega.shape[0]
+
+    def support(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lo, hi) of a support by name; None for the unbounded support "all"."""
+        if name == SUPPORT_ALL:
+            return None
+        if name not in self.bounds:
+            raise ActSteerError(
+                f"support {name!r} is not available for this map; "
+                f"choose one of {sorted(self.bounds) + [SUPPORT_ALL]}"
+            )
+        return self.bounds[name]
+
+    def __call__(
+        self, a: torch.Tensor, strength: float = 1.0, support: str = SUPPORT_ALL
+    ) -> torch.Tensor:
+        """T_λ(a) = a + λ(T(a) − a) inside the support, a outside it (last axis = units)."""
+        scale = 1 + strength * (self.omega - 1)
+        moved = torch.addcmul(strength * self.beta, a, scale)
+        bounds = self.support(support)
+        if bounds is None:
+            return moved
+        lo, hi = bounds
+        return torch.where((a >= lo) & (a <= hi), moved, a)
+
+    def inverse(self) -> AffineMap:
+        """T⁻¹(b) = (b − β)/ω, whose supports are the images of this map's supports.
+
+        Units with |ω| ≈ 0 collapse every input to one value and cannot be inverted: an error.
+        """
+        if (self.omega.abs() < 1e-8).any():
+            bad = int((self.omega.abs() < 1e-8).nonzero()[0])
+            raise ActSteerError(f"map is not invertible: unit {bad} has ω ≈ 0")
+        omega = 1 / self.omega
+        beta = -self.beta / self.omega
+        bounds = {}
+        for name, (lo, hi) in self.bounds.items():
+            a, b = self.omega * lo + self.beta, self.omega * hi + self.beta
+            bounds[name] = (torch.minimum(a, b), torch.maximum(a, b))
+        return AffineMap(omega, beta, bounds)
+
+
+def check_samples(source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> None:
+    """Raise a clear error for sample sets a map cannot be estimated from."""
+    for name, x in (("source", source), ("target", target)):
+        if x.ndim != 2:
+            raise ActSteerError(
+                f"{name} {what} must be (samples, units), got shape {tuple(x.shape)}"
+            )
+        if x.shape[0] < 2:
+            raise ActSteerError(
+                f"{name} has {x.shape[0]} sample(s) for {what}; at least 2 are needed "
+                "to estimate a distribution (use more prompts)"
+            )
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(dim=1).nonzero()[0].item()
+            raise ActSteerError(
+                f"{name} {what} contain NaN or infinite activations (first at sample {bad}); "
+                "the model overflowed or produced NaN: try dtype=float32 or check the inputs"
+            )
+    if source.shape[1] != target.shape[1]:
+        raise ActSteerError(
+            f"source and target {what} have different widths: "
+            f"{source.shape[1]} vs {target.shape[1]}"
+        )
+
+
+def _at_positions(sorted_x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows of column-sorted samples at fractional row positions, linearly interpolated."""
+    n = sorted_x.shape[0]
+    below = pos.floor().long().clamp(0, n - 1)
+    above = (below + 1).clamp(max=n - 1)
+    frac = (pos - below).to(sorted_x.dtype).unsqueeze(1)
+    return sorted_x[below] + frac * (sorted_x[above] - sorted_x[below])
+
+
+def quantile_grid(sorted_x: torch.Tensor, size: int) -> torch.Tensor:
+    """Empirical quantile function of column-sorted samples at `size` evenly spaced levels.
+
+    Returns sorted_x itself when size equals the sample count, so equal counts mean plain sorting.
+    """
+    n = sorted_x.shape[0]
+    if size == n:
+        return sorted_x
+    return _at_positions(sorted_x, torch.linspace(0, n - 1, size, dtype=torch.float64))
+
+
+def couple(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The monotone (1-D optimal transport) coupling of every unit at once.
+
+    Both sets are sorted along the sample axis; unequal counts are matched on a common
+    quantile grid of max(N, M) levels.
+    """
+    x = source.sort(dim=0).values
+    y = target.sort(dim=0).values
+    size = max(x.shape[0], y.shape[0])
+    return quantile_grid(x, size), quantile_grid(y, size)
+
+
+def fit_linear(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear-AcT: least squares y ≈ ω x + β on the coupled pairs, per unit (float64)."""
+    x, y = (t.double() for t in couple(source, target))
+    mx, my = x.mean(0), y.mean(0)
+    dx, dy = x - mx, y - my
+    var = (dx * dx).sum(0)
+    cov = (dx * dy).sum(0)
+    flat = var <= _ZERO_VARIANCE * x.shape[0] * (1 + mx.abs()) ** 2
+    omega = torch.where(flat, torch.ones_like(var), cov / torch.where(flat, 1.0, var))
+    beta = my - omega * mx
+    return omega.float(), beta.float()
+
+
+def fit_mean(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-AcT: ω = 1, β = m_t − m_s."""
+    beta = target.double().mean(0) - source.double().mean(0)
+    return torch.ones_like(beta).float(), beta.float()
+
+
+def fit_gaussian(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian-AcT: ω = σ_t/σ_s, β = m_t − ω m_s; units with σ_s ≈ 0 keep ω = 1, β = 0."""
+    s, t = source.double(), target.double()
+    ms, mt = s.mean(0), t.mean(0)
+    ss, st = s.std(0, correction=0), t.std(0, correction=0)
+    flat = ss <= 1e-6 * (1 + ms.abs())
+    omega = torch.where(flat, 1.0, st / torch.where(flat, 1.0, ss))
+    beta = torch.where(flat, 0.0, mt - omega * ms)
+    return omega.float(), beta.float()
+
+
+def support_bounds(source: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit quantile bounds of the source samples for every named support."""
+    sorted_x = source.float().sort(dim=0).values
+    levels = sorted({q for pair in SUPPORT_QUANTILES.values() for q in pair})
+    pos = torch.tensor(levels, dtype=torch.float64) / 100 * (sorted_x.shape[0] - 1)
+    at = dict(zip(levels, _at_positions(sorted_x, pos), strict=True))
+    return {name: (at[lo], at[hi]) for name, (lo, hi) in SUPPORT_QUANTILES.items()}

@@ -1,0 +1,69 @@
+"""The registry of steering methods and the contract each one fulfils."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from actsteer.errors import ActSteerError
+from actsteer.maps import AffineMap, check_samples, support_bounds
+
+FitFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named estimator: `fit_omega_beta(source, target)` gives ω, β of shape (D,).
+
+    strength_range bounds λ at apply time (None: unbounded); default_support is the support a
+    steering of this method applies with unless told otherwise.
+    """
+
+    name: str
+    description: str
+    fit_omega_beta: FitFunction
+    strength_range: tuple[float, float] | None = (0.0, 1.0)
+    default_support: str = "q0-100"
+
+    def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
+        """Estimate the map from (N, D) source and (M, D) target samples."""
+        check_samples(source, target, what)
+        omega, beta = self.fit_omega_beta(source.float(), target.float())
+        return AffineMap(omega, beta, support_bounds(source))
+
+    def check_strength(self, strength: float | torch.Tensor) -> None:
+        """Raise a clear error when λ lies outside this method's range."""
+        if self.strength_range is None:
+            return
+        lo, hi = self.strength_range
+        values = torch.as_tensor(strength, dtype=torch.float64)
+        if not torch.isfinite(values).all():
+            raise ActSteerError(f"strength must be finite, got {strength}")
+        if (values < lo).any() or (values > hi).any():
+            raise ActSteerError(
+                f"strength {values.tolist()} is outside [{lo:g}, {hi:g}], the range of "
+                f"method {self.name!r}; pick λ in that range (0 = untouched model, 1 = full effect)"
+            )
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry under its name."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`, or a clear error listing those that exist."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ActSteerError(
+            f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}"
+        ) from None

