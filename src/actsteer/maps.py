@@ -72,7 +72,9 @@ class AffineMap:
         bounds = {}
         for name, (lo, hi) in self.bounds.items():
             a, b = self.omega * lo + self.beta, self.omega * hi + self.beta
-            bounds[name] = (torch.minimum(a, b), torch.maximum(a, b))
+            # Widen by a few float32 ulps so the images of the bounds themselves stay inside.
+            slack = 4 * torch.finfo(torch.float32).eps * (a.abs().maximum(b.abs()) + 1)
+            bounds[name] = (torch.minimum(a, b) - slack, torch.maximum(a, b) + slack)
         return AffineMap(omega, beta, bounds)
 
 
