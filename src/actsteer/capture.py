@@ -202,15 +202,15 @@ class Recorder:
         return {name: buffer.samples() for name, buffer in self.buffers.items()}
 
 
-def check_texts(texts: Sequence[str], what: str) -> list[str]:
-    """Texts as a list of non-empty strings, or a clear error."""
+def check_texts(texts: Sequence[str], what: str, minimum: int = 2) -> list[str]:
+    """Texts as a list of at least `minimum` non-empty strings, or a clear error."""
     if isinstance(texts, str):
         raise ActSteerError(f"{what} must be a list of texts, not one string")
     texts = [t for t in texts if t and t.strip()]
-    if len(texts) < 2:
+    if len(texts) < minimum:
         raise ActSteerError(
-            f"{what} has {len(texts)} non-empty text(s); at least 2 are needed to estimate a "
-            "distribution (a few dozen or more give stable maps)"
+            f"{what} has {len(texts)} non-empty text(s); at least {minimum} are needed to "
+            "estimate a distribution (a few dozen or more give stable maps)"
         )
     return texts
 
@@ -282,7 +282,7 @@ def record(
     With pooling "all" every real token is a sample, subsampled uniformly so all modules together
     hold at most about `budget_mb` of float32.
     """
-    texts = check_texts(texts, desc)
+    texts = check_texts(texts, desc, minimum=1)
     width = getattr(getattr(model, "config", None), "hidden_size", 1024)
     recorder = Recorder(
         model, modules, pooling, sample_cap(pooling, len(modules), width, budget_mb)

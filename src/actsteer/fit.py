@@ -29,7 +29,7 @@ def fit(
     modules: str | Sequence[str] = "post-attn-ln",
     method: str = "linear-act",
     mode: str = "independent",
-    pooling: str = "mean",
+    pooling: str | None = None,
     support: str | None = None,
     batch_size: int = 16,
     max_length: int = 128,
@@ -44,7 +44,8 @@ def fit(
     mode: "independent" fits each module on the plain model's activations; "sequential" fits
       each on activations already transported by the maps of all upstream modules.
     pooling: how token activations become one sample per text: "mean" (real tokens only),
-      "last", "max" or "all" (every token a sample, subsampled to stay within budget_mb).
+      "last", "max" or "all" (every token a sample, subsampled to stay within budget_mb);
+      the method's default when None (mean for the AcT methods).
     support: the support the steering applies with by default (and, in sequential mode, the
       one upstream maps use while fitting); the method's default when None.
     data: a free description of the prompt sets, stored with the steering.
@@ -53,10 +54,11 @@ def fit(
     if mode not in MODES:
         raise ActSteerError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     support = support or estimator.default_support
+    pooling = pooling or estimator.default_pooling
     if support not in SUPPORTS:
         raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
-    source = check_texts(source, "source")
-    target = check_texts(target, "target")
+    source = check_texts(source, "source", estimator.min_samples)
+    target = check_texts(target, "target", estimator.min_samples)
     names = resolve_modules(model, modules)
     settings = dict(
         pooling=pooling,

@@ -78,16 +78,18 @@ class AffineMap:
         return AffineMap(omega, beta, bounds)
 
 
-def check_samples(source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> None:
+def check_samples(
+    source: torch.Tensor, target: torch.Tensor, what: str = "samples", min_samples: int = 2
+) -> None:
     """Raise a clear error for sample sets a map cannot be estimated from."""
     for name, x in (("source", source), ("target", target)):
         if x.ndim != 2:
             raise ActSteerError(
                 f"{name} {what} must be (samples, units), got shape {tuple(x.shape)}"
             )
-        if x.shape[0] < 2:
+        if x.shape[0] < min_samples:
             raise ActSteerError(
-                f"{name} has {x.shape[0]} sample(s) for {what}; at least 2 are needed "
+                f"{name} has {x.shape[0]} sample(s) for {what}; at least {min_samples} are needed "
                 "to estimate a distribution (use more prompts)"
             )
         if not torch.isfinite(x).all():

@@ -17,8 +17,9 @@ FitFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.T
 class Method:
     """A named estimator: `fit_omega_beta(source, target)` gives ω, β of shape (D,).
 
-    strength_range bounds λ at apply time (None: unbounded); default_support is the support a
-    steering of this method applies with unless told otherwise.
+    strength_range bounds λ at apply time (None: unbounded); default_support and
+    default_pooling are used unless the user chooses; min_samples is the fewest texts per set
+    the estimator accepts (1 for a single prompt pair).
     """
 
     name: str
@@ -26,10 +27,12 @@ class Method:
     fit_omega_beta: FitFunction
     strength_range: tuple[float, float] | None = (0.0, 1.0)
     default_support: str = "q0-100"
+    default_pooling: str = "mean"
+    min_samples: int = 2
 
     def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
         """Estimate the map from (N, D) source and (M, D) target samples."""
-        check_samples(source, target, what)
+        check_samples(source, target, what, self.min_samples)
         omega, beta = self.fit_omega_beta(source.float(), target.float())
         return AffineMap(omega, beta, support_bounds(source))
 

@@ -1,0 +1,120 @@
+"""Every registered method against a direct computation of its formula on recorded activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+import actsteer
+from actsteer.capture import record
+from actsteer.methods import METHODS
+
+SOURCE = [f"the rude driver shouted at pedestrian number {i} for no reason" for i in range(14)]
+TARGET = [f"a kind gardener waters flower bed {i} every morning with care" for i in range(11)]
+MODULE = "model.layers.1.post_attention_layernorm"
+
+
+def recorded(model, tok, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+    samples = [
+        record(model, tok, t, [MODULE], pooling=pooling, progress=False)[MODULE]
+        for t in (SOURCE, TARGET)
+    ]
+    return samples[0].double().numpy(), samples[1].double().numpy()
+
+
+def fitted(model, tok, method: str, source=SOURCE, target=TARGET) -> tuple[np.ndarray, np.ndarray]:
+    steering = actsteer.fit(
+        model, tok, source, target, modules=[MODULE], method=method, progress=False
+    )
+    amap = steering.maps[MODULE]
+    return amap.omega.double().numpy(), amap.beta.double().numpy()
+
+
+def test_registry_lists_every_method():
+    assert set(METHODS) == {"linear-act", "mean-act", "gaussian-act", "actadd", "iti-c", "aura"}
+
+
+def test_linear_act_is_least_squares_on_sorted_pairs(tiny_llama, tokenizer):
+    x, y = recorded(tiny_llama, tokenizer, "mean")
+    omega, beta = fitted(tiny_llama, tokenizer, "linear-act")
+    for unit in range(x.shape[1]):
+        xs = np.sort(x[:, unit])
+        ys = np.interp(np.linspace(0, 1, len(xs)), np.linspace(0, 1, len(y)), np.sort(y[:, unit]))
+        slope, intercept = np.polyfit(xs, ys, 1)
+        assert omega[unit] == pytest.approx(slope, rel=1e-3, abs=1e-4)
+        assert beta[unit] == pytest.approx(intercept, rel=1e-3, abs=1e-4)
+
+
+def test_mean_and_gaussian_act(tiny_llama, tokenizer):
+    x, y = recorded(tiny_llama, tokenizer, "mean")
+    omega, beta = fitted(tiny_llama, tokenizer, "mean-act")
+    np.testing.assert_allclose(omega, 1.0)
+    np.testing.assert_allclose(beta, y.mean(0) - x.mean(0), rtol=1e-4, atol=1e-6)
+    omega, beta = fitted(tiny_llama, tokenizer, "gaussian-act")
+    np.testing.assert_allclose(omega, y.std(0) / x.std(0), rtol=1e-4)
+    np.testing.assert_allclose(beta, y.mean(0) - omega * x.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_actadd_is_the_last_token_difference_of_one_pair(tiny_llama, tokenizer):
+    positive, negative = "I love this", "I hate this"
+    outputs = {}
+    module = dict(tiny_llama.named_modules())[MODULE]
+    for text in (positive, negative):
+        handle = module.register_forward_hook(lambda m, a, out, t=text: outputs.__setitem__(t, out))
+        with torch.inference_mode():
+            tiny_llama(**tokenizer(text, return_tensors="pt"))
+        handle.remove()
+    expected = (outputs[positive][0, -1] - outputs[negative][0, -1]).double().numpy()
+    omega, beta = fitted(tiny_llama, tokenizer, "actadd", source=[negative], target=[positive])
+    np.testing.assert_allclose(omega, 1.0)
+    np.testing.assert_allclose(beta, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_iti_c_shifts_along_the_probe_normal_by_the_projected_spread(tiny_llama, tokenizer):
+    x, y = recorded(tiny_llama, tokenizer, "mean")
+    omega, beta = fitted(tiny_llama, tokenizer, "iti-c")
+    np.testing.assert_allclose(omega, 1.0)
+    features = np.concatenate([x, y])
+    labels = np.r_[np.zeros(len(x)), np.ones(len(y))]
+    probe = LogisticRegression(solver="newton-cg", max_iter=5000).fit(features, labels)
+    normal = probe.coef_[0] / np.linalg.norm(probe.coef_[0])
+    direction = beta / np.linalg.norm(beta)
+    assert direction @ normal > 0.999, "β points along the probe normal, toward the target"
+    assert np.linalg.norm(beta) == pytest.approx((features @ normal).std(ddof=1), rel=1e-2)
+
+
+def test_aura_dampens_by_auroc(tiny_llama, tokenizer):
+    x, y = recorded(tiny_llama, tokenizer, "max")
+    omega, beta = fitted(tiny_llama, tokenizer, "aura")
+    labels = np.r_[np.ones(len(x)), np.zeros(len(y))]
+    for unit in range(x.shape[1]):
+        auroc = roc_auc_score(labels, np.r_[x[:, unit], y[:, unit]])
+        expected = 1 - 2 * (auroc - 0.5) if auroc > 0.5 else 1.0
+        assert omega[unit] == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(beta, 0.0)
+    assert (omega < 1).any(), "some units detect the source and are dampened"
+
+
+@pytest.mark.parametrize(
+    ("method", "strength", "ok"),
+    [
+        ("aura", 1.5, False),
+        ("linear-act", -0.5, False),
+        ("mean-act", 1.01, False),
+        ("iti-c", 5.0, True),
+        ("actadd", -3.0, True),
+        ("gaussian-act", 0.3, True),
+    ],
+)
+def test_strength_ranges(tiny_llama, tokenizer, method, strength, ok):
+    steering = actsteer.fit(
+        tiny_llama, tokenizer, SOURCE, TARGET, modules=[MODULE], method=method, progress=False
+    )
+    if ok:
+        steering.attach(tiny_llama, strength).remove()
+    else:
+        with pytest.raises(actsteer.ActSteerError, match=f"outside .* of method '{method}'"):
+            steering.attach(tiny_llama, strength)
