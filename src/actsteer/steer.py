@@ -7,7 +7,7 @@ tensors prepared once per strength on the module's device and dtype.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,9 @@ from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import get_method
 
 Strength = float | torch.Tensor
+#: Token positions a steering acts on: every token, only the prompt's (the pass with nothing
+#: cached yet), only generated tokens (passes that extend a KV cache), or each pass's last token.
+POSITIONS = ("all", "prompt", "generated", "last")
 
 
 @dataclass
@@ -50,21 +53,31 @@ class Steering:
         get_method(self.method).check_strength(strength)
 
     def attach(
-        self, model: nn.Module, strength: Strength = 1.0, support: str | None = None
+        self,
+        model: nn.Module,
+        strength: Strength = 1.0,
+        support: str | None = None,
+        positions: str = "all",
     ) -> SteeringHandle:
         """Register the hooks; the handle sets the strength and removes them."""
-        return SteeringHandle(self, model, strength, support or self.default_support)
+        return SteeringHandle(self, model, strength, support or self.default_support, positions)
 
     @contextmanager
     def applied(
-        self, model: nn.Module, strength: Strength = 1.0, support: str | None = None
+        self,
+        model: nn.Module,
+        strength: Strength = 1.0,
+        support: str | None = None,
+        positions: str = "all",
     ) -> Iterator[SteeringHandle]:
         """Steer `model` inside the block; hooks are removed on exit, even on error.
 
         strength: λ as a number, or a (batch,) tensor giving each batch row its own λ.
         support: "q0-100" (default for mitigation), "q1-99", "q5-95" or "all" (induction).
+        positions: "all" tokens, only the "prompt", only "generated" tokens (these two rely on
+          generate's KV cache to tell the passes apart), or the "last" token of each pass.
         """
-        handle = self.attach(model, strength, support)
+        handle = self.attach(model, strength, support, positions)
         try:
             yield handle
         finally:
@@ -92,19 +105,44 @@ class Steering:
         return replace(self, info={**self.info, **updates})
 
 
-class _ModuleHook:
-    """The hook of one module: λ-folded scale and shift, plus optional support bounds."""
+class _PassPhase:
+    """Model-level pre-hook: is the current forward pass the prompt pass (nothing cached yet)?"""
 
-    def __init__(self, amap: AffineMap, support: str, module: nn.Module) -> None:
+    def __init__(self) -> None:
+        self.prompt = True
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            self.prompt = True
+        elif hasattr(cache, "get_seq_length"):
+            self.prompt = cache.get_seq_length() == 0
+        else:  # legacy tuple of per-layer (key, value)
+            self.prompt = len(cache) == 0 or cache[0][0].shape[-2] == 0
+
+
+class _ModuleHook:
+    """The hook of one module: λ-folded scale and shift, optional support bounds and positions."""
+
+    def __init__(
+        self,
+        amap: AffineMap,
+        support: str,
+        module: nn.Module,
+        positions: str = "all",
+        phase: _PassPhase | None = None,
+    ) -> None:
         param = next(module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
-        self.amap = amap
         bounds = amap.support(support)
         self.bounds = None if bounds is None else tuple(self._cast(b) for b in bounds)
         self.omega_minus_one = amap.omega.to(self.device, torch.float32) - 1
         self.beta = amap.beta.to(self.device, torch.float32)
         self.scale = self.shift = None
+        self.last_only = positions == "last"
+        self.phase = phase
+        self.on_prompt = positions == "prompt"
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
@@ -117,12 +155,22 @@ class _ModuleHook:
         self.scale = self._cast(1 + lam * self.omega_minus_one)
         self.shift = self._cast(lam * self.beta)
 
-    def __call__(self, module: nn.Module, args: object, output: object) -> object:
-        a = output[0] if isinstance(output, tuple) else output
+    def _transport(self, a: torch.Tensor) -> torch.Tensor:
         steered = torch.addcmul(self.shift, a, self.scale)
-        if self.bounds is not None:
-            lo, hi = self.bounds
-            steered = torch.where((a >= lo) & (a <= hi), steered, a)
+        if self.bounds is None:
+            return steered
+        lo, hi = self.bounds
+        return torch.where((a >= lo) & (a <= hi), steered, a)
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> object:
+        if self.phase is not None and self.phase.prompt != self.on_prompt:
+            return None
+        a = output[0] if isinstance(output, tuple) else output
+        if self.last_only:
+            steered = a.clone()
+            steered[:, -1:] = self._transport(a[:, -1:])
+        else:
+            steered = self._transport(a)
         if isinstance(output, tuple):
             return (steered, *output[1:])
         return steered
@@ -131,16 +179,30 @@ class _ModuleHook:
 class SteeringHandle:
     """Hooks of one steering on one model; change λ with set_strength, undo with remove."""
 
-    def __init__(self, steering: Steering, model: nn.Module, strength: Strength, support: str):
+    def __init__(
+        self,
+        steering: Steering,
+        model: nn.Module,
+        strength: Strength,
+        support: str,
+        positions: str = "all",
+    ) -> None:
         if support not in SUPPORTS:
             raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
+        if positions not in POSITIONS:
+            raise ActSteerError(
+                f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}"
+            )
         from actsteer.artifact import check_compatible
 
         check_compatible(steering, model)
         lookup = dict(model.named_modules())
         self.steering = steering
+        self.model = model
+        self.phase = _PassPhase() if positions in ("prompt", "generated") else None
         self.hooks = {
-            name: _ModuleHook(amap, support, lookup[name]) for name, amap in steering.maps.items()
+            name: _ModuleHook(amap, support, lookup[name], positions, self.phase)
+            for name, amap in steering.maps.items()
         }
         self.modules = {name: lookup[name] for name in steering.maps}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -155,6 +217,10 @@ class SteeringHandle:
         self._unhook()
         if lam.ndim == 0 and lam.item() == 0.0:
             return
+        if self.phase is not None:
+            self.handles.append(
+                self.model.register_forward_pre_hook(self.phase, with_kwargs=True, prepend=True)
+            )
         for name, hook in self.hooks.items():
             hook.set_strength(lam)
             self.handles.append(self.modules[name].register_forward_hook(hook))
@@ -167,3 +233,22 @@ class SteeringHandle:
     def remove(self) -> None:
         """Detach every hook: the model is exactly the untouched model again."""
         self._unhook()
+
+
+@contextmanager
+def steered(
+    model: nn.Module,
+    *steerings: tuple[Steering, Strength],
+    support: str | None = None,
+    positions: str = "all",
+) -> Iterator[list[SteeringHandle]]:
+    """Apply several steerings at once, each with its own strength: `steered(m, (a, 1), (b, .5))`.
+
+    Where two steer the same module they compose in the given order: b's map acts on the output
+    of a's (and b's support is tested on those transported values).
+    """
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(steering.applied(model, strength, support, positions))
+            for steering, strength in steerings
+        ]
