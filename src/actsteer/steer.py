@@ -88,6 +88,14 @@ class Steering:
         info = {**self.info, "inverted": not self.info.get("inverted", False)}
         return Steering({name: m.inverse() for name, m in self.maps.items()}, info)
 
+    def fold(
+        self, model: nn.Module, strength: float = 1.0, support: str | None = None
+    ) -> nn.Module:
+        """Edit the model's weights so it is steered with no hooks (support "all" only)."""
+        from actsteer.fold import fold
+
+        return fold(self, model, strength, support)
+
     def save(self, path: str | Path) -> Path:
         """Write the steering to one .safetensors file (tensors + JSON metadata)."""
         from actsteer.artifact import save_steering
