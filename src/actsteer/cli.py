@@ -1,0 +1,505 @@
+"""The `actsteer` command line: fit, generate, inspect, methods, demo.
+
+Every user error (bad option, missing file, ActSteerError) ends in one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from actsteer.capture import POOLINGS
+from actsteer.errors import ActSteerError
+from actsteer.fit import MODES
+from actsteer.fit import fit as fit_steering
+from actsteer.generation import generate_grid
+from actsteer.maps import SUPPORTS
+from actsteer.methods import METHODS, get_method
+from actsteer.models import DEFAULT_MODEL, load_model
+from actsteer.steer import Steering
+
+STRENGTH_FLAGS = ("--strength", "-s")
+DEMO_PROMPTS = (
+    "I went to the park and",
+    "My favourite thing about Sundays is",
+    "Yesterday the news said that",
+)
+DEMO_STRENGTHS = (0.0, 0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# argv normalisation and one-line errors
+
+
+def _is_float(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def normalise_argv(args: Sequence[str]) -> list[str]:
+    """Let one --strength flag take several numbers: `--strength 0 0.5 1`.
+
+    Tokens right after --strength (or -s, or --strength=X) that parse as floats become repeated
+    `--strength X` options. `--` ends options, so a prompt that looks like a number goes after it.
+    """
+    args = list(args)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            out.extend(args[i:])
+            break
+        out.append(token)
+        i += 1
+        if token in STRENGTH_FLAGS:
+            if i < len(args):  # the flag's own value, whatever it is (typer checks it)
+                out.append(args[i])
+                i += 1
+        elif not token.startswith("--strength="):
+            continue
+        while i < len(args) and _is_float(args[i]):
+            out += ["--strength", args[i]]
+            i += 1
+    return out
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `error: message` as one line on stderr; return the Exit to raise."""
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    return typer.Exit(code)
+
+
+class _Group(TyperGroup):
+    """The app's group: normalises argv and turns every user error into one stderr line."""
+
+    def main(self, args: Sequence[str] | None = None, *pargs: Any, **kwargs: Any) -> Any:
+        args = sys.argv[1:] if args is None else args
+        return super().main(normalise_argv(args), *pargs, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except typer.TyperException as err:
+            raise self._usage_error(err) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as err:
+            raise self._usage_error(err) from None
+        except ActSteerError as err:
+            raise _fail(str(err)) from None
+        except FileNotFoundError as err:
+            name = err.filename if err.filename is not None else str(err)
+            raise _fail(f"file not found: {name}") from None
+
+    @staticmethod
+    def _usage_error(err: typer.TyperException) -> Exception:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `actsteer`: show the help
+            return err
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        return _fail(err.format_message() + hint, getattr(err, "exit_code", 2))
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="actsteer",
+    help=(
+        "Steer Hugging Face causal LMs by transporting activations (AcT). "
+        "Fit a steering from a source and a target text file, then generate with a strength "
+        "λ in [0, 1]: 0 is the untouched model, 1 the full transport. "
+        "Try `actsteer demo` first."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; wide when not a terminal, so piped tables don't wrap at 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(file=stream, width=width, highlight=False)
+
+
+def _status(message: str) -> None:
+    """A progress line on stderr (stdout keeps the results)."""
+    typer.echo(message, err=True)
+
+
+def read_texts(path: str | Path, what: str = "texts") -> list[str]:
+    """One text per line of a UTF-8 file, blank lines skipped; a missing file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ActSteerError(f"{what} file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ActSteerError(f"{what} file {path} is not UTF-8 text: {err}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise ActSteerError(f"{what} file {path} has no text (one text per line expected)")
+    return texts
+
+
+def package_texts(name: str) -> list[str]:
+    """The sentences of one of the package's own data files (src/actsteer/data/NAME)."""
+    text = importlib.resources.files("actsteer").joinpath("data", name).read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _check_choice(value: str | None, choices: Sequence[str], option: str) -> None:
+    if value is not None and value not in choices:
+        raise ActSteerError(f"{option} {value!r} is not one of: {', '.join(choices)}")
+
+
+def _format_strength(strength: float) -> str:
+    return f"λ = {strength:g}"
+
+
+def grid_table(
+    prompts: Sequence[str], columns: Sequence[str], texts: Sequence[Sequence[str]], title: str
+) -> Table:
+    """Rows = prompts, one column per strength; texts are shown literally (no rich markup)."""
+    table = Table(title=title, show_lines=True, expand=True)
+    width = min(30, max(len(p) for p in prompts))
+    table.add_column("prompt", style="bold", ratio=1, min_width=width)
+    for column in columns:
+        table.add_column(column, ratio=2)
+    for prompt, row in zip(prompts, texts, strict=True):
+        table.add_row(Text(prompt), *(Text(t.strip()) for t in row))
+    return table
+
+
+def _generate_kwargs(
+    max_new_tokens: int, sample: bool, temperature: float, top_p: float, repetition_penalty: float
+) -> dict[str, Any]:
+    if max_new_tokens < 1:
+        raise ActSteerError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if repetition_penalty <= 0:
+        raise ActSteerError(f"--repetition-penalty must be > 0, got {repetition_penalty}")
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = repetition_penalty
+    if sample:
+        if temperature <= 0:
+            raise ActSteerError(f"--temperature must be > 0 when sampling, got {temperature}")
+        kwargs.update(temperature=temperature, top_p=top_p)
+    return kwargs
+
+
+def _load(model_name: str) -> tuple[Any, Any]:
+    _status(f"Loading model {model_name} …")
+    return load_model(model_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+@app.command()
+def fit(
+    source: Annotated[
+        Path,
+        typer.Option(
+            "--source", help="Text file, one text per line: what to move away from.", metavar="FILE"
+        ),
+    ],
+    target: Annotated[
+        Path,
+        typer.Option(
+            "--target", help="Text file, one text per line: what to move toward.", metavar="FILE"
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write the steering (.safetensors)."),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Built-in alias, local folder or hub id.")
+    ] = DEFAULT_MODEL,
+    modules: Annotated[
+        str,
+        typer.Option(
+            help="Preset (post-attn-ln, layernorms, attn-out, mlp-out) or a regex fully matching "
+            "module names.",
+            metavar="PRESET|REGEX",
+        ),
+    ] = "post-attn-ln",
+    method: Annotated[
+        str, typer.Option(help="Estimator; see `actsteer methods`.", metavar="NAME")
+    ] = "linear-act",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="independent: each module fitted on the plain model; sequential: on activations "
+            "already moved by upstream maps.",
+            metavar="|".join(MODES),
+        ),
+    ] = "independent",
+    pooling: Annotated[
+        str,
+        typer.Option(
+            help="How token activations become one sample per text.", metavar="|".join(POOLINGS)
+        ),
+    ] = "mean",
+    support: Annotated[
+        str | None,
+        typer.Option(
+            help="Where maps apply: quantile ranges of the source activations, or all (use all "
+            "to induce a concept). Default: the method's.",
+            metavar="|".join(SUPPORTS),
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.", min=1)] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens kept per text.", min=1)] = 128,
+) -> None:
+    """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
+    get_method(method)
+    _check_choice(mode, MODES, "--mode")
+    _check_choice(pooling, POOLINGS, "--pooling")
+    _check_choice(support, SUPPORTS, "--support")
+    if output.suffix != ".safetensors":
+        raise ActSteerError(f"--output should end in .safetensors, got {output}")
+    source_texts = read_texts(source, "source")
+    target_texts = read_texts(target, "target")
+    lm, tok = _load(model)
+    _status(
+        f"Fitting {method} ({mode}) on {model}: {len(source_texts)} source → "
+        f"{len(target_texts)} target texts, modules {modules!r} …"
+    )
+    start = time.perf_counter()
+    steering = fit_steering(
+        lm,
+        tok,
+        source=source_texts,
+        target=target_texts,
+        modules=modules,
+        method=method,
+        mode=mode,
+        pooling=pooling,
+        support=support,
+        batch_size=batch_size,
+        max_length=max_length,
+        data={"source_file": str(source), "target_file": str(target)},
+    )
+    elapsed = time.perf_counter() - start
+    path = steering.save(output)
+    widths = sorted({amap.dim for amap in steering.maps.values()})
+    typer.echo(f"Saved steering to {path}")
+    typer.echo(
+        f"  {steering.method}, {steering.info.get('mode')}, pooling {pooling}, "
+        f"support {steering.default_support}; {len(steering.maps)} modules "
+        f"({', '.join(map(str, widths))} units); fitted in {elapsed:.1f} s"
+    )
+
+
+@app.command()
+def generate(
+    prompts: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more prompts. Put `--` before the prompts if one starts with - or "
+            "looks like a number right after --strength.",
+            metavar="PROMPT",
+        ),
+    ],
+    steering_path: Annotated[
+        Path | None,
+        typer.Option("--steering", help="A steering file from `actsteer fit`; omit for plain."),
+    ] = None,
+    strength: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--strength",
+            "-s",
+            help="λ values, several after one flag: --strength 0 0.5 1 (or repeat the flag). "
+            "`--` ends options. Default: the steering's default strength.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model; default: the one the steering was fitted on."),
+    ] = None,
+    support: Annotated[
+        str | None,
+        typer.Option(help="Support override. Default: the steering's.", metavar="|".join(SUPPORTS)),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per row.")] = 40,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample (seeded) or decode greedily.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="Penalty > 1 discourages repeating tokens (1 = off).")
+    ] = 1.3,
+) -> None:
+    """Generate from PROMPTs at several strengths in ONE batched call; print a table.
+
+    Rows are prompts, columns strengths λ. Example:
+    actsteer generate --steering s.safetensors --strength 0 0.5 1 -- "I went to the park and"
+    """
+    kwargs = _generate_kwargs(max_new_tokens, sample, temperature, top_p, repetition_penalty)
+    _check_choice(support, SUPPORTS, "--support")
+    steering = None
+    if steering_path is not None:
+        steering = Steering.load(steering_path)
+        strengths = list(strength or [float(steering.info.get("default_strength", 1.0))])
+        steering.check_strength(strengths)
+        columns = [_format_strength(s) for s in strengths]
+        model = model or steering.info.get("model", {}).get("name") or DEFAULT_MODEL
+    else:
+        if strength or support:
+            raise ActSteerError("--strength and --support need --steering FILE")
+        strengths, columns = None, ["plain"]
+        model = model or DEFAULT_MODEL
+    lm, tok = _load(model)
+    _status(
+        f"Generating {len(prompts)} prompt(s) × {len(columns)} strength(s) in one batched call …"
+    )
+    if sample:
+        torch.manual_seed(seed)
+    texts = generate_grid(lm, tok, prompts, strengths, steering, support, **kwargs)
+    title = f"{model}" + (f" steered by {steering_path}" if steering else "")
+    _console().print(grid_table(prompts, columns, texts, title))
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A steering file (.safetensors).")],
+) -> None:
+    """Describe a steering file: method, model, data and per-module map statistics."""
+    steering = Steering.load(path)
+    info = steering.info
+    console = _console()
+    console.print(f"[bold]{path}[/bold]")
+    rows = [
+        ("method", steering.method + (" (inverted)" if info.get("inverted") else "")),
+        ("mode", info.get("mode", "?")),
+        ("model", info.get("model", {}).get("name", "?")),
+        ("pooling", info.get("pooling", "?")),
+        ("support", steering.default_support),
+        ("default strength", f"{info.get('default_strength', 1.0):g}"),
+        ("data", ", ".join(f"{k}={v}" for k, v in info.get("data", {}).items()) or "-"),
+        ("modules", str(len(steering.maps))),
+    ]
+    for key, value in rows:
+        console.print(Text(f"{key:>16}: {value}"))
+    table = Table(title="maps T(a) = ω ⊙ a + β per module", show_edge=False)
+    table.add_column("module", overflow="fold")
+    for name in ("D", "ω mean", "ω min", "ω max", "β mean", "max |β|"):
+        table.add_column(name, justify="right")
+    for name, amap in steering.maps.items():
+        omega, beta = amap.omega.float(), amap.beta.float()
+        table.add_row(
+            name,
+            str(amap.dim),
+            *(f"{v:.3f}" for v in (omega.mean(), omega.min(), omega.max())),
+            *(f"{v:.3f}" for v in (beta.mean(), beta.abs().max())),
+        )
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered steering methods."""
+    table = Table(title="steering methods")
+    table.add_column("method", style="bold")
+    table.add_column("description")
+    table.add_column("strength λ")
+    table.add_column("default support")
+    for name, method in sorted(METHODS.items()):
+        lo_hi = method.strength_range
+        span = "any" if lo_hi is None else f"[{lo_hi[0]:g}, {lo_hi[1]:g}]"
+        table.add_row(name, method.description, span, method.default_support)
+    _console().print(table)
+
+
+@app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Built-in alias, local folder or hub id.")
+    ] = DEFAULT_MODEL,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per row.", min=1)] = 40,
+) -> None:
+    """Induce the concept "football": fit neutral → football sentences, generate at λ = 0, ½, 1.
+
+    Uses the package's own sentence files, Linear-AcT on all layer norms with support "all",
+    then one batched greedy generation (repetition penalty 1.3) for three neutral prompts.
+    """
+    source, target = package_texts("neutral.txt"), package_texts("football.txt")
+    lm, tok = _load(model)
+    _status(
+        f"Fitting a 'football' steering on {model}: Linear-AcT on every layer norm, "
+        f"{len(source)} neutral → {len(target)} football sentences …"
+    )
+    start = time.perf_counter()
+    steering = fit_steering(
+        lm,
+        tok,
+        source=source,
+        target=target,
+        modules="layernorms",
+        method="linear-act",
+        mode="independent",
+        support="all",
+        data={
+            "source_file": "actsteer/data/neutral.txt",
+            "target_file": "actsteer/data/football.txt",
+        },
+    )
+    _status(f"Fitted {len(steering.maps)} modules in {time.perf_counter() - start:.1f} s.")
+    _status(
+        f"Generating {len(DEMO_PROMPTS)} prompts × λ = 0, 0.5, 1 in one batched call "
+        f"({max_new_tokens} new tokens, greedy) …"
+    )
+    texts = generate_grid(
+        lm,
+        tok,
+        DEMO_PROMPTS,
+        DEMO_STRENGTHS,
+        steering,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        repetition_penalty=1.3,
+    )
+    columns = [_format_strength(s) for s in DEMO_STRENGTHS]
+    title = f"{model}: λ = 0 is the untouched model, λ = 1 talks football"
+    _console().print(grid_table(DEMO_PROMPTS, columns, texts, title))
+
+
+def main() -> None:
+    """Entry point equivalent to the `actsteer` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

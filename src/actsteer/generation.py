@@ -1,0 +1,100 @@
+"""Generating a grid of prompts × strengths in one batched `generate` call.
+
+Row p·S + s of the batch is prompt p steered with strength s: one per-row strength tensor carries
+the whole sweep, so a λ sweep costs one generation instead of one per strength.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from actsteer.errors import ActSteerError
+from actsteer.steer import Steering
+
+
+@contextmanager
+def left_padding(tokenizer) -> Iterator[None]:
+    """Left padding (and a pad token) for batched generation; the tokenizer is restored after."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        if tokenizer.eos_token is None:
+            raise ActSteerError("the tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = pad
+
+
+def grid_strengths(n_prompts: int, strengths: Sequence[float]) -> torch.Tensor:
+    """The (n_prompts · S,) per-row strength tensor: row p·S + s has strength strengths[s]."""
+    return torch.tensor([float(s) for s in strengths], dtype=torch.float32).repeat(n_prompts)
+
+
+def generate_grid(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    strengths: Sequence[float] | None = None,
+    steering: Steering | None = None,
+    support: str | None = None,
+    **generate_kwargs: Any,
+) -> list[list[str]]:
+    """Continuations of every prompt at every strength, from one batched `model.generate` call.
+
+    Returns texts[p][s]: the newly generated text (prompt excluded, special tokens skipped) of
+    prompts[p] steered with strengths[s]. Without a steering the model generates untouched and
+    each prompt gets one column (strengths must then be omitted or all 0). strengths defaults to
+    the steering's default strength. generate_kwargs go to `model.generate` (max_new_tokens
+    defaults to 40, do_sample to False).
+    """
+    if isinstance(prompts, str):
+        raise ActSteerError("prompts must be a list of texts, not one string")
+    prompts = list(prompts)
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise ActSteerError("give at least one prompt, and no empty prompt")
+    if steering is None:
+        if strengths is not None and any(float(s) != 0.0 for s in strengths):
+            raise ActSteerError("strengths other than 0 need a steering to apply")
+        strengths = [0.0]
+    elif strengths is None:
+        strengths = [float(steering.info.get("default_strength", 1.0))]
+    strengths = [float(s) for s in strengths]
+    if not strengths:
+        raise ActSteerError("give at least one strength")
+    if steering is not None:
+        steering.check_strength(strengths)
+
+    for key in ("num_beams", "num_return_sequences"):
+        if generate_kwargs.get(key, 1) != 1:
+            raise ActSteerError(
+                f"{key}={generate_kwargs[key]} is not supported: every batch row carries its own "
+                "strength, so generate must return one sequence per row"
+            )
+    rows = [p for p in prompts for _ in strengths]
+    generate_kwargs.setdefault("max_new_tokens", 40)
+    generate_kwargs.setdefault("do_sample", False)
+    device = next(model.parameters()).device
+    with left_padding(tokenizer):
+        encoded = tokenizer(rows, return_tensors="pt", padding=True).to(device)
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        lam = grid_strengths(len(prompts), strengths)
+        steer = nullcontext() if steering is None else steering.applied(model, lam, support)
+        with steer, torch.inference_mode():
+            output = model.generate(
+                input_ids=encoded["input_ids"],
+                attention_mask=encoded["attention_mask"],
+                **generate_kwargs,
+            )
+    new_tokens = output[:, encoded["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    n = len(strengths)
+    return [texts[p * n : (p + 1) * n] for p in range(len(prompts))]
