@@ -6,11 +6,13 @@ it out, so every command runs on the real model without paying a load per invoca
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import actsteer
@@ -124,6 +126,49 @@ def test_generate_prints_sweep_table(runner, steering_file):
         assert column in result.stdout
 
 
+def test_generate_composes_fixed_and_swept_steerings(runner, steering_file):
+    path, _ = steering_file
+    result = runner.invoke(
+        cli.app,
+        ["generate", "--steering", f"{path}:0.5", "--steering", str(path), "--strength", "0", "1"]
+        + ["--positions", "generated", "--max-new-tokens", "4", "--", "Sunday is"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "λ = 0" in result.stdout and "λ = 1" in result.stdout and " then " in result.stdout
+    result = runner.invoke(
+        cli.app,
+        ["generate", "--steering", f"{path}:0.5", "--steering", f"{path}:1"]
+        + ["--max-new-tokens", "4", "--", "Sunday is"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "composed" in result.stdout
+    result = runner.invoke(
+        cli.app, ["generate", "--steering", f"{path}:1.5", "--max-new-tokens", "4", "Hi"]
+    )
+    assert result.exit_code != 0 and "outside [0, 1]" in result.stderr
+
+
+def test_export_writes_a_stock_checkpoint(runner, steering_file, smol, monkeypatch, tmp_path):
+    model, tok = smol
+    monkeypatch.setattr(cli, "load_model", lambda name: (copy.deepcopy(model), tok))
+    path, _ = steering_file
+    out = tmp_path / "steered"
+    result = runner.invoke(
+        cli.app, ["export", "--steering", str(path), "--strength", "0.5", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    gap = float(result.stdout.rsplit("max |Δ| = ", 1)[1].split()[0])
+    assert gap < 1e-3
+    fresh = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(fresh, type(model))
+    assert (out / "actsteer_fold.json").exists() and (out / "tokenizer.json").exists()
+    refused = runner.invoke(
+        cli.app, ["export", "--steering", str(path), "--support", "q0-100", "-o", str(out)]
+    )
+    assert refused.exit_code != 0
+    assert "cannot be folded" in refused.stderr and "Traceback" not in refused.output
+
+
 def test_generate_without_steering_is_plain(runner):
     result = runner.invoke(cli.app, ["generate", "--max-new-tokens", "3", "--", "Hi there"])
     assert result.exit_code == 0, result.output
@@ -155,7 +200,9 @@ def test_demo_runs(runner, monkeypatch):
     assert "Fitting" in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["fit"], ["generate"], ["inspect"], ["methods"], ["demo"]])
+@pytest.mark.parametrize(
+    "command", [[], ["fit"], ["generate"], ["inspect"], ["methods"], ["demo"], ["export"]]
+)
 def test_help(runner, command):
     result = runner.invoke(cli.app, [*command, "--help"])
     assert result.exit_code == 0

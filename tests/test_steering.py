@@ -110,6 +110,17 @@ def test_per_row_strength_equals_rows_one_at_a_time(smol, independent):
         assert torch.allclose(together[row], alone[0], atol=1e-4), lam
 
 
+def test_per_row_strength_of_the_wrong_length_is_a_clear_error(smol, independent):
+    model, tok = smol
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with (
+        pytest.raises(actsteer.ActSteerError, match="has 2 values but the batch has 3 rows"),
+        torch.inference_mode(),
+        independent.applied(model, torch.tensor([0.5, 1.0])),
+    ):
+        model(**enc)
+
+
 def test_strength_out_of_range_is_a_clear_error(smol, independent):
     model, _ = smol
     for bad in (1.5, -0.1, torch.tensor([0.2, 2.0]), float("nan")):

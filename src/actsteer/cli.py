@@ -24,11 +24,12 @@ from actsteer.capture import POOLINGS
 from actsteer.errors import ActSteerError
 from actsteer.fit import MODES
 from actsteer.fit import fit as fit_steering
+from actsteer.fold import export as export_checkpoint
 from actsteer.generation import generate_grid
 from actsteer.maps import SUPPORTS
 from actsteer.methods import METHODS, get_method
 from actsteer.models import DEFAULT_MODEL, load_model
-from actsteer.steer import Steering
+from actsteer.steer import POSITIONS, Steering
 
 STRENGTH_FLAGS = ("--strength", "-s")
 DEMO_PROMPTS = (
@@ -214,6 +215,28 @@ def _generate_kwargs(
     return kwargs
 
 
+def parse_steerings(
+    specs: Sequence[str],
+) -> tuple[list[tuple[str, Steering, float]], tuple[str, Steering] | None]:
+    """Split `--steering FILE[:λ]` values into fixed (file, steering, λ) and the swept one."""
+    fixed: list[tuple[str, Steering, float]] = []
+    swept: tuple[str, Steering] | None = None
+    for spec in specs:
+        path, _, lam = spec.rpartition(":")
+        if path and _is_float(lam):
+            steering = Steering.load(path)
+            steering.check_strength(float(lam))
+            fixed.append((path, steering, float(lam)))
+        elif swept is not None:
+            raise ActSteerError(
+                f"only one --steering can be swept over --strength; give {spec} a fixed "
+                f"strength as {spec}:λ"
+            )
+        else:
+            swept = (spec, Steering.load(spec))
+    return fixed, swept
+
+
 def _load(model_name: str) -> tuple[Any, Any]:
     _status(f"Loading model {model_name} …")
     return load_model(model_name)
@@ -330,9 +353,15 @@ def generate(
             metavar="PROMPT",
         ),
     ],
-    steering_path: Annotated[
-        Path | None,
-        typer.Option("--steering", help="A steering file from `actsteer fit`; omit for plain."),
+    steering_specs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--steering",
+            help="A steering file from `actsteer fit`; omit for plain. Repeat to compose: "
+            "FILE:λ applies FILE at a fixed λ (in the given order) before the one FILE without "
+            "a λ, which is swept over --strength.",
+            metavar="FILE[:λ]",
+        ),
     ] = None,
     strength: Annotated[
         list[float] | None,
@@ -349,8 +378,15 @@ def generate(
     ] = None,
     support: Annotated[
         str | None,
-        typer.Option(help="Support override. Default: the steering's.", metavar="|".join(SUPPORTS)),
+        typer.Option(
+            help="Support override for the swept steering. Default: the steering's.",
+            metavar="|".join(SUPPORTS),
+        ),
     ] = None,
+    positions: Annotated[
+        str,
+        typer.Option(help="Token positions steered.", metavar="|".join(POSITIONS)),
+    ] = "all",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per row.")] = 40,
     sample: Annotated[
         bool, typer.Option("--sample/--greedy", help="Sample (seeded) or decode greedily.")
@@ -369,27 +405,85 @@ def generate(
     """
     kwargs = _generate_kwargs(max_new_tokens, sample, temperature, top_p, repetition_penalty)
     _check_choice(support, SUPPORTS, "--support")
-    steering = None
-    if steering_path is not None:
-        steering = Steering.load(steering_path)
+    _check_choice(positions, POSITIONS, "--positions")
+    fixed, swept = parse_steerings(steering_specs or [])
+    steering = swept[1] if swept else None
+    origin = fixed[0][1] if fixed else steering
+    if steering is not None:
         strengths = list(strength or [float(steering.info.get("default_strength", 1.0))])
         steering.check_strength(strengths)
         columns = [_format_strength(s) for s in strengths]
-        model = model or steering.info.get("model", {}).get("name") or DEFAULT_MODEL
     else:
         if strength or support:
-            raise ActSteerError("--strength and --support need --steering FILE")
-        strengths, columns = None, ["plain"]
-        model = model or DEFAULT_MODEL
+            raise ActSteerError("--strength and --support need a --steering FILE without ':λ'")
+        strengths = None
+        columns = (
+            ["composed: " + ", ".join(f"{p}:{lam:g}" for p, _, lam in fixed)]
+            if fixed
+            else ["plain"]
+        )
+    if origin is not None:
+        model = model or origin.info.get("model", {}).get("name")
+    model = model or DEFAULT_MODEL
     lm, tok = _load(model)
     _status(
         f"Generating {len(prompts)} prompt(s) × {len(columns)} strength(s) in one batched call …"
     )
     if sample:
         torch.manual_seed(seed)
-    texts = generate_grid(lm, tok, prompts, strengths, steering, support, **kwargs)
-    title = f"{model}" + (f" steered by {steering_path}" if steering else "")
+    texts = generate_grid(
+        lm,
+        tok,
+        prompts,
+        strengths,
+        steering,
+        support,
+        positions,
+        fixed=[(st, lam) for _, st, lam in fixed],
+        **kwargs,
+    )
+    names = [p for p, *_ in fixed] + ([swept[0]] if swept else [])
+    title = f"{model}" + (f" steered by {' then '.join(names)}" if names else "")
     _console().print(grid_table(prompts, columns, texts, title))
+
+
+@app.command()
+def export(
+    steering_path: Annotated[
+        Path, typer.Option("--steering", help="A steering file from `actsteer fit`.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the steered checkpoint.")
+    ],
+    strength: Annotated[float, typer.Option("--strength", "-s", help="The fixed λ.")] = 1.0,
+    support: Annotated[
+        str,
+        typer.Option(help="Only 'all' is affine and folds exactly.", metavar="all"),
+    ] = "all",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model; default: the one the steering was fitted on."),
+    ] = None,
+) -> None:
+    """Fold a steering into the weights and save a checkpoint stock transformers loads.
+
+    The result runs at the plain model's speed with no actsteer import:
+    AutoModelForCausalLM.from_pretrained(OUTPUT). Serving engines that read transformers
+    checkpoints can serve it.
+    """
+    steering = Steering.load(steering_path)
+    steering.check_strength(strength)
+    model = model or steering.info.get("model", {}).get("name") or DEFAULT_MODEL
+    lm, tok = _load(model)
+    probe = tok(["The weather today is"], return_tensors="pt")
+    with torch.inference_mode(), steering.applied(lm, strength, support):
+        hooked = lm(**probe).logits
+    export_checkpoint(steering, lm, tok, output, strength, support)
+    with torch.inference_mode():
+        folded = lm(**probe).logits
+    typer.echo(f"Saved the steered checkpoint (λ = {strength:g}, support {support}) to {output}")
+    gap = (folded - hooked).abs().max().item()
+    typer.echo(f"  folded vs hooked logits on a probe prompt: max |Δ| = {gap:.2e}")
 
 
 @app.command()
@@ -436,10 +530,13 @@ def methods() -> None:
     table.add_column("description")
     table.add_column("strength λ")
     table.add_column("default support")
+    table.add_column("default pooling")
     for name, method in sorted(METHODS.items()):
         lo_hi = method.strength_range
         span = "any" if lo_hi is None else f"[{lo_hi[0]:g}, {lo_hi[1]:g}]"
-        table.add_row(name, method.description, span, method.default_support)
+        table.add_row(
+            name, method.description, span, method.default_support, method.default_pooling
+        )
     _console().print(table)
 
 

@@ -104,6 +104,6 @@ def fit(
             "name": getattr(model, "name_or_path", "") or type(model).__name__,
             "fingerprint": model_fingerprint(model),
         },
-        "data": {"source_texts": len(source), "target_texts": len(target), **(data or {})},
+        "data": {**(data or {}), "source_texts": len(source), "target_texts": len(target)},
     }
     return Steering(maps, info)

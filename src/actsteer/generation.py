@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
-from actsteer.steer import Steering
+from actsteer.steer import Steering, steered
 
 
 @contextmanager
@@ -46,6 +46,8 @@ def generate_grid(
     strengths: Sequence[float] | None = None,
     steering: Steering | None = None,
     support: str | None = None,
+    positions: str = "all",
+    fixed: Sequence[tuple[Steering, float]] = (),
     **generate_kwargs: Any,
 ) -> list[list[str]]:
     """Continuations of every prompt at every strength, from one batched `model.generate` call.
@@ -53,7 +55,9 @@ def generate_grid(
     Returns texts[p][s]: the newly generated text (prompt excluded, special tokens skipped) of
     prompts[p] steered with strengths[s]. Without a steering the model generates untouched and
     each prompt gets one column (strengths must then be omitted or all 0). strengths defaults to
-    the steering's default strength. generate_kwargs go to `model.generate` (max_new_tokens
+    the steering's default strength. `fixed` steerings, each with its own strength, apply on
+    every row before the swept one (composition, in the given order); `positions` chooses the
+    token positions every steering acts on. generate_kwargs go to `model.generate` (max_new_tokens
     defaults to 40, do_sample to False).
     """
     if isinstance(prompts, str):
@@ -87,8 +91,12 @@ def generate_grid(
         encoded = tokenizer(rows, return_tensors="pt", padding=True).to(device)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         lam = grid_strengths(len(prompts), strengths)
-        steer = nullcontext() if steering is None else steering.applied(model, lam, support)
-        with steer, torch.inference_mode():
+        swept = (
+            nullcontext()
+            if steering is None
+            else steering.applied(model, lam, support, positions=positions)
+        )
+        with steered(model, *fixed, positions=positions), swept, torch.inference_mode():
             output = model.generate(
                 input_ids=encoded["input_ids"],
                 attention_mask=encoded["attention_mask"],

@@ -148,6 +148,7 @@ class _ModuleHook:
         self.omega_minus_one = amap.omega.to(self.device, torch.float32) - 1
         self.beta = amap.beta.to(self.device, torch.float32)
         self.scale = self.shift = None
+        self.rows = 0
         self.last_only = positions == "last"
         self.phase = phase
         self.on_prompt = positions == "prompt"
@@ -158,6 +159,7 @@ class _ModuleHook:
     def set_strength(self, strength: torch.Tensor) -> None:
         """Precompute ω̃ = 1 + λ(ω − 1) and λβ; a (B,) strength gives (B, 1, D) tensors."""
         lam = strength.to(self.device, torch.float32)
+        self.rows = lam.shape[0] if lam.ndim == 1 else 0
         if lam.ndim == 1:
             lam = lam.view(-1, 1, 1)
         self.scale = self._cast(1 + lam * self.omega_minus_one)
@@ -174,6 +176,11 @@ class _ModuleHook:
         if self.phase is not None and self.phase.prompt != self.on_prompt:
             return None
         a = output[0] if isinstance(output, tuple) else output
+        if self.rows and a.shape[0] != self.rows:
+            raise ActSteerError(
+                f"the per-row strength has {self.rows} values but the batch has {a.shape[0]} "
+                "rows; give one λ per row (beam search and num_return_sequences > 1 add rows)"
+            )
         if self.last_only:
             steered = a.clone()
             steered[:, -1:] = self._transport(a[:, -1:])
