@@ -81,7 +81,10 @@ def test_loading_onto_another_model_names_the_first_mismatch(smol, tiny_llama, s
             num_key_value_heads=2,
         )
     )
-    with pytest.raises(ActSteerError, match=r"module 'model\.layers\.2\.input_layernorm', which this model does not have"):
+    with pytest.raises(
+        ActSteerError,
+        match=r"module 'model\.layers\.2\.input_layernorm', which this model does not have",
+    ):
         Steering.load(saved).attach(fewer)
 
 
