@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,6 @@ class Steering:
 
         return load_steering(path)
 
-    def with_info(self, **updates: Any) -> Steering:
-        return replace(self, info={**self.info, **updates})
 
 
 class _PassPhase:
