@@ -41,13 +41,19 @@ PRESETS: dict[str, dict[str, str]] = {
         "attn-out": r"(?:.*\.)?h\.\d+\.attn\.c_proj",
         "mlp-out": r"(?:.*\.)?h\.\d+\.mlp\.c_proj",
     },
+    "diffusion": {
+        "unet-norms": r"unet\.(?:.*\.)?(?:norm\d*|conv_norm_out)",
+        "dit-blocks": r"transformer\.(?:transformer_blocks|single_transformer_blocks)\.\d+",
+        "text-encoder": r"text_encoder(?:_\d)?\.(?:.*\.)?(?:layers|block)\.\d+",
+    },
 }
 _FAMILY_OF_MODEL_TYPE = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3"), "llama"),
     **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"), "gemma"),
     "gpt2": "gpt2",
+    "diffusers-pipeline": "diffusion",
 }
-PRESET_NAMES = tuple(PRESETS["llama"])
+PRESET_NAMES = tuple(dict.fromkeys(name for presets in PRESETS.values() for name in presets))
 
 
 def model_family(model: nn.Module) -> str | None:
@@ -78,6 +84,11 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
                 f"preset {spec!r} is not defined for model type {model_type!r}; pass a regular "
                 f"expression over module names instead, e.g. one of: {_summarise_names(names)}"
             )
+        if spec not in PRESETS[family]:
+            raise ActSteerError(
+                f"preset {spec!r} does not apply to this model; its presets are: "
+                f"{', '.join(PRESETS[family])}"
+            )
         spec = PRESETS[family][spec]
     if isinstance(spec, str):
         try:
@@ -87,8 +98,8 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
         chosen = [n for n in names if n and pattern.fullmatch(n)]
         if not chosen:
             raise ActSteerError(
-                f"module pattern {spec!r} matches no module of this model; presets: "
-                f"{', '.join(PRESET_NAMES)}; module names look like: {_summarise_names(names)}"
+                f"module pattern {spec!r} matches no module of this model; "
+                f"module names look like: {_summarise_names(names)}"
             )
         return chosen
     wanted = list(spec)

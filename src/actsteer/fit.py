@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from actsteer.artifact import model_fingerprint
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap
+from actsteer.diffusion import fit_pipeline, is_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import get_method
@@ -22,11 +23,11 @@ MODES = ("independent", "sequential")
 
 def fit(
     model: nn.Module,
-    tokenizer,
-    source: Sequence[str],
-    target: Sequence[str],
+    tokenizer=None,
+    source: Sequence[str] | None = None,
+    target: Sequence[str] | None = None,
     *,
-    modules: str | Sequence[str] = "post-attn-ln",
+    modules: str | Sequence[str] | None = None,
     method: str = "linear-act",
     mode: str = "independent",
     pooling: str | None = None,
@@ -36,11 +37,12 @@ def fit(
     budget_mb: float = 1024,
     data: dict[str, Any] | None = None,
     progress: bool = True,
+    pipeline_options: dict[str, Any] | None = None,
 ) -> Steering:
     """Fit a steering that moves the model's activations on `source` texts onto `target`'s.
 
-    modules: a preset ("post-attn-ln", "layernorms", "attn-out", "mlp-out"), a regex fully
-      matching module names, or a list of names.
+    modules: a preset ("post-attn-ln" (default), "layernorms", "attn-out", "mlp-out"), a regex
+      fully matching module names, or a list of names.
     mode: "independent" fits each module on the plain model's activations; "sequential" fits
       each on activations already transported by the maps of all upstream modules.
     pooling: how token activations become one sample per text: "mean" (real tokens only),
@@ -49,7 +51,23 @@ def fit(
     support: the support the steering applies with by default (and, in sequential mode, the
       one upstream maps use while fitting); the method's default when None.
     data: a free description of the prompt sets, stored with the steering.
+    A diffusers pipeline takes no tokenizer; pipeline_options go to `diffusion.fit_pipeline`
+    (steps, guidance_scale, every, seed, batch_size) and `modules` defaults to its presets.
     """
+    if source is None or target is None:
+        raise ActSteerError("fit needs both source= and target= texts")
+    if is_pipeline(model):
+        if mode != "independent" or tokenizer is not None:
+            raise ActSteerError(
+                "text-to-image pipelines are fitted in independent mode and bring their own "
+                "tokenizer: call fit(pipe, source=..., target=...)"
+            )
+        return fit_pipeline(
+            model, source, target, modules=modules, method=method, support=support,
+            data=data, progress=progress, **(pipeline_options or {}),
+        )  # fmt: skip
+    if tokenizer is None:
+        raise ActSteerError("fit needs the model's tokenizer: fit(model, tokenizer, source=...)")
     estimator = get_method(method)
     if mode not in MODES:
         raise ActSteerError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -59,7 +77,7 @@ def fit(
         raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     source = check_texts(source, "source", estimator.min_samples)
     target = check_texts(target, "target", estimator.min_samples)
-    names = resolve_modules(model, modules)
+    names = resolve_modules(model, modules or "post-attn-ln")
     settings = dict(
         pooling=pooling,
         batch_size=batch_size,

@@ -110,7 +110,6 @@ class Steering:
         return load_steering(path)
 
 
-
 class _PassPhase:
     """Model-level pre-hook: is the current forward pass the prompt pass (nothing cached yet)?"""
 
@@ -127,8 +126,17 @@ class _PassPhase:
             self.prompt = len(cache) == 0 or cache[0][0].shape[-2] == 0
 
 
+Prepared = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+
+
 class _ModuleHook:
-    """The hook of one module: λ-folded scale and shift, optional support bounds and positions."""
+    """The hook of one module: λ-folded scale and shift, optional support bounds and positions.
+
+    Scale, shift and bounds are prepared once per strength for every output layout the module
+    may produce: (B, D) and (B, T, D) with units last, (B, C, H, W) with channels on axis 1 (a
+    per-channel map, for convolutions), and, under classifier-free guidance (`cfg_rows`), a
+    batch of twice the rows whose halves share the per-row strengths.
+    """
 
     def __init__(
         self,
@@ -137,16 +145,17 @@ class _ModuleHook:
         module: nn.Module,
         positions: str = "all",
         phase: _PassPhase | None = None,
+        cfg_rows: bool = False,
     ) -> None:
         param = next(module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
-        bounds = amap.support(support)
-        self.bounds = None if bounds is None else tuple(self._cast(b) for b in bounds)
+        self.bounds = amap.support(support)
         self.omega_minus_one = amap.omega.to(self.device, torch.float32) - 1
         self.beta = amap.beta.to(self.device, torch.float32)
-        self.scale = self.shift = None
+        self.prepared: dict[tuple[int, int], Prepared] = {}
         self.rows = 0
+        self.cfg_rows = cfg_rows
         self.last_only = positions == "last"
         self.phase = phase
         self.on_prompt = positions == "prompt"
@@ -154,36 +163,59 @@ class _ModuleHook:
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
 
+    def _prepare(self, lam: torch.Tensor, ndim: int) -> Prepared:
+        unit = (-1, 1, 1) if ndim == 4 else (-1,)
+        if lam.ndim == 1:  # one λ per row: (B, 1, …) against units (D, …)
+            lam = lam.view(-1, *[1] * (ndim - 1))
+        scale = self._cast(1 + lam * self.omega_minus_one.view(unit))
+        shift = self._cast(lam * self.beta.view(unit))
+        bounds = None
+        if self.bounds is not None:
+            bounds = tuple(self._cast(b.to(self.device).view(unit)) for b in self.bounds)
+        return scale, shift, bounds
+
     def set_strength(self, strength: torch.Tensor) -> None:
-        """Precompute ω̃ = 1 + λ(ω − 1) and λβ; a (B,) strength gives (B, 1, D) tensors."""
+        """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,)."""
         lam = strength.to(self.device, torch.float32)
         self.rows = lam.shape[0] if lam.ndim == 1 else 0
-        if lam.ndim == 1:
-            lam = lam.view(-1, 1, 1)
-        self.scale = self._cast(1 + lam * self.omega_minus_one)
-        self.shift = self._cast(lam * self.beta)
+        variants = {self.rows: lam}
+        if self.cfg_rows and self.rows:
+            variants[2 * self.rows] = lam.repeat(2)  # [unconditional; conditional] halves
+        self.prepared = {
+            (rows, ndim): self._prepare(lam_rows, ndim)
+            for rows, lam_rows in variants.items()
+            for ndim in (2, 3, 4)
+        }
 
-    def _transport(self, a: torch.Tensor) -> torch.Tensor:
-        steered = torch.addcmul(self.shift, a, self.scale)
-        if self.bounds is None:
+    @staticmethod
+    def _transport(a: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        scale, shift, bounds = prepared
+        steered = torch.addcmul(shift, a, scale)
+        if bounds is None:
             return steered
-        lo, hi = self.bounds
+        lo, hi = bounds
         return torch.where((a >= lo) & (a <= hi), steered, a)
+
+    def _mismatch(self, a: torch.Tensor) -> ActSteerError:
+        if self.rows:
+            return ActSteerError(
+                f"the per-row strength has {self.rows} values but the batch has {a.shape[0]} "
+                "rows; give one λ per row (beam search and num_return_sequences > 1 add rows)"
+            )
+        return ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
         if self.phase is not None and self.phase.prompt != self.on_prompt:
             return None
         a = output[0] if isinstance(output, tuple) else output
-        if self.rows and a.shape[0] != self.rows:
-            raise ActSteerError(
-                f"the per-row strength has {self.rows} values but the batch has {a.shape[0]} "
-                "rows; give one λ per row (beam search and num_return_sequences > 1 add rows)"
-            )
+        prepared = self.prepared.get((a.shape[0] if self.rows else 0, a.ndim))
+        if prepared is None:
+            raise self._mismatch(a)
         if self.last_only:
             steered = a.clone()
-            steered[:, -1:] = self._transport(a[:, -1:])
+            steered[:, -1:] = self._transport(a[:, -1:], prepared)
         else:
-            steered = self._transport(a)
+            steered = self._transport(a, prepared)
         if isinstance(output, tuple):
             return (steered, *output[1:])
         return steered
@@ -207,14 +239,17 @@ class SteeringHandle:
                 f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}"
             )
         from actsteer.artifact import check_compatible
+        from actsteer.diffusion import PipelineModules, module_tree
 
+        model = module_tree(model)
         check_compatible(steering, model)
         lookup = dict(model.named_modules())
+        cfg_rows = isinstance(model, PipelineModules)
         self.steering = steering
         self.model = model
         self.phase = _PassPhase() if positions in ("prompt", "generated") else None
         self.hooks = {
-            name: _ModuleHook(amap, support, lookup[name], positions, self.phase)
+            name: _ModuleHook(amap, support, lookup[name], positions, self.phase, cfg_rows)
             for name, amap in steering.maps.items()
         }
         self.modules = {name: lookup[name] for name in steering.maps}

@@ -1,0 +1,142 @@
+"""Text-to-image pipelines: tiny config-built Stable Diffusion and PixArt (DiT) pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+import actsteer
+from actsteer import ActSteerError, Steering
+from actsteer.capture import resolve_modules
+from actsteer.diffusion import PipelineModules, generate_images, record_pipeline
+
+WORDS = [
+    *("a", "an", "the", "on", "no", "beach", "grass", "striped"),
+    *("red", "blue", "green", "pink", "square", "circle", "dog", "cat", "elephant"),
+]
+SOURCE = [
+    f"a {c} {s} on the beach, a pink elephant" for c in ("red", "blue") for s in ("dog", "cat")
+]
+TARGET = [f"a {c} {s} on the beach" for c in ("red", "blue") for s in ("dog", "cat")]
+RUN = dict(steps=4, guidance_scale=4.0, height=8, width=8)
+
+
+def word_tokenizer(max_length: int = 12) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, model_max_length=max_length, pad_token="[PAD]",
+        unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=12,
+        )
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=8,
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd_steering(sd_pipe) -> Steering:
+    return actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, pipeline_options=dict(
+        steps=4, guidance_scale=4.0, every=1, height=8, width=8), progress=False)  # fmt: skip
+
+
+def images(pipe, prompts, strengths, steering=None) -> np.ndarray:
+    out = generate_images(pipe, prompts, strengths, steering, output_type="np", **RUN)
+    return np.stack([np.stack(row) for row in out])
+
+
+def test_unet_norm_preset_covers_every_norm(sd_pipe):
+    names = resolve_modules(PipelineModules(sd_pipe), "unet-norms")
+    assert "unet.conv_norm_out" in names
+    assert "unet.down_blocks.0.resnets.0.norm1" in names
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm1" in names
+    assert all(n.startswith("unet.") for n in names)
+    groupnorms = [m for n, m in sd_pipe.unet.named_modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len([n for n in names if "transformer_blocks" not in n]) == len(groupnorms)
+
+
+def test_recording_pools_conditional_half_over_steps(sd_pipe):
+    names = ["unet.conv_norm_out", "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm1"]
+    opts = dict(steps=4, every=2, height=8, width=8, progress=False)
+    samples = record_pipeline(sd_pipe, TARGET, names, guidance_scale=4.0, **opts)
+    assert samples[names[0]].shape == (len(TARGET) * 2, 32), "prompts × recorded steps, channels"
+    assert samples[names[1]].shape == (len(TARGET) * 2, 32)
+    # At the first step the conditional half equals a run without guidance (same noise).
+    first = dict(opts, every=100)
+    guided = record_pipeline(sd_pipe, TARGET, names, guidance_scale=4.0, **first)
+    plain = record_pipeline(sd_pipe, TARGET, names, guidance_scale=1.0, **first)
+    for name in names:
+        assert torch.allclose(guided[name], plain[name], atol=1e-5)
+
+
+def test_zero_strength_is_bit_identical_and_steering_acts(sd_pipe, sd_steering):
+    plain = images(sd_pipe, TARGET[:2], [0.0])
+    assert np.array_equal(images(sd_pipe, TARGET[:2], [0.0], sd_steering), plain)
+    steered = images(sd_pipe, TARGET[:2], [1.0], sd_steering)
+    assert np.abs(steered - plain).max() > 1e-3
+    assert np.array_equal(images(sd_pipe, TARGET[:2], [0.0]), plain), "hooks removed on exit"
+
+
+def test_per_row_strength_equals_separate_runs(sd_pipe, sd_steering):
+    together = images(sd_pipe, SOURCE[:2], [0.0, 0.5, 1.0], sd_steering)
+    for s, lam in enumerate([0.0, 0.5, 1.0]):
+        alone = images(sd_pipe, SOURCE[:2], [lam], sd_steering)
+        # Batches of different sizes round differently over the denoising loop: allow a quarter
+        # of one 8-bit colour level.
+        np.testing.assert_allclose(together[:, s], alone[:, 0], atol=1e-3)
+
+
+def test_artifact_round_trip(sd_pipe, sd_steering, tmp_path):
+    loaded = Steering.load(sd_steering.save(tmp_path / "neg.safetensors"))
+    assert loaded.modules == sd_steering.modules
+    np.testing.assert_array_equal(
+        images(sd_pipe, SOURCE[:1], [1.0], loaded), images(sd_pipe, SOURCE[:1], [1.0], sd_steering)
+    )
+
+
+def test_clear_errors(sd_pipe, smol, neutral, football):
+    with pytest.raises(ActSteerError, match="preset 'post-attn-ln' does not apply"):
+        actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, modules="post-attn-ln")
+    with pytest.raises(ActSteerError, match="matches no module"):
+        actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, modules=r"transformer\.blocks\.\d+")
+    model, tok = smol
+    lm_steering = actsteer.fit(model, tok, neutral[:4], football[:4], progress=False)
+    with pytest.raises(ActSteerError, match="which this model does not have"):
+        lm_steering.attach(sd_pipe)
