@@ -140,3 +140,32 @@ def test_clear_errors(sd_pipe, smol, neutral, football):
     lm_steering = actsteer.fit(model, tok, neutral[:4], football[:4], progress=False)
     with pytest.raises(ActSteerError, match="which this model does not have"):
         lm_steering.attach(sd_pipe)
+
+
+def test_cli_fits_and_renders_a_grid(sd_pipe, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from actsteer import cli
+
+    folder = tmp_path / "pipe"
+    sd_pipe.save_pretrained(folder)
+    (tmp_path / "a.txt").write_text("\n".join(SOURCE))
+    (tmp_path / "b.txt").write_text("\n".join(TARGET))
+    runner = CliRunner()
+    common = ["--pipeline", str(folder), "--steps", "2", "--size", "8"]
+    fitted = runner.invoke(
+        cli.app,
+        ["fit", *common, "--source", str(tmp_path / "a.txt"), "--target", str(tmp_path / "b.txt")]
+        + ["--modules", "unet-norms", "-o", str(tmp_path / "neg.safetensors")],
+    )
+    assert fitted.exit_code == 0, fitted.output
+    rendered = runner.invoke(
+        cli.app,
+        ["generate-image", *common, "--steering", str(tmp_path / "neg.safetensors")]
+        + ["--strength", "0", "0.5", "1", "-p", SOURCE[0], "-p", SOURCE[1]]
+        + ["-o", str(tmp_path / "grid.png")],
+    )
+    assert rendered.exit_code == 0, rendered.output
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (220 + 3 * 8, 24 + 2 * 8)

@@ -21,6 +21,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from actsteer.capture import POOLINGS
+from actsteer.diffusion import generate_images, image_grid, load_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.fit import MODES
 from actsteer.fit import fit as fit_steering
@@ -268,13 +269,14 @@ def fit(
         str, typer.Option("--model", "-m", help="Built-in alias, local folder or hub id.")
     ] = DEFAULT_MODEL,
     modules: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Preset (post-attn-ln, layernorms, attn-out, mlp-out) or a regex fully matching "
-            "module names.",
+            help="Preset (post-attn-ln (default), layernorms, attn-out, mlp-out; for pipelines "
+            "unet-norms (default), dit-blocks, text-encoder) or a regex fully matching module "
+            "names.",
             metavar="PRESET|REGEX",
         ),
-    ] = "post-attn-ln",
+    ] = None,
     method: Annotated[
         str, typer.Option(help="Estimator; see `actsteer methods`.", metavar="NAME")
     ] = "linear-act",
@@ -287,11 +289,13 @@ def fit(
         ),
     ] = "independent",
     pooling: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="How token activations become one sample per text.", metavar="|".join(POOLINGS)
+            help="How token activations become one sample per text. Default: the method's "
+            "(mean for the AcT methods).",
+            metavar="|".join(POOLINGS),
         ),
-    ] = "mean",
+    ] = None,
     support: Annotated[
         str | None,
         typer.Option(
@@ -302,6 +306,19 @@ def fit(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.", min=1)] = 16,
     max_length: Annotated[int, typer.Option(help="Tokens kept per text.", min=1)] = 128,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            help="A diffusers text-to-image pipeline (folder or hub id) to steer instead of a "
+            "language model; presets unet-norms, dit-blocks, text-encoder.",
+            metavar="DIR",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Pipelines: denoising steps.", min=1)] = 20,
+    guidance_scale: Annotated[float, typer.Option(help="Pipelines: guidance scale.")] = 5.0,
+    size: Annotated[
+        int | None, typer.Option(help="Pipelines: image height and width (default: its own).")
+    ] = None,
 ) -> None:
     """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
     get_method(method)
@@ -312,10 +329,26 @@ def fit(
         raise ActSteerError(f"--output should end in .safetensors, got {output}")
     source_texts = read_texts(source, "source")
     target_texts = read_texts(target, "target")
+    data = {"source_file": str(source), "target_file": str(target)}
+    if pipeline is not None:
+        _status(f"Loading pipeline {pipeline} …")
+        pipe = load_pipeline(pipeline)
+        _status(
+            f"Fitting {method} on {pipeline}: {len(source_texts)} → {len(target_texts)} prompts"
+        )
+        options: dict[str, Any] = {"steps": steps, "guidance_scale": guidance_scale}
+        if size is not None:
+            options.update(height=size, width=size)
+        steering = fit_steering(
+            pipe, source=source_texts, target=target_texts, modules=modules, method=method,
+            support=support, data=data, pipeline_options=options,
+        )  # fmt: skip
+        typer.echo(f"Saved steering to {steering.save(output)} ({len(steering.maps)} modules)")
+        return
     lm, tok = _load(model)
     _status(
         f"Fitting {method} ({mode}) on {model}: {len(source_texts)} source → "
-        f"{len(target_texts)} target texts, modules {modules!r} …"
+        f"{len(target_texts)} target texts, modules {modules or 'post-attn-ln'!r} …"
     )
     start = time.perf_counter()
     steering = fit_steering(
@@ -330,14 +363,14 @@ def fit(
         support=support,
         batch_size=batch_size,
         max_length=max_length,
-        data={"source_file": str(source), "target_file": str(target)},
+        data=data,
     )
     elapsed = time.perf_counter() - start
     path = steering.save(output)
     widths = sorted({amap.dim for amap in steering.maps.values()})
     typer.echo(f"Saved steering to {path}")
     typer.echo(
-        f"  {steering.method}, {steering.info.get('mode')}, pooling {pooling}, "
+        f"  {steering.method}, {steering.info.get('mode')}, pooling {steering.info['pooling']}, "
         f"support {steering.default_support}; {len(steering.maps)} modules "
         f"({', '.join(map(str, widths))} units); fitted in {elapsed:.1f} s"
     )
@@ -484,6 +517,54 @@ def export(
     typer.echo(f"Saved the steered checkpoint (λ = {strength:g}, support {support}) to {output}")
     gap = (folded - hooked).abs().max().item()
     typer.echo(f"  folded vs hooked logits on a probe prompt: max |Δ| = {gap:.2e}")
+
+
+@app.command("generate-image")
+def generate_image(
+    pipeline: Annotated[str, typer.Option(help="A diffusers pipeline folder or hub id.")],
+    prompts: Annotated[
+        list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for more rows.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the PNG grid.")],
+    steering_path: Annotated[
+        Path | None, typer.Option("--steering", help="A steering fitted on this pipeline.")
+    ] = None,
+    strength: Annotated[
+        list[float] | None,
+        typer.Option("--strength", "-s", help="λ values, several after one flag: -s 0 0.5 1."),
+    ] = None,
+    support: Annotated[
+        str | None, typer.Option(help="Support override.", metavar="|".join(SUPPORTS))
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.", min=1)] = 20,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Noise seed of the first prompt (+1 per row).")] = 0,
+    size: Annotated[int | None, typer.Option(help="Image height and width.")] = None,
+) -> None:
+    """Render a labelled PNG grid: rows are prompts, columns strengths λ (one pipeline call).
+
+    Every column of a row starts from the same noise, so columns differ only by the steering.
+    """
+    _check_choice(support, SUPPORTS, "--support")
+    if output.suffix.lower() != ".png":
+        raise ActSteerError(f"--output should end in .png, got {output}")
+    steering = Steering.load(steering_path) if steering_path is not None else None
+    if steering is None and (strength or support):
+        raise ActSteerError("--strength and --support need --steering FILE")
+    strengths = list(strength or ([1.0] if steering is not None else [0.0]))
+    if steering is not None:
+        steering.check_strength(strengths)
+    _status(f"Loading pipeline {pipeline} …")
+    pipe = load_pipeline(pipeline)
+    extra: dict[str, Any] = {} if size is None else {"height": size, "width": size}
+    _status(f"Rendering {len(prompts)} prompt(s) × {len(strengths)} strength(s) in one call …")
+    images = generate_images(
+        pipe, prompts, strengths, steering, support=support, steps=steps,
+        guidance_scale=guidance_scale, seed=seed, **extra,
+    )  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, prompts, strengths).save(output)
+    typer.echo(f"Saved {len(prompts)}×{len(strengths)} grid to {output}")
 
 
 @app.command()

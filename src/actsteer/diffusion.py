@@ -61,9 +61,7 @@ def load_pipeline(
         pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         raise ActSteerError(f"could not load pipeline {name!r}: {err}") from None
-    pipe.to(device)
-    pipe.name_or_path = name
-    return pipe
+    return pipe.to(device)
 
 
 def _pool(a: torch.Tensor) -> torch.Tensor:
