@@ -1,0 +1,48 @@
+"""Evaluation harness: what a steering does to behaviour, and what it costs in quality.
+
+One module per task, each with `evaluate(model, tok, steering=None, strength=None, **options)`
+returning a typed result, and `evaluate_grid(..., strengths=[...])` returning one per λ:
+
+    toxicity    % toxic RealToxicityPrompts continuations (alt-profanity-check), per stratum
+    perplexity  teacher-forced perplexity on WikiText-2 test text
+    truthfulqa  TruthfulQA MC1 / MC2 by answer log-likelihood
+    mmlu        MMLU accuracy by answer-letter likelihood
+    concept     fraction of generations about a concept (MiniLM judge) + their perplexity
+
+`run_sweep` runs tasks × steerings × a λ grid into a resumable JSON file with PNG plots.
+Data files default to the project's shared/data folder ($ACTSTEER_DATA overrides it); every
+task takes `data=PATH` (or "hf:ID[:CONFIG[:SPLIT]]" with the optional `datasets` package).
+"""
+
+from actsteer.evaluation import concept, mmlu, perplexity, toxicity, truthfulqa
+from actsteer.evaluation.concept import ConceptJudge, ConceptResult
+from actsteer.evaluation.mmlu import MMLUResult
+from actsteer.evaluation.perplexity import PerplexityResult
+from actsteer.evaluation.plots import plot_sweep
+from actsteer.evaluation.registry import TASKS, Task, get_task
+from actsteer.evaluation.sampling import Sampling
+from actsteer.evaluation.sweep import parse_strengths, run_sweep
+from actsteer.evaluation.toxicity import ToxicityResult, score_toxicity
+from actsteer.evaluation.truthfulqa import TruthfulQAResult
+
+__all__ = [
+    "TASKS",
+    "ConceptJudge",
+    "ConceptResult",
+    "MMLUResult",
+    "PerplexityResult",
+    "Sampling",
+    "Task",
+    "ToxicityResult",
+    "TruthfulQAResult",
+    "concept",
+    "get_task",
+    "mmlu",
+    "parse_strengths",
+    "perplexity",
+    "plot_sweep",
+    "run_sweep",
+    "score_toxicity",
+    "toxicity",
+    "truthfulqa",
+]

@@ -1,0 +1,191 @@
+"""Teacher-forced perplexity of a (steered) model on WikiText-2 raw test text.
+
+The text is built the way the Hugging Face recipe does (`"\\n\\n".join(rows)` over the
+dataset's rows: each non-blank line with its newline, each blank line as ""), tokenised once,
+and cut to a fixed token budget (the first `max_tokens` tokens: a fixed, documented slice).
+Windows of `window` tokens advance by `stride`: stride == window gives blocked windows, a
+smaller stride a sliding window in which each token is scored once, with up to
+window − stride tokens of extra context. The tokenizer's BOS (if it adds one) starts every
+window and is never scored. Perplexity = exp(mean negative log-likelihood per scored token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from actsteer.errors import ActSteerError
+from actsteer.evaluation.common import describe_steering, resolve_strengths, steering_applied
+from actsteer.evaluation.data import is_hub, load_hub, resolve_file
+from actsteer.evaluation.likelihood import special_prefix
+from actsteer.steer import Steering
+
+WIKITEXT_FILE = "wikitext/wiki.test.raw"
+WIKITEXT_HUB = ("wikitext-2-raw-v1", "test")  # for data="hf:wikitext"
+#: Defaults: the first 4096 tokens of WikiText-2 test, in blocked windows of 512.
+MAX_TOKENS = 4096
+WINDOW = 512
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity at one strength, with the token count and windowing that produced it."""
+
+    TASK: ClassVar[str] = "perplexity"
+    METRICS: ClassVar[dict[str, str]] = {"perplexity": "perplexity (WikiText-2 test)"}
+
+    strength: float
+    perplexity: float
+    nll_per_token: float
+    n_tokens: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        return {"perplexity": self.perplexity}
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        return {}
+
+
+def load_wikitext(data: str | Path | None = None) -> str:
+    """The WikiText test text joined HF-style; data is a raw file, or "hf:ID[:CONFIG[:SPLIT]]"."""
+    if is_hub(data):
+        rows = [row["text"] for row in load_hub(str(data), *WIKITEXT_HUB)]
+    else:
+        path = resolve_file(data, WIKITEXT_FILE, "WikiText")
+        lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the file's final newline ends the last line; it is not a blank line
+        rows = [line + "\n" if line.strip() else "" for line in lines]
+    text = "\n\n".join(rows)
+    if not text.strip():
+        raise ActSteerError(f"the perplexity text ({data or WIKITEXT_FILE}) is empty")
+    return text
+
+
+def tokens_for_budget(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """The first max_tokens token ids of the text (all of them when max_tokens is None)."""
+    if max_tokens is not None and max_tokens < 2:
+        raise ActSteerError(f"max_tokens must be at least 2, got {max_tokens}")
+    chars = len(text) if max_tokens is None else max_tokens * 8
+    while True:  # tokenise a prefix generous enough for the budget, not the whole corpus
+        ids = list(tokenizer(text[:chars], add_special_tokens=False).input_ids)
+        if max_tokens is None or len(ids) > max_tokens or chars >= len(text):
+            return ids if max_tokens is None else ids[:max_tokens]
+        chars *= 2
+
+
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) per window: tokens [end − n_scored, end) are scored in it."""
+    if window < 2 or not 1 <= stride <= window:
+        raise ActSteerError(f"need window ≥ 2 and 1 ≤ stride ≤ window, got {window}, {stride}")
+    out, scored_until = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        if end > scored_until:
+            out.append((begin, end, end - scored_until))
+            scored_until = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def token_nll(
+    model: nn.Module,
+    tokenizer,
+    ids: Sequence[int],
+    *,
+    window: int = WINDOW,
+    stride: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood and number of scored tokens over windows of `ids`."""
+    stride = stride or window
+    prefix = special_prefix(tokenizer)
+    spans = windows(len(ids), window, stride)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    # Windows of equal length batch together (all but possibly the last one).
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        groups.setdefault(span[1] - span[0], []).append(span)
+    batches = [
+        group[i : i + batch_size]
+        for group in groups.values()
+        for i in range(0, len(group), batch_size)
+    ]
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+            rows = torch.tensor([prefix + list(ids[b:e]) for b, e, _ in batch], device=device)
+            logprobs = model(input_ids=rows).logits[:, :-1].float().log_softmax(-1)
+            targets = logprobs.gather(-1, rows[:, 1:, None])[..., 0]
+            for r, (_, _, n_scored) in enumerate(batch):
+                # target column t scores row position t + 1, so the last n_scored columns are
+                # the window's scored tokens; without a prefix its first token is never scored.
+                n = min(n_scored, targets.shape[1])
+                total -= float(targets[r, -n:].sum())
+                count += n
+    return total, count
+
+
+def evaluate_grid(
+    model: nn.Module,
+    tokenizer,
+    steering: Steering | None = None,
+    strengths: Sequence[float] | float | None = None,
+    *,
+    data: str | Path | None = None,
+    max_tokens: int | None = MAX_TOKENS,
+    window: int = WINDOW,
+    stride: int | None = None,
+    batch_size: int = 4,
+    support: str | None = None,
+    progress: bool = True,
+) -> list[PerplexityResult]:
+    """Perplexity of the model steered at each strength (the plain model without a steering)."""
+    strengths = resolve_strengths(steering, strengths)
+    ids = tokens_for_budget(tokenizer, load_wikitext(data), max_tokens)
+    settings = {
+        "data": str(data or WIKITEXT_FILE),
+        "max_tokens": max_tokens,
+        "window": window,
+        "stride": stride or window,
+        "support": support,
+        "steering": describe_steering(steering),
+    }
+    results = []
+    for strength in tqdm(
+        strengths, desc="perplexity λ", disable=not progress or len(strengths) < 2
+    ):
+        with steering_applied(model, steering, strength, support):
+            total, count = token_nll(
+                model,
+                tokenizer,
+                ids,
+                window=window,
+                stride=stride,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        nll = total / count
+        results.append(PerplexityResult(strength, math.exp(nll), nll, count, dict(settings)))
+    return results
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    steering: Steering | None = None,
+    strength: float | None = None,
+    **options: Any,
+) -> PerplexityResult:
+    """Perplexity at one strength; options as for `evaluate_grid`."""
+    return evaluate_grid(model, tokenizer, steering, strength, **options)[0]
