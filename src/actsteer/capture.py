@@ -179,8 +179,29 @@ class SampleBuffer:
         return torch.cat(self.rows) if self.rows else torch.empty(0, 0)
 
 
-class Recorder:
-    """Forward hooks that pool the outputs of named modules into SampleBuffers.
+class HookedBuffers:
+    """Forward hooks on named modules, each feeding a SampleBuffer; subclasses say how."""
+
+    def __init__(self, model: nn.Module, modules: Sequence[str], cap: int | None, seed: int = 0):
+        self.buffers = {name: SampleBuffer(cap, seed) for name in modules}
+        lookup = dict(model.named_modules())
+        self.handles = [
+            lookup[name].register_forward_hook(self._hook(name)) for name in self.buffers
+        ]
+
+    def _hook(self, name: str):
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def samples(self) -> dict[str, torch.Tensor]:
+        return {name: buffer.samples() for name, buffer in self.buffers.items()}
+
+
+class Recorder(HookedBuffers):
+    """Pools the outputs of named modules over each text's real tokens.
 
     Set `mask` to the current batch's attention mask before each forward pass.
     """
@@ -192,11 +213,7 @@ class Recorder:
             raise ActSteerError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         self.pooling = pooling
         self.mask: torch.Tensor | None = None
-        self.buffers = {name: SampleBuffer(cap, seed) for name in modules}
-        lookup = dict(model.named_modules())
-        self.handles = [
-            lookup[name].register_forward_hook(self._hook(name)) for name in self.buffers
-        ]
+        super().__init__(model, modules, cap, seed)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
@@ -204,13 +221,6 @@ class Recorder:
             self.buffers[name].add(pool(output_tensor(output), self.mask, self.pooling))
 
         return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def samples(self) -> dict[str, torch.Tensor]:
-        return {name: buffer.samples() for name, buffer in self.buffers.items()}
 
 
 def check_texts(texts: Sequence[str], what: str, minimum: int = 2) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.capture import SampleBuffer, check_texts, output_tensor, resolve_modules
+from actsteer.capture import HookedBuffers, check_texts, output_tensor, resolve_modules
 from actsteer.errors import ActSteerError
 from actsteer.methods import get_method
 from actsteer.steer import Steering
@@ -75,16 +75,14 @@ def _pool(a: torch.Tensor) -> torch.Tensor:
     raise ActSteerError(f"cannot pool a module output of shape {tuple(a.shape)}")
 
 
-class PipelineRecorder:
-    """Hooks pooling each module's output per prompt, conditional half only, every k-th call."""
+class PipelineRecorder(HookedBuffers):
+    """Pools each module's output per prompt, conditional half only, every k-th call."""
 
     def __init__(self, tree: nn.Module, modules: Sequence[str], every: int, seed: int = 0):
-        lookup = dict(tree.named_modules())
         self.every = every
         self.rows = 0
         self.calls = dict.fromkeys(modules, 0)
-        self.buffers = {name: SampleBuffer(None, seed) for name in modules}
-        self.handles = [lookup[n].register_forward_hook(self._hook(n)) for n in modules]
+        super().__init__(tree, modules, None, seed)
 
     def start_run(self, rows: int) -> None:
         """Before each pipeline call: its number of prompts; resets the step counters."""
@@ -105,13 +103,6 @@ class PipelineRecorder:
             self.buffers[name].add(_pool(a))
 
         return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def samples(self) -> dict[str, torch.Tensor]:
-        return {name: buffer.samples() for name, buffer in self.buffers.items()}
 
 
 def _generators(start: int, count: int, seed: int, device: torch.device) -> list[torch.Generator]:
