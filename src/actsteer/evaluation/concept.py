@@ -12,6 +12,11 @@ Reported per strength: the fraction of generations on the concept (bootstrap 95%
 over prompts), their mean similarity, and the perplexity of the generated continuations given
 their prompts under the *plain* model (exp of the mean token NLL over all generated tokens).
 Default prompts: DEFAULT_PROMPTS, 20 samples each, 32 new tokens, the toxicity task's sampling.
+
+Caveat: the default calibration sentences are encyclopedic (BoolQ passages) while generations
+are casual, so the plain model's generations already score some "on concept" (about 10% for
+football on SmolLM2-135M); compare against the λ=0 point, watch the mean similarity too, or
+calibrate on off-concept sentences in the generations' register (`calibration=(on, off)`).
 """
 
 from __future__ import annotations
@@ -185,6 +190,7 @@ class ConceptResult:
     TASK: ClassVar[str] = "concept"
     METRICS: ClassVar[dict[str, str]] = {
         "fraction_on_concept": "fraction of generations on the concept",
+        "mean_similarity": "mean cosine similarity to the concept",
         "perplexity": "perplexity of generations (plain model)",
     }
 
@@ -199,7 +205,11 @@ class ConceptResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        return {"fraction_on_concept": self.fraction_on_concept, "perplexity": self.perplexity}
+        return {
+            "fraction_on_concept": self.fraction_on_concept,
+            "mean_similarity": self.mean_similarity,
+            "perplexity": self.perplexity,
+        }
 
     def intervals(self) -> dict[str, tuple[float, float]]:
         return {"fraction_on_concept": self.fraction_ci}

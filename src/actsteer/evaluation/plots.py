@@ -71,7 +71,9 @@ def plot_sweep(
             ax.legend(fontsize=8)
         for ax in list(axes.flat)[len(metrics) :]:
             ax.set_visible(False)
-        fig.suptitle(f"{task} vs steering strength — model {results.get('model', '?')}")
+        settings = rows[-1].get("result", {}).get("settings", {})
+        what = f"{task} ({settings['concept']})" if settings.get("concept") else task
+        fig.suptitle(f"{what} vs steering strength — model {results.get('model', '?')}")
         fig.tight_layout()
         target = out_dir / f"{stem}_{task}.png"
         fig.savefig(target, dpi=110)

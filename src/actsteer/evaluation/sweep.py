@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,6 +28,9 @@ from actsteer.evaluation.common import describe_steering, jsonable
 from actsteer.evaluation.plots import plot_sweep
 from actsteer.evaluation.registry import TASKS, get_task
 from actsteer.steer import Steering
+
+if TYPE_CHECKING:
+    from actsteer.evaluation.concept import ConceptJudge
 
 FORMAT = "actsteer-sweep/1"
 GROUP_SIZE = 4
@@ -247,7 +250,7 @@ def run_sweep(
     return content
 
 
-def _calibrated_judge(options: Mapping[str, Any]):
+def _calibrated_judge(options: Mapping[str, Any]) -> ConceptJudge:
     """The concept judge a concept task would calibrate, built once for the whole sweep."""
     from actsteer.evaluation.concept import ConceptJudge, load_concept_sentences
 
