@@ -1,4 +1,4 @@
-"""The `actsteer` command line: fit, generate, inspect, methods, demo.
+"""The `actsteer` command line: fit, generate, export, inspect, eval, sweep, plot, methods, demo.
 
 Every user error (bad option, missing file, ActSteerError) ends in one line on stderr and a
 non-zero exit code, never a traceback.
@@ -7,6 +7,7 @@ non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -241,6 +242,62 @@ def parse_steerings(
 def _load(model_name: str) -> tuple[Any, Any]:
     _status(f"Loading model {model_name} …")
     return load_model(model_name)
+
+
+def parse_strength_specs(specs: Sequence[str]) -> list[float]:
+    """λ values from --strength items: numbers, "START:STOP:STEP" ranges or "a,b,c" lists."""
+    from actsteer.evaluation.sweep import parse_strengths
+
+    values = [s for spec in specs for s in parse_strengths(spec)]
+    return list(dict.fromkeys(values))
+
+
+def _steering_model(steering: Steering | None, model: str | None) -> str:
+    """The model to load: the given one, else the steering's, else the default."""
+    if model is None and steering is not None:
+        model = steering.info.get("model", {}).get("name")
+    return model or DEFAULT_MODEL
+
+
+def _format_metric(value: Any, interval: Sequence[Any] | None) -> str:
+    """A metric value, with its 95% interval when there is one."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    text = f"{value:.4g}" if isinstance(value, int | float) else str(value)
+    if interval is not None and None not in interval:
+        text += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+    return text
+
+
+def metrics_table(results: Sequence[Any], labels: dict[str, str], title: str) -> Table:
+    """Rows = strengths λ, columns = the task's metrics (value [95% interval])."""
+    names = [m for m in labels if any(m in r.metrics() for r in results)]
+    names += [m for r in results for m in r.metrics() if m not in names]
+    table = Table(title=title, show_lines=False)
+    table.add_column("λ", justify="right", style="bold")
+    for name in names:
+        table.add_column(Text(labels.get(name, name)), justify="right")
+    for result in results:
+        metrics, intervals = result.metrics(), result.intervals()
+        row = [_format_metric(metrics.get(m), intervals.get(m)) for m in names]
+        table.add_row(f"{result.strength:g}", *row)
+    return table
+
+
+def parse_named_steerings(specs: Sequence[str]) -> dict[str, Steering]:
+    """`NAME=FILE` (or just FILE, named after its stem) → loaded steerings, in order."""
+    steerings: dict[str, Steering] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        name = name.strip()
+        if not name or not path:
+            raise ActSteerError(f"--steering {spec!r} should look like NAME=FILE")
+        if name in steerings:
+            raise ActSteerError(f"two steerings are named {name!r}; name them with NAME=FILE")
+        steerings[name] = Steering.load(path)
+    return steerings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,9 +627,53 @@ def generate_image(
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A steering file (.safetensors).")],
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw a PNG: ω and β per module (median, 5–95% band); with --data, "
+            "histograms of one module's most-moved units.",
+            metavar="PNG",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="With --plot: source texts (one per line) whose activations are drawn before "
+            "and after transport (λ = 1).",
+            metavar="FILE",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="For --data; default: the steering's model."),
+    ] = None,
+    module: Annotated[
+        str | None,
+        typer.Option(help="For --data: the module to show (default: the middle one)."),
+    ] = None,
+    support: Annotated[
+        str | None,
+        typer.Option(help="For --data: support override.", metavar="|".join(SUPPORTS)),
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="For --data: tokens kept per text.", min=1)] = 64,
 ) -> None:
-    """Describe a steering file: method, model, data and per-module map statistics."""
+    """Describe a steering file: method, model, data and per-module map statistics.
+
+    With --plot, also a figure of what it does at a glance (see --data for unit histograms).
+    """
+    _check_choice(support, SUPPORTS, "--support")
+    if plot is None and data is not None:
+        raise ActSteerError("--data is drawn in the figure: give --plot PNG as well")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ActSteerError(f"--plot should end in .png, got {plot}")
     steering = Steering.load(path)
+    if module is not None and module not in steering.maps:
+        raise ActSteerError(
+            f"--module {module!r} is not steered by {path}; it steers {len(steering.maps)} "
+            f"modules, e.g. {next(iter(steering.maps), '-')}"
+        )
     info = steering.info
     console = _console()
     console.print(f"[bold]{path}[/bold]")
@@ -601,6 +702,245 @@ def inspect(
             *(f"{v:.3f}" for v in (beta.mean(), beta.abs().max())),
         )
     console.print(table)
+    if plot is not None:
+        _inspect_plot(steering, path, plot, data, model, module, support, max_length)
+
+
+def _inspect_plot(
+    steering: Steering,
+    path: Path,
+    plot: Path,
+    data: Path | None,
+    model: str | None,
+    module: str | None,
+    support: str | None,
+    max_length: int,
+) -> None:
+    """Draw `inspect --plot`: record the --data texts at one module when given, then save."""
+    from actsteer.capture import record
+    from actsteer.evaluation.inspect_plot import middle_module, steering_figure
+
+    source = None
+    module = module or middle_module(steering)
+    if data is not None:
+        texts = read_texts(data, "--data")
+        lm, tok = _load(_steering_model(steering, model))
+        _status(f"Recording {len(texts)} text(s) at {module} …")
+        source = record(
+            lm, tok, texts, [module], pooling="all", max_length=max_length, progress=False
+        )[module]
+    figure = steering_figure(
+        steering, source, module, support=support, title=f"{path.name}: {steering.method}, "
+        f"{len(steering.maps)} steered modules",
+    )  # fmt: skip
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(plot, dpi=100, bbox_inches="tight")
+    typer.echo(f"Saved the figure to {plot}")
+
+
+@app.command("eval")
+def eval_(
+    task: Annotated[str, typer.Argument(help="An evaluation task.", metavar="TASK")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model; default: the steering's, else the default."),
+    ] = None,
+    steering_path: Annotated[
+        Path | None,
+        typer.Option("--steering", help="A steering file; omit to evaluate the plain model."),
+    ] = None,
+    strength: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strength",
+            "-s",
+            help="λ values: several numbers after one flag (-s 0 0.5 1), START:STOP:STEP or "
+            "a,b,c. Default: the steering's default strength.",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="The task's data: a file, or hf:ID[:CONFIG[:SPLIT]].", metavar="PATH"),
+    ] = None,
+    support: Annotated[
+        str | None, typer.Option(help="Support override.", metavar="|".join(SUPPORTS))
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A task option as KEY=VALUE (VALUE read as JSON when it parses), e.g. "
+            "--set max_tokens=1024. Repeat for more.",
+            metavar="KEY=VALUE",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write the results as JSON.")
+    ] = None,
+) -> None:
+    """Evaluate TASK (toxicity, perplexity, truthfulqa, mmlu, concept) at one or more λ.
+
+    Prints a table: rows are strengths, columns the task's metrics with 95% intervals where
+    the task gives them. Example: actsteer eval perplexity --steering s.safetensors -s 0 1
+    """
+    from actsteer.evaluation.common import describe_steering, jsonable
+    from actsteer.evaluation.registry import get_task
+    from actsteer.evaluation.sweep import parse_task_options
+
+    spec = get_task(task)
+    _check_choice(support, SUPPORTS, "--support")
+    options = parse_task_options(settings or [], [task])[task]
+    if data is not None:
+        options["data"] = data
+    if support is not None:
+        options["support"] = support
+    steering = Steering.load(steering_path) if steering_path is not None else None
+    strengths = parse_strength_specs(strength) if strength else None
+    if steering is None and (strengths or support):
+        raise ActSteerError("--strength and --support need --steering FILE")
+    if steering is not None and strengths:
+        steering.check_strength(strengths)
+    model = _steering_model(steering, model)
+    lm, tok = _load(model)
+    _status(f"Evaluating {task} on {model} …")
+    results = spec.evaluate_grid(lm, tok, steering, strengths, **options)
+    title = f"{task} — {model}" + (f" steered by {steering_path}" if steering else " (plain)")
+    _console().print(metrics_table(results, dict(spec.result_type.METRICS), title))
+    if out is not None:
+        content = {
+            "format": "actsteer-eval/1",
+            "task": task,
+            "model": model,
+            "steering": None if steering_path is None else str(steering_path),
+            "steering_info": describe_steering(steering),
+            "options": options,
+            "metric_labels": dict(spec.result_type.METRICS),
+            "results": [
+                {
+                    "strength": float(r.strength),
+                    "metrics": r.metrics(),
+                    "intervals": r.intervals(),
+                    "result": r,
+                }
+                for r in results
+            ],
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(jsonable(content), indent=1), encoding="utf-8")
+        typer.echo(f"Wrote results to {out}")
+
+
+@app.command()
+def sweep(
+    tasks: Annotated[
+        list[str], typer.Option("--task", "-t", help="A task to run; repeat for more.")
+    ],
+    steering_specs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--steering",
+            help="NAME=FILE (or FILE, named after its stem); repeat to compare steerings.",
+            metavar="NAME=FILE",
+        ),
+    ] = None,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--baseline/--no-baseline",
+            help="Also evaluate the plain model (as 'original', a reference line).",
+        ),
+    ] = True,
+    strength: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strength",
+            "-s",
+            help="λ grid: START:STOP:STEP (STOP included), a,b,c, or several numbers after one "
+            "flag.",
+        ),
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A task option: TASK.KEY=VALUE, or KEY=VALUE for every task taking KEY.",
+            metavar="[TASK.]KEY=VALUE",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The results JSON; PNGs go next to it.")
+    ] = Path("results/sweep.json"),
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model; default: the first steering's model."),
+    ] = None,
+) -> None:
+    """Run tasks × steerings × a λ grid into a resumable JSON file with one PNG per task.
+
+    Points already in --out (same steering, task options and λ) are skipped, so an interrupted
+    or extended sweep picks up where it stopped.
+    """
+    from actsteer.evaluation.registry import get_task
+    from actsteer.evaluation.sweep import load_results, parse_task_options, run_sweep
+
+    tasks = list(dict.fromkeys(tasks))
+    for task in tasks:
+        get_task(task)
+    if out.suffix.lower() != ".json":
+        raise ActSteerError(f"--out should end in .json, got {out}")
+    options = parse_task_options(settings or [], tasks)
+    named = parse_named_steerings(steering_specs or [])
+    if not named and not baseline:
+        raise ActSteerError("nothing to evaluate: give --steering NAME=FILE or keep the baseline")
+    if named and not strength:
+        raise ActSteerError("give the λ grid with --strength, e.g. --strength 0:1:0.25")
+    if not named and strength:
+        raise ActSteerError("--strength needs a --steering NAME=FILE")
+    strengths = parse_strength_specs(strength or [])
+    steerings: dict[str, Steering | None] = {"original": None} if baseline else {}
+    if "original" in named and baseline:
+        raise ActSteerError("'original' names the plain model; name the steering otherwise")
+    steerings.update(named)
+    for steering in named.values():
+        steering.check_strength(strengths)
+    model = _steering_model(next(iter(named.values()), None), model)
+    planned = len(tasks) * sum(1 if s is None else len(strengths) for s in steerings.values())
+    before = len((load_results(out) or {}).get("entries", []))
+    lm, tok = _load(model)
+    _status(
+        f"Sweeping {', '.join(tasks)} × {', '.join(steerings)} over λ = "
+        f"{', '.join(f'{s:g}' for s in strengths) or '0'} on {model} …"
+    )
+    content = run_sweep(lm, tok, steerings, options, strengths, out, model_name=model)
+    new = len(content["entries"]) - before
+    typer.echo(
+        f"Wrote {out}: {new} new point(s), {planned - new} of {planned} already there (skipped)"
+    )
+    for task in tasks:
+        png = out.parent / f"{out.stem}_{task}.png"
+        if png.exists():
+            typer.echo(f"  plot: {png}")
+
+
+@app.command()
+def plot(
+    results: Annotated[Path, typer.Argument(help="A results JSON from `actsteer sweep`.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Folder for the PNGs (default: the JSON's).")
+    ] = None,
+) -> None:
+    """Redraw the PNG plots of a sweep from its results JSON (one per task)."""
+    from actsteer.evaluation.plots import plot_sweep
+    from actsteer.evaluation.sweep import load_results
+
+    content = load_results(results)
+    if content is None:
+        raise ActSteerError(f"sweep results file not found: {results}")
+    if not content.get("entries"):
+        raise ActSteerError(f"{results} holds no results yet")
+    written = plot_sweep(content, out_dir or results.parent, results.stem)
+    for path in written:
+        typer.echo(f"Saved {path}")
 
 
 @app.command()
