@@ -273,7 +273,7 @@ def metrics_table(results: Sequence[Any], labels: dict[str, str], title: str) ->
     """Rows = strengths λ, columns = the task's metrics (value [95% interval])."""
     names = [m for m in labels if any(m in r.metrics() for r in results)]
     names += [m for r in results for m in r.metrics() if m not in names]
-    table = Table(title=title, show_lines=False)
+    table = Table(title=title, show_lines=False, min_width=min(len(title) + 4, 120))
     table.add_column("λ", justify="right", style="bold")
     for name in names:
         table.add_column(Text(labels.get(name, name)), justify="right")
