@@ -120,8 +120,8 @@ def test_eval_errors_are_one_line(runner, steering_path):
 def test_sweep_writes_json_and_png_then_resumes_and_plot_redraws(runner, steering_path, tmp_path):
     out = tmp_path / "sweep.json"
     args = ["sweep", "--task", "perplexity", "--steering", f"linear={steering_path}"]
-    args += ["--strength", "0:1:1", "--set", "perplexity.max_tokens=256", "--set"]
-    args += ["window=128", "--out", str(out)]
+    args += ["--strength", "0:1:1", "--set", "perplexity.max_tokens=128", "--set"]
+    args += ["window=64", "--out", str(out)]
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     assert "3 new point(s), 0 of 3 already there" in result.stdout
@@ -217,3 +217,17 @@ def test_inspect_plot_helpers():
     steering = Steering({n: amap for n in names}, {"method": "linear-act"})
     figure = steering_figure(steering, samples, names[0], support="all", units=4)
     assert len(figure.axes) == 6
+
+
+def test_eval_shows_intervals(runner, tmp_path):
+    out = tmp_path / "tqa.json"
+    result = runner.invoke(
+        cli.app,
+        ["eval", "truthfulqa", "--set", "n_questions=2", "--set", "preprompt=", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    content = json.loads(out.read_text())
+    low, high = content["results"][0]["intervals"]["mc1"]
+    mc1 = content["results"][0]["metrics"]["mc1"]
+    assert low <= mc1 <= high
+    assert f"{mc1:.4g} [{low:.4g}, {high:.4g}]" in result.stdout
