@@ -756,6 +756,7 @@ def eval_(
             "-s",
             help="λ values: several numbers after one flag (-s 0 0.5 1), START:STOP:STEP or "
             "a,b,c. Default: the steering's default strength.",
+            metavar="λ|START:STOP:STEP",
         ),
     ] = None,
     data: Annotated[
@@ -833,7 +834,8 @@ def eval_(
 @app.command()
 def sweep(
     tasks: Annotated[
-        list[str], typer.Option("--task", "-t", help="A task to run; repeat for more.")
+        list[str],
+        typer.Option("--task", "-t", help="A task to run; repeat for more.", metavar="TASK"),
     ],
     steering_specs: Annotated[
         list[str] | None,
@@ -857,6 +859,7 @@ def sweep(
             "-s",
             help="λ grid: START:STOP:STEP (STOP included), a,b,c, or several numbers after one "
             "flag.",
+            metavar="λ|START:STOP:STEP",
         ),
     ] = None,
     settings: Annotated[
