@@ -151,14 +151,16 @@ def pool(activations: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.T
 class SampleBuffer:
     """Collects pooled samples of one module; with a cap, keeps a uniform random subset.
 
-    The capped subset is a reservoir (random keys, keep the smallest), so memory stays at most
-    cap + one batch of rows however many tokens pass through.
+    The capped subset is a reservoir (Algorithm R, vectorised per batch) in one preallocated
+    (cap, D) tensor: rows are written in place, so memory is cap rows however many tokens pass
+    through, and each batch costs time in proportion to its own size.
     """
 
     def __init__(self, cap: int | None, seed: int = 0) -> None:
         self.cap = cap
         self.rows: list[torch.Tensor] = []
-        self.keys: torch.Tensor | None = None
+        self.reservoir: torch.Tensor | None = None
+        self.seen = 0
         self.generator = torch.Generator().manual_seed(seed)
 
     def add(self, rows: torch.Tensor) -> None:
@@ -166,16 +168,21 @@ class SampleBuffer:
         if self.cap is None:
             self.rows.append(rows)
             return
-        keys = torch.rand(rows.shape[0], generator=self.generator)
-        if self.keys is not None:
-            rows = torch.cat([self.rows[0], rows])
-            keys = torch.cat([self.keys, keys])
-        if rows.shape[0] > self.cap:
-            keep = keys.topk(self.cap, largest=False).indices
-            rows, keys = rows[keep], keys[keep]
-        self.rows, self.keys = [rows], keys
+        if self.reservoir is None:
+            self.reservoir = torch.empty(self.cap, rows.shape[1])
+        n, filled = rows.shape[0], min(self.seen, self.cap)
+        fill = min(n, self.cap - filled)
+        self.reservoir[filled : filled + fill] = rows[:fill]
+        if fill < n:  # row number t (0-based) replaces a random slot with probability cap/(t+1)
+            t = torch.arange(self.seen + fill, self.seen + n, dtype=torch.float64)
+            slot = torch.rand(n - fill, generator=self.generator, dtype=torch.float64) * (t + 1)
+            keep = slot < self.cap
+            self.reservoir[slot[keep].long()] = rows[fill:][keep]
+        self.seen += n
 
     def samples(self) -> torch.Tensor:
+        if self.reservoir is not None:
+            return self.reservoir[: min(self.seen, self.cap)]
         return torch.cat(self.rows) if self.rows else torch.empty(0, 0)
 
 

@@ -46,7 +46,8 @@ def fit(
     mode: "independent" fits each module on the plain model's activations; "sequential" fits
       each on activations already transported by the maps of all upstream modules.
     pooling: how token activations become one sample per text: "mean" (real tokens only),
-      "last", "max" or "all" (every token a sample, subsampled to stay within budget_mb);
+      "last", "max" or "all" (every token a sample, subsampled so the samples of both sets
+      together stay within budget_mb);
       the method's default when None (mean for the AcT methods).
     support: the support the steering applies with by default (and, in sequential mode, the
       one upstream maps use while fitting); the method's default when None.
@@ -82,7 +83,7 @@ def fit(
         pooling=pooling,
         batch_size=batch_size,
         max_length=max_length,
-        budget_mb=budget_mb,
+        budget_mb=budget_mb / 2,  # half for the source samples, half for the target's
         progress=progress,
     )
     target_samples = record(model, tokenizer, target, names, desc="target", **settings)
@@ -108,7 +109,7 @@ def fit(
             support=support,
             batch_size=batch_size,
             max_length=max_length,
-            cap=sample_cap(pooling, len(names), width, budget_mb),
+            cap=sample_cap(pooling, len(names), width, budget_mb / 2),
             progress=progress,
         ).run(names)
     info = {
