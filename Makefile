@@ -30,3 +30,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/generation_overhead.py
 	$(BIN)/python benchmarks/fit_cost.py
 	$(BIN)/python benchmarks/fit_memory.py
+	$(BIN)/python benchmarks/fold_speed.py
