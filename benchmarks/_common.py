@@ -1,0 +1,143 @@
+"""Shared helpers of the benchmark scripts: data, machine description, robust summaries."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("ACTSTEER_BENCH_DATA", "/work/shared/data/toxicity_fit"))
+THREADS = 2
+
+
+def set_threads(threads: int = THREADS) -> None:
+    """Pin torch's intra-op thread pool to `threads` (torch.set_num_threads)."""
+    torch.set_num_threads(threads)
+
+
+def read_lines(name: str, start: int = 0, count: int | None = None) -> list[str]:
+    """Non-empty lines of DATA/<name>.txt (read in place), from `start`, at most `count`."""
+    lines = [line for line in (DATA / f"{name}.txt").read_text().splitlines() if line.strip()]
+    return lines[start : None if count is None else start + count]
+
+
+def git_revision() -> str:
+    """The repository's commit, with `-dirty` when src/ has uncommitted changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty(src)" if dirty else "")
+
+
+def machine() -> str:
+    """One line describing where the numbers were taken."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores ({cpu}), CPU only, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}, "
+        f"Python {platform.python_version()}, actsteer at {git_revision()}, "
+        f"load average at start {load}"
+    )
+
+
+def rotated(items: Sequence[str], round_index: int) -> list[str]:
+    """`items` rotated by the round index, so no variant always runs first or last."""
+    k = round_index % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt_spread(values: Sequence[float], digits: int = 3) -> str:
+    """'median (min–max)' of a list of numbers."""
+    med, lo, hi = spread(values)
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def others_busy(seconds: float = 0.5) -> float:
+    """Fraction of all cores busy over `seconds` while this process sleeps (= other processes)."""
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(seconds)
+        busy1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+#: Seconds a script may spend in total waiting for other processes to go quiet.
+QUIET_BUDGET = {"seconds": 120.0}
+#: Busy fractions of other processes seen at the start of each measurement.
+BUSY_LOG: list[float] = []
+
+
+def wait_for_quiet(threshold: float = 0.15, max_wait: float = 10.0) -> float:
+    """Sleep until other processes use less than `threshold` of the cores, at most `max_wait`
+    seconds per call and QUIET_BUDGET seconds per script; returns the busy fraction seen last
+    (a measure of the contention the next measurement starts in)."""
+    start = time.monotonic()
+    deadline = start + min(max_wait, QUIET_BUDGET["seconds"])
+    busy = others_busy(0.25)
+    while busy > threshold and time.monotonic() < deadline:
+        busy = others_busy(1.0)
+    QUIET_BUDGET["seconds"] = max(0.0, QUIET_BUDGET["seconds"] - (time.monotonic() - start))
+    BUSY_LOG.append(busy)
+    return busy
+
+
+def contention() -> str:
+    """Summary of BUSY_LOG for the report."""
+    if not BUSY_LOG:
+        return "not sampled"
+    quiet = sum(b <= 0.15 for b in BUSY_LOG)
+    return (
+        f"other processes used a median {statistics.median(BUSY_LOG):.0%} (max "
+        f"{max(BUSY_LOG):.0%}) of the 2 cores when a measurement started; "
+        f"{quiet}/{len(BUSY_LOG)} measurements started quiet (≤ 15%)"
+    )

@@ -1,0 +1,172 @@
+"""Peak memory of a fit with pooling "all": bounded by budget_mb, not by the number of texts.
+
+Each configuration runs in a fresh subprocess that loads SmolLM2-135M, optionally fits
+Linear-AcT on `modules="layernorms"` with pooling "all" (every real token a sample, subsampled
+to stay within `budget_mb` per recorded set), and reports its peak resident set size
+(resource.getrusage(RUSAGE_SELF).ru_maxrss). Memory does not depend on the machine's load, so
+one run per configuration suffices.
+
+  .venv/bin/python benchmarks/fit_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import machine, read_lines, set_threads, table
+
+MiB = 2**20
+#: (texts per set, budget_mb); texts = 0 means: load the model only.
+CONFIGS = [(0, 0), (250, 1024), (1000, 1024), (250, 256), (1000, 256)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[f"{n}:{b}" for n, b in CONFIGS],
+        help="texts_per_set:budget_mb pairs; 0:0 = load the model only",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def peak_mb() -> float:
+    """Peak RSS of this process in MiB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(spec: str, threads: int) -> dict[str, float | int]:
+    """Run one configuration in this (fresh) process and describe its memory use."""
+    import torch
+
+    import actsteer
+    from actsteer.capture import batches, resolve_modules, sample_cap
+
+    set_threads(threads)
+    texts, budget = (int(x) for x in spec.split(":"))
+    model, tok = actsteer.load_model("smollm2-135m")
+    result: dict[str, float | int] = {"texts": texts, "budget_mb": budget}
+    result["peak_after_load_mb"] = peak_mb()
+    if texts:
+        source = read_lines("source", count=texts)
+        target = read_lines("target", count=texts)
+        names = resolve_modules(model, "layernorms")
+        width = model.config.hidden_size
+        cap = sample_cap("all", len(names), width, budget)
+        for side, group in (("source", source), ("target", target)):
+            result[f"{side}_tokens"] = sum(
+                int(b["attention_mask"].sum())
+                for b in batches(tok, group, 16, 128, torch.device("cpu"))
+            )
+        result["cap_rows"] = cap
+        result["modules"] = len(names)
+        result["held_mb"] = sum(
+            min(cap, int(result[f"{side}_tokens"])) * len(names) * width * 4 / MiB
+            for side in ("source", "target")
+        )
+        start = time.perf_counter()
+        actsteer.fit(
+            model,
+            tok,
+            source=source,
+            target=target,
+            modules="layernorms",
+            pooling="all",
+            budget_mb=budget,
+            progress=False,
+        )
+        result["fit_seconds"] = time.perf_counter() - start
+    result["peak_mb"] = peak_mb()
+    return result
+
+
+def run_config(spec: str, threads: int) -> dict[str, float | int]:
+    """Run one configuration in a fresh interpreter and parse its result line."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), "--child", spec],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"configuration {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.threads)), flush=True)
+        return
+    argv_ = sys.argv[1:] if argv is None else argv
+    set_threads(args.threads)
+    started = time.perf_counter()
+    env = machine()
+    print(env)
+    results = []
+    for spec in args.configs:
+        results.append(run_config(spec, args.threads))
+        print(f"  {spec}: {results[-1]}", flush=True)
+    load = next((r["peak_mb"] for r in results if not r["texts"]), results[0]["peak_after_load_mb"])
+    rows = []
+    for r in results:
+        if not r["texts"]:
+            rows.append(["load model only", "–", "–", "–", "–", f"{r['peak_mb']:.0f}", "0", "–"])
+            continue
+        tokens = f"{r['source_tokens']} / {r['target_tokens']}"
+        rows.append(
+            [
+                f"fit, {r['texts']}+{r['texts']} texts",
+                f"{r['budget_mb']}",
+                tokens,
+                f"{r['cap_rows']}",
+                f"{r['held_mb']:.0f}",
+                f"{r['peak_mb']:.0f}",
+                f"{r['peak_mb'] - load:.0f}",
+                f"{r['fit_seconds']:.0f}",
+            ]
+        )
+    header = [
+        "configuration",
+        "budget_mb",
+        "real tokens source / target",
+        "cap rows per module",
+        "samples held, MiB (both sets)",
+        "peak RSS, MiB",
+        "peak − load, MiB",
+        "fit s",
+    ]
+    print()
+    print("## Fit memory")
+    print()
+    print(f"- machine: {env}")
+    print(f"- command: `.venv/bin/python {' '.join(['benchmarks/fit_memory.py', *argv_])}`")
+    print(
+        "- settings: SmolLM2-135M-Instruct float32, Linear-AcT, modules=layernorms, "
+        "pooling all, batch size 16, max_length 128; one fresh subprocess per row; "
+        "peak = ru_maxrss"
+    )
+    print(f"- wall time: {time.perf_counter() - started:.0f} s")
+    print()
+    print(table(header, rows))
+    print()
+    for budget in sorted({r["budget_mb"] for r in results if r["texts"]}):
+        over = [r["peak_mb"] - load for r in results if r["texts"] and r["budget_mb"] == budget]
+        print(
+            f"- budget_mb {budget}: peak − load ≤ {max(over):.0f} MiB = "
+            f"{max(over) / budget:.2f} × budget_mb"
+        )
+
+
+if __name__ == "__main__":
+    main()
