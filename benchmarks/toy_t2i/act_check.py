@@ -39,7 +39,9 @@ def norm_modules(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 def _pool(out: torch.Tensor) -> torch.Tensor:
-    return out.mean(dim=(2, 3)) if out.dim() == 4 else out.mean(dim=1)
+    if out.dim() == 4:  # (B, C, H, W)
+        return out.mean(dim=(2, 3))
+    return out.mean(dim=1) if out.dim() == 3 else out  # (B, T, D) or (B, D)
 
 
 @contextlib.contextmanager
@@ -83,18 +85,24 @@ def fit(src: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], support: str
 
 
 @contextlib.contextmanager
-def applied(pipe, maps: dict, strength: float) -> Iterator[None]:
-    """T_lambda(a) = a + lambda (omega a + beta - a) inside [lo, hi], per channel."""
+def applied(pipe, maps: dict, strength: float, halves: str = "both") -> Iterator[None]:
+    """T_lambda(a) = a + lambda (omega a + beta - a) inside [lo, hi], per channel.
+
+    halves="both" steers the whole classifier-free-guidance batch, "cond" only its second half.
+    """
     mods = norm_modules(pipe.unet)
 
     def make(name: str):
         omega, beta, lo, hi = maps[name]
 
         def hook(_m, _i, out):
-            shape = (1, -1, 1, 1) if out.dim() == 4 else (1, 1, -1)
+            shape = {4: (1, -1, 1, 1), 3: (1, 1, -1), 2: (1, -1)}[out.dim()]
             w, b, lo_, hi_ = (t.view(shape) for t in (omega, beta, lo, hi))
             moved = out + strength * (w * out + b - out)
-            return torch.where((out > lo_) & (out < hi_), moved, out)
+            moved = torch.where((out > lo_) & (out < hi_), moved, out)
+            if halves == "cond":
+                moved = torch.cat([out[: out.shape[0] // 2], moved[out.shape[0] // 2 :]])
+            return moved
 
         return hook
 
@@ -110,12 +118,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--negation-strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--style-strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--halves", choices=["both", "cond"], default="both")
+    ap.add_argument("--combo-stride", type=int, default=1, help="use every k-th base prompt")
     ap.add_argument("--grid", default=None, help="PNG: rows strengths, columns prompts")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load(args.model)
-    combos = ds.base_prompts()
+    combos = ds.base_prompts()[:: args.combo_stride]
     fit_seeds = [10_000 + k for k in range(args.fit_seeds)]
     eval_seeds = [20_000 + k for k in range(args.seeds)]
 
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     shown: list[tuple[str, list[np.ndarray]]] = []
     picks = list(range(0, len(combos) * args.seeds, 7 * args.seeds))[:8]
     for lam in args.negation_strengths:
-        with applied(pipe, neg, lam):
+        with applied(pipe, neg, lam, args.halves):
             imgs = generate(pipe, ps, ss)
         base = imgs if base is None else base
         shown.append((f"X, no pink square; negation lambda={lam}", [imgs[i] for i in picks]))
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ps, ss = prompts(eval_seeds)
     rows = {}
     for lam in args.style_strengths:
-        with applied(pipe, sty, lam):
+        with applied(pipe, sty, lam, args.halves):
             imgs = generate(pipe, ps, ss)
         scores = [measure.stripe_score(i) for i in imgs]
         shown.append((f"X; style lambda={lam}", [imgs[i] for i in picks]))

@@ -115,9 +115,17 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
-    """SD-1.x-shaped UNet on 16x16x4 latents: blocks (32, 64, 64), attention at 8x8 and 4x4."""
+def build_unet(pooled_text: bool = True) -> UNet2DConditionModel:
+    """SD-1.x-shaped UNet on 16x16x4 latents: blocks (32, 64, 64), attention at 8x8 and 4x4.
+
+    With `pooled_text`, an attention-pooled summary of the text is added to the timestep
+    embedding (diffusers' addition_embed_type="text"; SDXL adds pooled text the same way), so
+    every ResNet block also gets the caption as a per-channel bias, not only through
+    cross-attention at 8x8 and 4x4.
+    """
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4}
     return UNet2DConditionModel(
+        **(extra if pooled_text else {}),
         sample_size=ds.SIZE // 2,
         in_channels=4,
         out_channels=4,
@@ -293,6 +301,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--no-pooled-text", action="store_true", help="text only through cross-attention"
+    )
+    ap.add_argument(
         "--vae-from", type=Path, default=None, help="reuse the VAE of a saved toy pipeline"
     )
     args = ap.parse_args(argv)
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     vae = build_vae()
     text_encoder = build_text_encoder(len(tokenizer))
-    unet = build_unet()
+    unet = build_unet(pooled_text=not args.no_pooled_text)
     n_params = {
         name: sum(p.numel() for p in m.parameters())
         for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))
@@ -367,6 +378,7 @@ def main(argv: list[str] | None = None) -> Path:
         "unet_steps": args.steps,
         "batch": args.batch,
         "lr": args.lr,
+        "pooled_text": not args.no_pooled_text,
         "seed": args.seed,
         "threads": args.threads,
         "parameters": n_params,
