@@ -115,13 +115,14 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_unet(pooled_text: bool = True) -> UNet2DConditionModel:
+def build_unet(pooled_text: bool = False) -> UNet2DConditionModel:
     """SD-1.x-shaped UNet on 16x16x4 latents: blocks (32, 64, 64), attention at 8x8 and 4x4.
 
-    With `pooled_text`, an attention-pooled summary of the text is added to the timestep
-    embedding (diffusers' addition_embed_type="text"; SDXL adds pooled text the same way), so
-    every ResNet block also gets the caption as a per-channel bias, not only through
-    cross-attention at 8x8 and 4x4.
+    With `pooled_text` (experimental, off by default), an attention-pooled summary of the text
+    is added to the timestep embedding (diffusers' addition_embed_type="text"; SDXL adds pooled
+    text the same way), so every ResNet block also gets the caption as a per-channel bias, not
+    only through cross-attention at 8x8 and 4x4. This adds LayerNorms `add_embedding.norm1`
+    (B, T, D) and `add_embedding.norm2` (B, D) to the UNet.
     """
     extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4}
     return UNet2DConditionModel(
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--no-pooled-text", action="store_true", help="text only through cross-attention"
+        "--pooled-text",
+        action="store_true",
+        help="experimental: also add pooled text to the timestep embedding",
     )
     ap.add_argument(
         "--vae-from", type=Path, default=None, help="reuse the VAE of a saved toy pipeline"
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     vae = build_vae()
     text_encoder = build_text_encoder(len(tokenizer))
-    unet = build_unet(pooled_text=not args.no_pooled_text)
+    unet = build_unet(pooled_text=args.pooled_text)
     n_params = {
         name: sum(p.numel() for p in m.parameters())
         for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> Path:
         "unet_steps": args.steps,
         "batch": args.batch,
         "lr": args.lr,
-        "pooled_text": not args.no_pooled_text,
+        "pooled_text": args.pooled_text,
         "seed": args.seed,
         "threads": args.threads,
         "parameters": n_params,
