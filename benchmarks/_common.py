@@ -112,7 +112,7 @@ def others_busy(seconds: float = 0.5) -> float:
 
 
 #: Seconds a script may spend in total waiting for other processes to go quiet.
-QUIET_BUDGET = {"seconds": 120.0}
+QUIET_BUDGET = {"seconds": 180.0}
 #: Busy fractions of other processes seen at the start of each measurement.
 BUSY_LOG: list[float] = []
 
