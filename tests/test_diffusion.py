@@ -123,6 +123,62 @@ def test_per_row_strength_equals_separate_runs(sd_pipe, sd_steering):
         np.testing.assert_allclose(together[:, s], alone[:, 0], atol=1e-3)
 
 
+def first_outputs(pipe, component: str, prompts, steering=None, strength=1.0, **kw) -> list:
+    """The outputs of every call of one pipeline component during one run (first tensor)."""
+    seen = []
+
+    def keep(module, args, output):
+        seen.append(output[0].clone())  # UNet sample, text encoder last hidden state
+
+    handle = getattr(pipe, component).register_forward_hook(keep)
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    run = dict(num_inference_steps=2, guidance_scale=4.0, height=8, width=8, generator=gens)
+    try:
+        with torch.inference_mode():
+            if steering is None:
+                pipe(prompts, **run)
+            else:
+                with steering.applied(pipe, strength, **kw):
+                    pipe(prompts, **run)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_conditional_cfg_steers_only_the_conditional_half(sd_pipe, sd_steering):
+    n = 2
+    plain = first_outputs(sd_pipe, "unet", SOURCE[:n])[0]
+    for strength in (1.0, torch.ones(n)):  # scalar and per-row λ
+        steered = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, strength)[0]
+        assert torch.equal(steered[:n], plain[:n]), "unconditional half untouched"
+        assert (steered[n:] - plain[n:]).abs().max() > 1e-4
+    both = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, 1.0, cfg="both")[0]
+    assert (both[:n] - plain[:n]).abs().max() > 1e-4
+    with pytest.raises(ActSteerError, match="unknown cfg"):
+        sd_steering.attach(sd_pipe, cfg="uncond")
+
+
+def test_conditional_cfg_steers_the_prompt_encoding_only(sd_pipe):
+    steering = actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, modules="text-encoder",
+                            pipeline_options=RUN, progress=False)  # fmt: skip
+    plain = first_outputs(sd_pipe, "text_encoder", SOURCE[:2])
+    steered = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering)
+    both = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering, cfg="both")
+    assert len(plain) == len(steered) == 2, "prompts, then negative prompts"
+    assert (steered[0] - plain[0]).abs().max() > 1e-4
+    assert torch.equal(steered[1], plain[1])
+    assert (both[1] - plain[1]).abs().max() > 1e-4
+
+
+def test_scalar_strength_equals_per_row_strength(sd_pipe, sd_steering):
+    per_row = images(sd_pipe, SOURCE[:2], [0.7], sd_steering)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with torch.inference_mode(), sd_steering.applied(sd_pipe, 0.7):
+        scalar = sd_pipe(SOURCE[:2], num_inference_steps=4, guidance_scale=4.0, height=8,
+                         width=8, generator=gens, output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(per_row[:, 0], scalar, atol=1e-5)
+
+
 def test_artifact_round_trip(sd_pipe, sd_steering, tmp_path):
     loaded = Steering.load(sd_steering.save(tmp_path / "neg.safetensors"))
     assert loaded.modules == sd_steering.modules

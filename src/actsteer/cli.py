@@ -31,7 +31,7 @@ from actsteer.generation import generate_grid
 from actsteer.maps import SUPPORTS
 from actsteer.methods import METHODS, get_method
 from actsteer.models import DEFAULT_MODEL, load_model
-from actsteer.steer import POSITIONS, Steering
+from actsteer.steer import CFG_MODES, POSITIONS, Steering
 
 STRENGTH_FLAGS = ("--strength", "-s")
 DEMO_PROMPTS = (
@@ -597,12 +597,20 @@ def generate_image(
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
     seed: Annotated[int, typer.Option(help="Noise seed of the first prompt (+1 per row).")] = 0,
     size: Annotated[int | None, typer.Option(help="Image height and width.")] = None,
+    cfg: Annotated[
+        str,
+        typer.Option(
+            help="Classifier-free guidance: steer its conditional half only, or both halves.",
+            metavar="|".join(CFG_MODES),
+        ),
+    ] = "conditional",
 ) -> None:
     """Render a labelled PNG grid: rows are prompts, columns strengths λ (one pipeline call).
 
     Every column of a row starts from the same noise, so columns differ only by the steering.
     """
     _check_choice(support, SUPPORTS, "--support")
+    _check_choice(cfg, CFG_MODES, "--cfg")
     if output.suffix.lower() != ".png":
         raise ActSteerError(f"--output should end in .png, got {output}")
     steering = Steering.load(steering_path) if steering_path is not None else None
@@ -617,7 +625,7 @@ def generate_image(
     _status(f"Rendering {len(prompts)} prompt(s) × {len(strengths)} strength(s) in one call …")
     images = generate_images(
         pipe, prompts, strengths, steering, support=support, steps=steps,
-        guidance_scale=guidance_scale, seed=seed, **extra,
+        guidance_scale=guidance_scale, seed=seed, cfg=cfg, **extra,
     )  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, prompts, strengths).save(output)

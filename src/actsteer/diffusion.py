@@ -6,7 +6,9 @@ artifacts and hooks work exactly as for language models. Differences handled her
 
 - 4-D convolution outputs (B, C, H, W) are pooled over H×W; their maps act per channel.
 - Under classifier-free guidance the denoiser sees [unconditional; conditional] halves: only the
-  conditional half is recorded, and a per-row strength is repeated for both halves.
+  conditional half is recorded, and by default only the conditional half is steered (and only
+  the prompts' text encoding, not the negative prompts'), so guidance amplifies the transport;
+  `cfg="both"` steers both halves alike.
 - Samples are recorded across denoising steps (every `every`-th step), with a fixed seed per
   prompt index so source and target runs start from the same noise.
 - Text encoders run once for the prompts and once for the negative prompts: only their first
@@ -222,12 +224,14 @@ def generate_images(
     steps: int = 20,
     guidance_scale: float = 5.0,
     seed: int = 0,
+    cfg: str = "conditional",
     **pipe_kwargs: Any,
 ) -> list[list[Any]]:
     """images[p][s]: prompt p at strength s, one pipeline call with a per-row strength.
 
     Every strength of a prompt starts from the same noise (seed + prompt index), so the columns
-    differ only by the steering.
+    differ only by the steering. cfg: which classifier-free-guidance half is steered
+    (`Steering.applied`).
     """
     prompts, strengths = list(prompts), [float(s) for s in strengths]
     rows = [p for p in prompts for _ in strengths]
@@ -244,7 +248,7 @@ def generate_images(
             images = pipe(prompt=rows, num_inference_steps=steps, guidance_scale=guidance_scale,
                           generator=generators, **pipe_kwargs).images  # fmt: skip
         else:
-            with steering.applied(pipe, lam, support):
+            with steering.applied(pipe, lam, support, cfg=cfg):
                 images = pipe(prompt=rows, num_inference_steps=steps, guidance_scale=guidance_scale,
                               generator=generators, **pipe_kwargs).images  # fmt: skip
     n = len(strengths)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ Strength = float | torch.Tensor
 #: Token positions a steering acts on: every token, only the prompt's (the pass with nothing
 #: cached yet), only generated tokens (passes that extend a KV cache), or each pass's last token.
 POSITIONS = ("all", "prompt", "generated", "last")
+#: Which half of a diffusers pipeline's classifier-free-guidance batch is steered: only the
+#: conditional half (and only the prompt call of each text encoder, not the negative prompt's),
+#: so guidance amplifies the transport, or both halves alike.
+CFG_MODES = ("conditional", "both")
 
 
 @dataclass
@@ -58,9 +63,12 @@ class Steering:
         strength: Strength = 1.0,
         support: str | None = None,
         positions: str = "all",
+        cfg: str = "conditional",
     ) -> SteeringHandle:
         """Register the hooks; the handle sets the strength and removes them."""
-        return SteeringHandle(self, model, strength, support or self.default_support, positions)
+        return SteeringHandle(
+            self, model, strength, support or self.default_support, positions, cfg
+        )
 
     @contextmanager
     def applied(
@@ -69,6 +77,7 @@ class Steering:
         strength: Strength = 1.0,
         support: str | None = None,
         positions: str = "all",
+        cfg: str = "conditional",
     ) -> Iterator[SteeringHandle]:
         """Steer `model` inside the block; hooks are removed on exit, even on error.
 
@@ -76,8 +85,10 @@ class Steering:
         support: "q0-100" (default for mitigation), "q1-99", "q5-95" or "all" (induction).
         positions: "all" tokens, only the "prompt", only "generated" tokens (these two rely on
           generate's KV cache to tell the passes apart), or the "last" token of each pass.
+        cfg: for diffusers pipelines under classifier-free guidance, steer only the
+          "conditional" half (default; guidance then amplifies the transport) or "both" halves.
         """
-        handle = self.attach(model, strength, support, positions)
+        handle = self.attach(model, strength, support, positions, cfg)
         try:
             yield handle
         finally:
@@ -126,6 +137,45 @@ class _PassPhase:
             self.prompt = len(cache) == 0 or cache[0][0].shape[-2] == 0
 
 
+class _GuidanceState:
+    """What the hooks of a pipeline need to know about classifier-free guidance (CFG).
+
+    Whether the running call uses CFG (the pipeline's `do_classifier_free_guidance`), and how
+    many times each text encoder ran since the denoiser last did: its first call encodes the
+    prompts, a second one the negative prompts.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.text_calls: dict[str, int] = {}
+
+    def active(self) -> bool:
+        return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+
+    def pre_hooks(self, tree: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Count text-encoder calls; a denoiser call starts a new count."""
+        handles = []
+        for name, component in tree.named_children():
+            if name.startswith("text_encoder"):
+                self.text_calls[name] = 0
+                hook = partial(self._count, name)
+            elif name in DENOISERS:
+                hook = self._reset
+            else:
+                continue
+            handles.append(component.register_forward_pre_hook(hook))
+        return handles
+
+    def _count(self, name: str, *_: object) -> None:
+        self.text_calls[name] += 1
+
+    def _reset(self, *_: object) -> None:
+        self.text_calls = dict.fromkeys(self.text_calls, 0)
+
+
+#: Pipeline components that denoise (their batch holds both CFG halves).
+DENOISERS = ("unet", "transformer", "prior", "decoder")
+
 Prepared = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
 
@@ -135,7 +185,12 @@ class _ModuleHook:
     Scale, shift and bounds are prepared once per strength for every output layout the module
     may produce: (B, D) and (B, T, D) with units last, (B, C, H, W) with channels on axis 1 (a
     per-channel map, for convolutions), and, under classifier-free guidance (`cfg_rows`), a
-    batch of twice the rows whose halves share the per-row strengths.
+    batch of twice the rows whose halves share the per-row strengths (`cfg` "both") or whose
+    unconditional half gets λ = 0 (`cfg` "conditional").
+
+    `guidance` is set for modules of a pipeline steered in "conditional" mode: a text encoder's
+    module then acts on the prompt call only, a denoiser's module with a scalar λ on the second
+    half of a CFG batch only.
     """
 
     def __init__(
@@ -146,6 +201,9 @@ class _ModuleHook:
         positions: str = "all",
         phase: _PassPhase | None = None,
         cfg_rows: bool = False,
+        cfg: str = "both",
+        component: str = "",
+        guidance: _GuidanceState | None = None,
     ) -> None:
         param = next(module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
@@ -155,7 +213,12 @@ class _ModuleHook:
         self.beta = amap.beta.to(self.device, torch.float32)
         self.prepared: dict[tuple[int, int], Prepared] = {}
         self.rows = 0
+        self.lam = torch.zeros(())
         self.cfg_rows = cfg_rows
+        self.conditional = cfg == "conditional"
+        self.guidance = guidance
+        self.text_encoder = component if component.startswith("text_encoder") else None
+        self.denoiser = component in DENOISERS
         self.last_only = positions == "last"
         self.phase = phase
         self.on_prompt = positions == "prompt"
@@ -177,10 +240,12 @@ class _ModuleHook:
     def set_strength(self, strength: torch.Tensor) -> None:
         """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,)."""
         lam = strength.to(self.device, torch.float32)
+        self.lam = lam
         self.rows = lam.shape[0] if lam.ndim == 1 else 0
         variants = {self.rows: lam}
-        if self.cfg_rows and self.rows:
-            variants[2 * self.rows] = lam.repeat(2)  # [unconditional; conditional] halves
+        if self.cfg_rows and self.rows:  # [unconditional; conditional] halves
+            uncond = torch.zeros_like(lam) if self.conditional else lam
+            variants[2 * self.rows] = torch.cat([uncond, lam])
         self.prepared = {
             (rows, ndim): self._prepare(lam_rows, ndim)
             for rows, lam_rows in variants.items()
@@ -207,8 +272,23 @@ class _ModuleHook:
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
         if self.phase is not None and self.phase.prompt != self.on_prompt:
             return None
+        guidance = self.guidance
+        if (
+            guidance is not None
+            and self.text_encoder
+            and guidance.text_calls[self.text_encoder] > 1
+        ):
+            return None  # the negative prompts' encoding
         a = output[0] if isinstance(output, tuple) else output
-        prepared = self.prepared.get((a.shape[0] if self.rows else 0, a.ndim))
+        key = (a.shape[0] if self.rows else 0, a.ndim)
+        if guidance is not None and self.denoiser and not self.rows and guidance.active():
+            key = (a.shape[0], a.ndim)  # scalar λ on a CFG batch: λ = 0 on its first half
+            if key not in self.prepared:
+                half = torch.full((a.shape[0] // 2,), float(self.lam), device=self.device)
+                self.prepared[key] = self._prepare(
+                    torch.cat([torch.zeros_like(half), half]), a.ndim
+                )
+        prepared = self.prepared.get(key)
         if prepared is None:
             raise self._mismatch(a)
         if self.last_only:
@@ -231,6 +311,7 @@ class SteeringHandle:
         strength: Strength,
         support: str,
         positions: str = "all",
+        cfg: str = "conditional",
     ) -> None:
         if support not in SUPPORTS:
             raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
@@ -238,20 +319,28 @@ class SteeringHandle:
             raise ActSteerError(
                 f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}"
             )
+        if cfg not in CFG_MODES:
+            raise ActSteerError(f"unknown cfg {cfg!r}; choose one of {', '.join(CFG_MODES)}")
         from actsteer.artifact import check_compatible
-        from actsteer.diffusion import PipelineModules, module_tree
+        from actsteer.diffusion import PipelineModules, is_pipeline, module_tree
 
+        self.guidance = (
+            _GuidanceState(model) if is_pipeline(model) and cfg == "conditional" else None
+        )
         model = module_tree(model)
+        pipeline = isinstance(model, PipelineModules)
         check_compatible(steering, model)
         lookup = dict(model.named_modules())
-        cfg_rows = isinstance(model, PipelineModules)
         self.steering = steering
         self.model = model
         self.phase = _PassPhase() if positions in ("prompt", "generated") else None
         self.hooks = {
-            name: _ModuleHook(amap, support, lookup[name], positions, self.phase, cfg_rows)
+            name: _ModuleHook(
+                amap, support, lookup[name], positions, self.phase, cfg_rows=pipeline, cfg=cfg,
+                component=name.split(".", 1)[0], guidance=self.guidance,
+            )
             for name, amap in steering.maps.items()
-        }
+        }  # fmt: skip
         self.modules = {name: lookup[name] for name in steering.maps}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.set_strength(strength)
@@ -269,6 +358,8 @@ class SteeringHandle:
             self.handles.append(
                 self.model.register_forward_pre_hook(self.phase, with_kwargs=True, prepend=True)
             )
+        if self.guidance is not None:
+            self.handles += self.guidance.pre_hooks(self.model)
         for name, hook in self.hooks.items():
             hook.set_strength(lam)
             self.handles.append(self.modules[name].register_forward_hook(hook))
@@ -289,6 +380,7 @@ def steered(
     *steerings: tuple[Steering, Strength],
     support: str | None = None,
     positions: str = "all",
+    cfg: str = "conditional",
 ) -> Iterator[list[SteeringHandle]]:
     """Apply several steerings at once, each with its own strength: `steered(m, (a, 1), (b, .5))`.
 
@@ -297,6 +389,6 @@ def steered(
     """
     with ExitStack() as stack:
         yield [
-            stack.enter_context(steering.applied(model, strength, support, positions))
+            stack.enter_context(steering.applied(model, strength, support, positions, cfg))
             for steering, strength in steerings
         ]
