@@ -176,6 +176,8 @@ class _GuidanceState:
 #: Pipeline components that denoise (their batch holds both CFG halves).
 DENOISERS = ("unet", "transformer", "prior", "decoder")
 
+#: Up to this many elements the support mask uses comparisons (fewer ops), above it float ops.
+_SMALL = 8192
 Prepared = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
 
@@ -254,12 +256,22 @@ class _ModuleHook:
 
     @staticmethod
     def _transport(a: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        """ω̃·a + λβ inside the support, a outside.
+
+        Comparisons and `where` on bool masks run several times slower per element than float
+        arithmetic on CPU, so beyond a few thousand elements the mask is computed in floats:
+        inside = 1 − |sign(a − clamp(a, lo, hi))|, and a + inside·(steered − a) leaves outside
+        values exact. Small tensors (a decode step) are bound by per-op dispatch: fewer ops.
+        """
         scale, shift, bounds = prepared
         steered = torch.addcmul(shift, a, scale)
         if bounds is None:
             return steered
         lo, hi = bounds
-        return torch.where((a >= lo) & (a <= hi), steered, a)
+        if a.numel() <= _SMALL:
+            return torch.where((a >= lo) & (a <= hi), steered, a)
+        inside = torch.sub(a, torch.clamp(a, lo, hi)).sign_().abs_().neg_().add_(1)
+        return torch.addcmul(a, steered.sub_(a), inside)
 
     def _mismatch(self, a: torch.Tensor) -> ActSteerError:
         if self.rows:
