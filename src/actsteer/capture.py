@@ -113,9 +113,28 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     return sorted(wanted, key=order.__getitem__)
 
 
-def output_tensor(output: object) -> torch.Tensor:
-    """The activation tensor of a module output (the first element of a tuple output)."""
-    tensor = output[0] if isinstance(output, tuple) else output
+#: diffusers transformer blocks that return (encoder_hidden_states, hidden_states): the image
+#: stream, the one "dit-blocks" steers, is their second output (the first is the text stream).
+TEXT_FIRST_BLOCKS = frozenset(
+    {
+        "JointTransformerBlock", "AuraFlowJointTransformerBlock", "FluxTransformerBlock",
+        "FluxSingleTransformerBlock", "Flux2TransformerBlock", "Flux2SingleTransformerBlock",
+        "Flux3SingleTransformerBlock", "ChromaTransformerBlock", "QwenImageTransformerBlock",
+        "BriaTransformerBlock", "BriaSingleTransformerBlock", "BriaFiboTransformerBlock",
+        "LongCatImageTransformerBlock", "LongCatImageSingleTransformerBlock",
+        "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock",
+    }
+)  # fmt: skip
+
+
+def stream_index(module: nn.Module) -> int:
+    """Which element of the module's tuple output carries its activations (usually the first)."""
+    return 1 if type(module).__name__ in TEXT_FIRST_BLOCKS else 0
+
+
+def output_tensor(output: object, index: int = 0) -> torch.Tensor:
+    """The activation tensor of a module output (element `index` of a tuple output)."""
+    tensor = output[index] if isinstance(output, tuple) else output
     if not isinstance(tensor, torch.Tensor):
         raise ActSteerError(
             f"module output of type {type(tensor).__name__} cannot be steered; "

@@ -13,6 +13,8 @@ artifacts and hooks work exactly as for language models. Differences handled her
   prompt index so source and target runs start from the same noise.
 - Text encoders run once for the prompts and once for the negative prompts: only their first
   call per pipeline run (the prompts) is recorded.
+- Dual-stream transformer blocks (Flux, SD3, …) return (text stream, image stream): the image
+  stream is recorded and steered (`capture.TEXT_FIRST_BLOCKS`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.capture import HookedBuffers, check_texts, output_tensor, resolve_modules
+from actsteer.capture import (
+    HookedBuffers,
+    check_texts,
+    output_tensor,
+    resolve_modules,
+    stream_index,
+)
 from actsteer.errors import ActSteerError
 from actsteer.methods import get_method
 from actsteer.steer import Steering
@@ -84,6 +92,8 @@ class PipelineRecorder(HookedBuffers):
         self.every = every
         self.rows = 0
         self.calls = dict.fromkeys(modules, 0)
+        lookup = dict(tree.named_modules())
+        self.streams = {name: stream_index(lookup[name]) for name in modules}
         super().__init__(tree, modules, None, seed)
 
     def start_run(self, rows: int) -> None:
@@ -99,7 +109,7 @@ class PipelineRecorder(HookedBuffers):
             self.calls[name] += 1
             if (text_encoder and call > 0) or call % self.every:
                 return
-            a = output_tensor(output)
+            a = output_tensor(output, self.streams[name])
             if a.shape[0] == 2 * self.rows:  # classifier-free guidance: keep the conditional half
                 a = a[self.rows :]
             self.buffers[name].add(_pool(a))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actsteer.capture import stream_index
 from actsteer.errors import ActSteerError
 from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import get_method
@@ -140,17 +141,23 @@ class _PassPhase:
 class _GuidanceState:
     """What the hooks of a pipeline need to know about classifier-free guidance (CFG).
 
-    Whether the running call uses CFG (the pipeline's `do_classifier_free_guidance`), and how
-    many times each text encoder ran since the denoiser last did: its first call encodes the
-    prompts, a second one the negative prompts.
+    How many times each text encoder ran since the denoiser last did (its first call encodes
+    the prompts, a second one the negative prompts), and whether a denoiser batch is a CFG
+    batch: the pipeline's `do_classifier_free_guidance` where it has one, else a batch of twice
+    the prompts the text encoder saw (so with one image per prompt).
     """
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
+        self.has_flag = hasattr(type(pipeline), "do_classifier_free_guidance")
         self.text_calls: dict[str, int] = {}
+        self.prompt_rows = 0
 
-    def active(self) -> bool:
-        return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+    def active(self, batch: int) -> bool:
+        """Whether a denoiser batch of `batch` rows holds [unconditional; conditional] halves."""
+        if self.has_flag:
+            return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+        return batch == 2 * self.prompt_rows
 
     def pre_hooks(self, tree: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Count text-encoder calls; a denoiser call starts a new count."""
@@ -159,15 +166,16 @@ class _GuidanceState:
             if name.startswith("text_encoder"):
                 self.text_calls[name] = 0
                 hook = partial(self._count, name)
+                handles.append(component.register_forward_pre_hook(hook, with_kwargs=True))
             elif name in DENOISERS:
-                hook = self._reset
-            else:
-                continue
-            handles.append(component.register_forward_pre_hook(hook))
+                handles.append(component.register_forward_pre_hook(self._reset))
         return handles
 
-    def _count(self, name: str, *_: object) -> None:
+    def _count(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.text_calls[name] += 1
+        ids = args[0] if args else kwargs.get("input_ids")
+        if self.text_calls[name] == 1 and isinstance(ids, torch.Tensor):
+            self.prompt_rows = ids.shape[0]
 
     def _reset(self, *_: object) -> None:
         self.text_calls = dict.fromkeys(self.text_calls, 0)
@@ -221,6 +229,7 @@ class _ModuleHook:
         self.guidance = guidance
         self.text_encoder = component if component.startswith("text_encoder") else None
         self.denoiser = component in DENOISERS
+        self.stream = stream_index(module)
         self.last_only = positions == "last"
         self.phase = phase
         self.on_prompt = positions == "prompt"
@@ -291,9 +300,9 @@ class _ModuleHook:
             and guidance.text_calls[self.text_encoder] > 1
         ):
             return None  # the negative prompts' encoding
-        a = output[0] if isinstance(output, tuple) else output
+        a = output[self.stream] if isinstance(output, tuple) else output
         key = (a.shape[0] if self.rows else 0, a.ndim)
-        if guidance is not None and self.denoiser and not self.rows and guidance.active():
+        if guidance is not None and self.denoiser and not self.rows and guidance.active(len(a)):
             key = (a.shape[0], a.ndim)  # scalar λ on a CFG batch: λ = 0 on its first half
             if key not in self.prepared:
                 half = torch.full((a.shape[0] // 2,), float(self.lam), device=self.device)
@@ -309,7 +318,7 @@ class _ModuleHook:
         else:
             steered = self._transport(a, prepared)
         if isinstance(output, tuple):
-            return (steered, *output[1:])
+            return (*output[: self.stream], steered, *output[self.stream + 1 :])
         return steered
 
 
