@@ -12,17 +12,23 @@ Parts (--parts):
   with ΔPPL ≤ 1 over the plain model are candidates; toxicity (challenging RTP stratum) at
   each candidate; the one with the lowest % toxic is the method's row, with MMLU there.
 - truthfulqa (paper Table 3): questions split by idx % 2. Steerings fitted on question +
-  answer texts of the even fold (incorrect answers = source, correct = target); λ chosen by
-  MC1 (then MC2) on other even-fold questions never used for fitting; MC1/MC2 reported on a
-  seeded subset of the odd fold, MMLU at the chosen λ.
+  answer texts of the even fold (incorrect answers = source, correct = target). AcT methods
+  at λ = 1; ITI-c's coefficient chosen by MC1 (then MC2) on other even-fold questions never
+  used for fitting. MC1/MC2 reported on a seeded subset of the odd fold, MMLU at the same λ.
 - concept: induction of concepts (support "all": target = concept sentences, source =
   unrelated sentences), concept presence and generation perplexity over a λ grid per method,
   plus a trade-off plot of presence vs perplexity.
+
+Steered modules: --modules, default DEFAULT_MODULES per architecture family. Data sizes:
+--sizes (SIZES; "quick" is a smoke test). Every method uses its library-default pooling and
+support (AcT: mean pooling, support q0-100 for toxicity; concepts use support "all").
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +40,7 @@ import torch
 from _common import ROOT, machine, table
 
 import actsteer
+from actsteer.capture import model_family
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.concept import CONCEPT_FILE, N_OFF, OFF_CONCEPT, load_concept_sentences
 from actsteer.evaluation.data import data_root, fixed_subset, read_jsonl
@@ -64,6 +71,13 @@ CONCEPT_METHODS = {
     "ITI-c": ("iti-c", (0.5, 1.0, 2.0, 4.0, 8.0)),
 }
 ORIGINAL = "Original"
+#: Gemma: the paper's modules (post-attention and post-feedforward norms). Llama family: the
+#: attention output projection, which like Gemma's post-attention norm writes into the residual
+#: stream (it beat post-attn-ln, layernorms and mlp-out in a quick held-out likelihood check).
+DEFAULT_MODULES = {
+    "gemma": r"(?:.*\.)?layers\.\d+\.(?:post_attention|post_feedforward)_layernorm",
+    "llama": "attn-out",
+}
 
 
 @dataclass(frozen=True)
@@ -90,10 +104,12 @@ SIZES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/paper_tables/MODEL")
+    parser.add_argument("--out", type=Path, help="default: out/paper_tables/MODEL (git-ignored)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--sizes", choices=sorted(SIZES), default="full")
-    parser.add_argument("--modules", default="post-attn-ln", help="preset or regex to steer")
+    parser.add_argument(
+        "--modules", help="preset or regex to steer; default: attn-out, Gemma's post-norms"
+    )
     parser.add_argument("--concepts", nargs="+", default=["football", "book", "church"])
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
@@ -111,15 +127,18 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.sizes = SIZES[args.sizes]
-        self.out: Path = args.out or ROOT / "benchmarks" / "results" / "paper_tables" / args.model
+        self.out: Path = args.out or ROOT / "out" / "paper_tables" / args.model
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tok = actsteer.load_model(args.model)
+        self.modules = args.modules or DEFAULT_MODULES.get(model_family(self.model), "attn-out")
 
     def fitted(
         self, key: str, method: str, source: Sequence[str], target: Sequence[str], **options: Any
     ) -> Steering:
-        """actsteer.fit, cached in <out>/steerings/<key>.safetensors."""
-        path = self.out / "steerings" / f"{key}.safetensors"
+        """actsteer.fit, cached in <out>/steerings/<key>-<hash of modules, data, options>."""
+        setup = json.dumps([self.modules, list(source), list(target), options], sort_keys=True)
+        path = self.out / "steerings" / f"{key}-{hashlib.sha256(setup.encode()).hexdigest()[:8]}"
+        path = path.with_suffix(".safetensors")
         if path.exists():
             return Steering.load(path)
         started = time.perf_counter()
@@ -129,7 +148,7 @@ class Runner:
             source=source,
             target=target,
             method=method,
-            modules=options.pop("modules", self.args.modules),
+            modules=self.modules,
             progress=False,
             **options,
         )
@@ -472,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     run = Runner(args)
     header = (
-        f"Model {args.model}, sizes {args.sizes} ({SIZES[args.sizes]}), modules {args.modules}.\n"
+        f"Model {args.model}, sizes {args.sizes} ({SIZES[args.sizes]}), modules {run.modules}.\n"
         f"Machine: {machine()}"
     )
     print(header, flush=True)
