@@ -1,0 +1,196 @@
+"""Denoising overhead of steering hooks on the toy text-to-image model (issue 5).
+
+Steering: Linear-AcT on every UNet norm (`modules="unet-norms"`, 51 hooks) of the toy model
+(benchmarks/toy_t2i), fitted from "X, no pink square" to "X" on a few prompts; λ = 1, scalar.
+Variants, interleaved and rotated within every round: unsteered, steered with support q0-100
+(bounded: five ops per hook), steered with support "all" (one fused multiply-add per hook); both
+steer the conditional half of classifier-free guidance (the library's default).
+
+  hot path     one UNet call (the denoising step) on a CFG batch of 2 × batch latents, timed
+               alone: per round and variant the median of --hot-reps calls (after one
+               untimed call), variants taking turns in a rotated order
+  end to end   one pipeline call: --steps DDIM steps, guidance 4, VAE decode included
+
+Ratios are throughput ratios, unsteered time ÷ steered time (1.0 = free; target ≥ 0.97), one per
+round; the table gives their median over rounds with min–max.
+
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/denoise_overhead.py /tmp/t2i_v1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from _common import contention, fmt_spread, machine, rotated, set_threads, table, wait_for_quiet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import actsteer  # noqa: E402
+from benchmarks.toy_t2i import dataset as ds  # noqa: E402
+from benchmarks.toy_t2i.sample import GUIDANCE, load  # noqa: E402
+
+VARIANTS = ("unsteered", "q0-100", "all")
+TARGET = 0.97
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="the toy pipeline folder (benchmarks/toy_t2i/train.py)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps end to end")
+    parser.add_argument("--rounds", type=int, default=5, help="end-to-end rounds")
+    parser.add_argument("--hot-rounds", type=int, default=8, help="hot-path rounds")
+    parser.add_argument("--hot-reps", type=int, default=15, help="calls per variant per round")
+    return parser.parse_args(argv)
+
+
+@contextmanager
+def variant(steering: actsteer.Steering, pipe: object, name: str) -> Iterator[None]:
+    """The pipeline as one variant: no hooks, or steered at λ = 1 with the named support."""
+    if name == "unsteered":
+        yield
+        return
+    with steering.applied(pipe, strength=1.0, support=name):
+        yield
+
+
+def prompts(batch: int) -> list[str]:
+    """Negation prompts that were not used for fitting (odd-numbered base prompts)."""
+    combos = ds.base_prompts()[1::2]
+    return [ds.caption_for(*combos[i % len(combos)], negation=True) for i in range(batch)]
+
+
+def pipeline_call(pipe: object, batch: int, steps: int) -> Callable[[], object]:
+    """One full pipeline call on `batch` prompts, fixed noise."""
+    texts = prompts(batch)
+
+    def call() -> object:
+        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        return pipe(texts, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                    generator=generators, output_type="np").images  # fmt: skip
+
+    return call
+
+
+def unet_call(pipe: object, batch: int) -> Callable[[], object]:
+    """One UNet call on a classifier-free-guidance batch (2 × batch rows), fixed inputs."""
+    with torch.inference_mode():
+        cond, uncond = pipe.encode_prompt(prompts(batch), "cpu", 1, True)
+    hidden = torch.cat([uncond, cond])
+    size = pipe.unet.config.sample_size
+    latents = torch.randn(2 * batch, pipe.unet.config.in_channels, size, size,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    t = torch.tensor(500)
+    return lambda: pipe.unet(latents, t, encoder_hidden_states=hidden).sample
+
+
+def timed(
+    steering: actsteer.Steering,
+    pipe: object,
+    call: Callable[[], object],
+    rounds: int,
+    reps: int,
+    warm: bool,
+) -> dict[str, list[float]]:
+    """Seconds per call per variant, one entry per round: the median of `reps` calls.
+
+    Variants take turns in an order rotated every round. warm: one untimed call after
+    attaching (hooks prepare their per-batch-size tensors on their first call, once per
+    pipeline run), so only the steady-state step is timed.
+    """
+    times: dict[str, list[float]] = {n: [] for n in VARIANTS}
+    for r in range(rounds + 1):  # round 0 is a warm-up
+        wait_for_quiet()
+        for name in rotated(VARIANTS, r):
+            samples = []
+            with torch.inference_mode(), variant(steering, pipe, name):
+                if warm:
+                    call()
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    call()
+                    samples.append(time.perf_counter() - start)
+            if r:
+                times[name].append(statistics.median(samples))
+    return times
+
+
+def ratios(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-round throughput ratios steered ÷ unsteered (= unsteered time ÷ steered time)."""
+    return {
+        name: [u / s for u, s in zip(times["unsteered"], times[name], strict=True)]
+        for name in VARIANTS[1:]
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    argv_ = sys.argv[1:] if argv is None else argv
+    set_threads(args.threads)
+    started = time.perf_counter()
+    env = machine()
+    print(env)
+    pipe = load(args.model)
+    combos = ds.base_prompts()[::4]
+    steering = actsteer.fit(
+        pipe, source=[ds.caption_for(*c, negation=True) for c in combos],
+        target=[ds.caption_for(*c) for c in combos], modules="unet-norms", progress=False,
+        pipeline_options=dict(steps=args.steps, guidance_scale=GUIDANCE, seed=10_000),
+    )  # fmt: skip
+    print(f"fitted {len(steering.maps)} modules on {len(combos)}+{len(combos)} prompts")
+    rows = []
+    for batch in args.batch_sizes:
+        unet = unet_call(pipe, batch)
+        end_to_end = pipeline_call(pipe, batch, args.steps)
+        end_to_end()  # sets the pipeline's guidance state, as during any real run
+        measured = {
+            f"hot path: one UNet call, CFG batch {2 * batch}": (
+                timed(steering, pipe, unet, args.hot_rounds, args.hot_reps, warm=True),
+                1e3,
+                "ms",
+            ),
+            f"end to end: pipeline, {batch} prompt(s) × {args.steps} steps": (
+                timed(steering, pipe, end_to_end, args.rounds, 1, warm=False),
+                1,
+                "s",
+            ),
+        }
+        for what, (times, scale, unit) in measured.items():
+            r = ratios(times)
+            base = statistics.median(times["unsteered"]) * scale
+            for name in VARIANTS[1:]:
+                steered = statistics.median(times[name]) * scale
+                rows.append([what, f"{base:.3g} {unit}", name, f"{steered:.3g} {unit}",
+                             fmt_spread(r[name])])  # fmt: skip
+            print(f"  {rows[-2]}\n  {rows[-1]}", flush=True)
+    worst = min(statistics.median([float(x) for x in row[4].split()[:1]]) for row in rows)
+    print()
+    print("## Denoising overhead")
+    print()
+    print(f"- machine: {env}")
+    print(f"- command: `.venv/bin/python {' '.join(['benchmarks/denoise_overhead.py', *argv_])}`")
+    print(
+        f"- settings: toy model, Linear-AcT on unet-norms ({len(steering.maps)} hooks), λ = 1 "
+        f"(scalar), conditional half steered; {args.hot_rounds} hot-path rounds × "
+        f"{args.hot_reps} calls per variant, {args.rounds} end-to-end rounds; variants take "
+        "turns, order rotated every round"
+    )
+    print(f"- wall time: {time.perf_counter() - started:.0f} s; contention: {contention()}")
+    print()
+    header = ["measurement", "unsteered", "support", "steered", "ratio median (min–max)"]
+    print(table(header, rows))
+    print()
+    verdict = "met" if worst >= TARGET else "MISSED"
+    print(f"Verdict: worst median ratio {worst:.3f} vs target ≥ {TARGET}: {verdict}.")
+
+
+if __name__ == "__main__":
+    main()
