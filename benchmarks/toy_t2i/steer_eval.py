@@ -1,8 +1,8 @@
 """AcT with the library on the toy text-to-image model: concept negation and style control.
 
-Uses only actsteer's public API: `actsteer.fit(pipe, ...)` to fit, `generate_images` (one
-pipeline call per chunk of prompts, a per-row λ) to evaluate. Fit and evaluation noise seeds
-are disjoint (fit: --fit-seed + prompt index, evaluation: --eval-seed + prompt index).
+Fits with `actsteer.fit(pipe, ...)` and evaluates with `actsteer.diffusion.generate_images`
+(one pipeline call per chunk of prompts, a per-row λ). Fit and evaluation noise are disjoint:
+seed 10,000 + prompt index for fitting, 20,000 + prompt index for evaluation.
 
   negation  fit source "X, no pink square" (--source negation; "pink": "X and a pink square";
             "both": the two together) → target "X"; apply to "X, no pink square" over the λ
@@ -10,6 +10,10 @@ are disjoint (fit: --fit-seed + prompt index, evaluation: --eval-seed + prompt i
             "kept" rate: background and main-object colour unchanged from λ = 0.
   style     fit "X" → "X, striped style"; apply to "X". Reports the mean stripe score, the
             striped rate (score > 5) and the kept rate.
+
+--mode sequential fits stage by stage (UNet down blocks, mid block, up blocks, output norm),
+each stage on source activations already transported by the earlier ones (`fit_by_stages`,
+built on `record_pipeline`: the library fits pipelines in independent mode only).
 
 One configuration per run; results are appended as one JSON line to --out:
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +35,9 @@ import torch
 
 import actsteer
 from actsteer.capture import resolve_modules
-from actsteer.diffusion import generate_images, module_tree
+from actsteer.diffusion import generate_images, module_tree, record_pipeline
+from actsteer.maps import AffineMap
+from actsteer.methods import get_method
 
 from . import dataset as ds
 from . import measure
@@ -98,6 +105,44 @@ def module_names(pipe, specs: Sequence[str]) -> list[str]:
     return [name for name, _ in tree.named_modules() if name in chosen]
 
 
+def unet_stage(name: str) -> int:
+    """Execution rank of a UNet module's stage: down blocks, mid block, up blocks, output norm."""
+    found = re.match(r"unet\.(down_blocks|mid_block|up_blocks)(?:\.(\d+))?", name)
+    if found is None:
+        return 100 if name.startswith("unet.") else -1  # text encoder first
+    offset = {"down_blocks": 0, "mid_block": 10, "up_blocks": 20}[found[1]]
+    return offset + int(found[2] or 0)
+
+
+def fit_by_stages(
+    pipe,
+    source: Sequence[str],
+    target: Sequence[str],
+    modules: Sequence[str],
+    *,
+    method: str,
+    support: str | None,
+    options: dict,
+) -> actsteer.Steering:
+    """Sequential estimation by stages: each stage's maps are fitted on source activations
+    recorded with the maps of every earlier stage applied (λ = 1); the target is recorded once.
+
+    The library fits pipelines independently only; this costs one source pass per stage.
+    """
+    estimator = get_method(method)
+    support = support or estimator.default_support
+    target_samples = record_pipeline(pipe, target, modules, progress=False, **options)
+    info = {"method": method, "support": support, "mode": "sequential (stages)"}
+    maps: dict[str, AffineMap] = {}
+    for stage in sorted({unet_stage(n) for n in modules}):
+        names = [n for n in modules if unet_stage(n) == stage]
+        with actsteer.Steering(dict(maps), info).applied(pipe, 1.0, support):
+            source_samples = record_pipeline(pipe, source, names, progress=False, **options)
+        for name in names:
+            maps[name] = estimator.fit(source_samples[name], target_samples[name])
+    return actsteer.Steering({n: maps[n] for n in modules}, info)
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Fit one steering for the task and evaluate it over the λ grid."""
     pipe = load(args.model)
@@ -114,10 +159,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     modules = module_names(pipe, args.modules)
     options = dict(steps=STEPS, guidance_scale=GUIDANCE, every=args.every, seed=FIT_SEED)
     start = time.perf_counter()
-    steering = actsteer.fit(
-        pipe, source=source, target=target, modules=modules, support=args.support,
-        method=args.method, pipeline_options=options, progress=False,
-    )  # fmt: skip
+    if args.mode == "sequential":
+        steering = fit_by_stages(pipe, source, target, modules, method=args.method,
+                                 support=args.support, options=options)  # fmt: skip
+    else:
+        steering = actsteer.fit(
+            pipe, source=source, target=target, modules=modules, support=args.support,
+            method=args.method, pipeline_options=options, progress=False,
+        )  # fmt: skip
     fit_seconds = time.perf_counter() - start
     settings = dict(seed=EVAL_SEED, cfg=args.cfg, support=args.support)
     images = sweep(pipe, evaluated, args.strengths, steering, **settings)
@@ -128,6 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "method": args.method,
         "support": args.support,
         "cfg": args.cfg,
+        "mode": args.mode,
         "every": args.every,
         "source": args.source if args.task == "negation" else "plain",
         "fit_prompts": len(source),
@@ -163,6 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--support", default=None, help="default: the method's (q0-100)")
     ap.add_argument("--cfg", choices=["conditional", "both"], default="conditional")
     ap.add_argument("--every", type=int, default=2, help="record every k-th denoising step")
+    ap.add_argument(
+        "--mode",
+        choices=["independent", "sequential"],
+        default="independent",
+        help="sequential: by UNet stages, each fitted with earlier stages steered",
+    )
     ap.add_argument("--source", choices=["negation", "pink", "both"], default="negation")
     ap.add_argument("--combo-stride", type=int, default=1, help="every k-th of the 51 prompts")
     ap.add_argument("--fit-repeats", type=int, default=2, help="noise seeds per fit prompt")
