@@ -225,3 +225,22 @@ def test_cli_fits_and_renders_a_grid(sd_pipe, tmp_path):
     assert rendered.exit_code == 0, rendered.output
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (220 + 3 * 8, 24 + 2 * 8)
+
+
+@pytest.mark.parametrize("channels, side", [(8, 4), (64, 40)])  # stored over H×W, or broadcast
+@pytest.mark.parametrize("support", ["q0-100", "all"])
+def test_per_channel_hook_equals_the_reference_map(channels, side, support):
+    from actsteer.maps import AffineMap, support_bounds
+
+    g = torch.Generator().manual_seed(channels)
+    amap = AffineMap(torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g))
+    amap.bounds = support_bounds(torch.randn(100, channels, generator=g))
+    conv = torch.nn.Identity()
+    steering = Steering({"": amap}, {"method": "linear-act"})
+    a = torch.randn(3, channels, side, side, generator=g) * 1.5
+    for strength in (0.6, torch.tensor([0.0, 0.5, 1.0])):
+        with torch.inference_mode(), steering.applied(conv, strength, support):
+            hooked = conv(a)
+        lam = strength.view(-1, 1, 1, 1) if isinstance(strength, torch.Tensor) else strength
+        expected = amap(a.movedim(1, -1), lam, support).movedim(-1, 1)
+        torch.testing.assert_close(hooked, expected, rtol=1e-6, atol=1e-6)

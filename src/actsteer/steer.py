@@ -186,6 +186,8 @@ DENOISERS = ("unet", "transformer", "prior", "decoder")
 
 #: Up to this many elements the support mask uses comparisons (fewer ops), above it float ops.
 _SMALL = 8192
+#: Largest per-channel map tensor (elements) stored over a feature map's full H×W.
+_SPATIAL = 1 << 16
 Prepared = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
 
 
@@ -195,11 +197,10 @@ class _ModuleHook:
     Scale, shift and bounds are prepared once per strength for every output layout the module
     may produce: (B, D) and (B, T, D) with units last, (B, C, H, W) with channels on axis 1 (a
     per-channel map, for convolutions), and, under classifier-free guidance (`cfg_rows`), a
-    batch of twice the rows whose halves share the per-row strengths (`cfg` "both") or whose
-    unconditional half gets λ = 0 (`cfg` "conditional").
+    batch of twice the rows whose halves share the per-row strengths (`cfg` "both").
 
     `guidance` is set for modules of a pipeline steered in "conditional" mode: a text encoder's
-    module then acts on the prompt call only, a denoiser's module with a scalar λ on the second
+    module then acts on the prompt call only, a denoiser's module on the second (conditional)
     half of a CFG batch only.
     """
 
@@ -222,8 +223,8 @@ class _ModuleHook:
         self.omega_minus_one = amap.omega.to(self.device, torch.float32) - 1
         self.beta = amap.beta.to(self.device, torch.float32)
         self.prepared: dict[tuple[int, int], Prepared] = {}
+        self.spatial: dict[tuple[int, ...], Prepared] = {}
         self.rows = 0
-        self.lam = torch.zeros(())
         self.cfg_rows = cfg_rows
         self.conditional = cfg == "conditional"
         self.guidance = guidance
@@ -251,17 +252,38 @@ class _ModuleHook:
     def set_strength(self, strength: torch.Tensor) -> None:
         """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,)."""
         lam = strength.to(self.device, torch.float32)
-        self.lam = lam
+        self.spatial = {}
         self.rows = lam.shape[0] if lam.ndim == 1 else 0
         variants = {self.rows: lam}
-        if self.cfg_rows and self.rows:  # [unconditional; conditional] halves
-            uncond = torch.zeros_like(lam) if self.conditional else lam
-            variants[2 * self.rows] = torch.cat([uncond, lam])
+        if self.cfg_rows and self.rows and not self.conditional:
+            variants[2 * self.rows] = lam.repeat(2)  # [unconditional; conditional] halves
         self.prepared = {
             (rows, ndim): self._prepare(lam_rows, ndim)
             for rows, lam_rows in variants.items()
             for ndim in (2, 3, 4)
         }
+
+    def _over_space(self, key: tuple[int, int], prepared: Prepared, a: torch.Tensor) -> Prepared:
+        """Per-channel tensors (…, C, 1, 1) expanded to (…, C, H, W), once per shape.
+
+        On CPU an elementwise op whose operand broadcasts along the innermost (H, W) axes runs
+        several times slower than one on equal shapes, so small maps (≤ _SPATIAL elements per
+        tensor) are stored over the feature map's full size.
+        """
+        shape = (*key, *a.shape[2:])
+        cached = self.spatial.get(shape)
+        if cached is None:
+            scale, shift, bounds = prepared
+
+            def full(t: torch.Tensor) -> torch.Tensor:
+                return t.expand(*t.shape[:-2], *a.shape[2:]).contiguous()
+
+            if scale.numel() * a.shape[2] * a.shape[3] > _SPATIAL:
+                cached = prepared
+            else:
+                cached = full(scale), full(shift), bounds and (full(bounds[0]), full(bounds[1]))
+            self.spatial[shape] = cached
+        return cached
 
     @staticmethod
     def _transport(a: torch.Tensor, prepared: Prepared) -> torch.Tensor:
@@ -301,22 +323,28 @@ class _ModuleHook:
         ):
             return None  # the negative prompts' encoding
         a = output[self.stream] if isinstance(output, tuple) else output
-        key = (a.shape[0] if self.rows else 0, a.ndim)
-        if guidance is not None and self.denoiser and not self.rows and guidance.active(len(a)):
-            key = (a.shape[0], a.ndim)  # scalar λ on a CFG batch: λ = 0 on its first half
-            if key not in self.prepared:
-                half = torch.full((a.shape[0] // 2,), float(self.lam), device=self.device)
-                self.prepared[key] = self._prepare(
-                    torch.cat([torch.zeros_like(half), half]), a.ndim
-                )
-        prepared = self.prepared.get(key)
-        if prepared is None:
-            raise self._mismatch(a)
+        if guidance is not None and self.denoiser and guidance.active(len(a)):
+            half = len(a) // 2  # a CFG batch: steer its conditional (second) half only
+            steered = self._transport(a[half:], self._prepared(a[half:]))
+            return self._replace(output, torch.cat([a[:half], steered]))
+        prepared = self._prepared(a)
         if self.last_only:
             steered = a.clone()
             steered[:, -1:] = self._transport(a[:, -1:], prepared)
         else:
             steered = self._transport(a, prepared)
+        return self._replace(output, steered)
+
+    def _prepared(self, a: torch.Tensor) -> Prepared:
+        """The scale, shift and bounds for activation `a` (its rows, its layout)."""
+        key = (a.shape[0] if self.rows else 0, a.ndim)
+        prepared = self.prepared.get(key)
+        if prepared is None:
+            raise self._mismatch(a)
+        return self._over_space(key, prepared, a) if a.ndim == 4 else prepared
+
+    def _replace(self, output: object, steered: torch.Tensor) -> object:
+        """The module output with its steered tensor in place of the original."""
         if isinstance(output, tuple):
             return (*output[: self.stream], steered, *output[self.stream + 1 :])
         return steered
