@@ -2,7 +2,7 @@
 
 Each configuration runs in a fresh subprocess that loads SmolLM2-135M, optionally fits
 Linear-AcT on `modules="layernorms"` with pooling "all" (every real token a sample, subsampled
-to stay within `budget_mb` per recorded set), and reports its peak resident set size
+so the samples of both sets stay within `budget_mb`), and reports its peak resident set size
 (resource.getrusage(RUSAGE_SELF).ru_maxrss). Memory does not depend on the machine's load, so
 one run per configuration suffices.
 
@@ -22,8 +22,9 @@ from pathlib import Path
 from _common import machine, read_lines, set_threads, table
 
 MiB = 2**20
-#: (texts per set, budget_mb); texts = 0 means: load the model only.
-CONFIGS = [(0, 0), (250, 1024), (1000, 1024), (250, 256), (1000, 256)]
+#: (texts per set, budget_mb); (0, 0): load the model only; (n, 0): plain forward passes
+#: over the n+n texts, no fit (the memory any pass over the data needs).
+CONFIGS = [(0, 0), (250, 0), (250, 1024), (1000, 1024), (250, 256), (1000, 256)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs",
         nargs="+",
         default=[f"{n}:{b}" for n, b in CONFIGS],
-        help="texts_per_set:budget_mb pairs; 0:0 = load the model only",
+        help="texts_per_set:budget_mb pairs; 0:0 = load only; N:0 = forward passes only",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -56,12 +57,18 @@ def child(spec: str, threads: int) -> dict[str, float | int]:
     model, tok = actsteer.load_model("smollm2-135m")
     result: dict[str, float | int] = {"texts": texts, "budget_mb": budget}
     result["peak_after_load_mb"] = peak_mb()
-    if texts:
+    if texts and not budget:
+        with torch.inference_mode():
+            for name in ("source", "target"):
+                for b in batches(tok, read_lines(name, count=texts), 16, 128, model.device):
+                    model.model(**b, use_cache=False)
+    elif texts:
         source = read_lines("source", count=texts)
         target = read_lines("target", count=texts)
         names = resolve_modules(model, "layernorms")
         width = model.config.hidden_size
-        cap = sample_cap("all", len(names), width, budget)
+        # fit gives each recorded set (source, target) half of budget_mb.
+        cap = sample_cap("all", len(names), width, budget / 2)
         for side, group in (("source", source), ("target", target)):
             result[f"{side}_tokens"] = sum(
                 int(b["attention_mask"].sum())
@@ -118,10 +125,15 @@ def main(argv: list[str] | None = None) -> None:
         results.append(run_config(spec, args.threads))
         print(f"  {spec}: {results[-1]}", flush=True)
     load = next((r["peak_mb"] for r in results if not r["texts"]), results[0]["peak_after_load_mb"])
+    forward = next((r["peak_mb"] for r in results if r["texts"] and not r["budget_mb"]), None)
     rows = []
     for r in results:
-        if not r["texts"]:
-            rows.append(["load model only", "–", "–", "–", "–", f"{r['peak_mb']:.0f}", "0", "–"])
+        if not r["budget_mb"]:
+            what = f"forward passes only, {r['texts']}+{r['texts']} texts" if r["texts"] else ""
+            rows.append(
+                [what or "load model only", "–", "–", "–", "–", f"{r['peak_mb']:.0f}"]
+                + [f"{r['peak_mb'] - load:.0f}", "–", "–"]
+            )
             continue
         tokens = f"{r['source_tokens']} / {r['target_tokens']}"
         rows.append(
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['held_mb']:.0f}",
                 f"{r['peak_mb']:.0f}",
                 f"{r['peak_mb'] - load:.0f}",
+                "–" if forward is None else f"{r['peak_mb'] - forward:.0f}",
                 f"{r['fit_seconds']:.0f}",
             ]
         )
@@ -140,10 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         "configuration",
         "budget_mb",
         "real tokens source / target",
-        "cap rows per module",
+        "cap rows per module and set",
         "samples held, MiB (both sets)",
         "peak RSS, MiB",
         "peak − load, MiB",
+        "peak − forward-only peak, MiB",
         "fit s",
     ]
     print()
@@ -160,11 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table(header, rows))
     print()
-    for budget in sorted({r["budget_mb"] for r in results if r["texts"]}):
-        over = [r["peak_mb"] - load for r in results if r["texts"] and r["budget_mb"] == budget]
+    base = load if forward is None else forward
+    for budget in sorted({r["budget_mb"] for r in results if r["budget_mb"]}):
+        over = [r["peak_mb"] - base for r in results if r["budget_mb"] == budget]
         print(
-            f"- budget_mb {budget}: peak − load ≤ {max(over):.0f} MiB = "
-            f"{max(over) / budget:.2f} × budget_mb"
+            f"- budget_mb {budget}: peak − {'load' if forward is None else 'forward-only'} peak "
+            f"≤ {max(over):.0f} MiB = {max(over) / budget:.2f} × budget_mb"
         )
 
 
