@@ -292,16 +292,18 @@ class _ModuleHook:
         Comparisons and `where` on bool masks run several times slower per element than float
         arithmetic on CPU, so beyond a few thousand elements the mask is computed in floats:
         inside = 1 − |sign(a − clamp(a, lo, hi))|, and a + inside·(steered − a) leaves outside
-        values exact. Small tensors (a decode step) are bound by per-op dispatch: fewer ops.
+        values exact. Small tensors (a decode step) are bound by per-op dispatch, so they take
+        the fewest ops: inside = (clamp(a, lo, hi) == a), one comparison.
         """
         scale, shift, bounds = prepared
         steered = torch.addcmul(shift, a, scale)
         if bounds is None:
             return steered
         lo, hi = bounds
+        clamped = torch.clamp(a, lo, hi)
         if a.numel() <= _SMALL:
-            return torch.where((a >= lo) & (a <= hi), steered, a)
-        inside = torch.sub(a, torch.clamp(a, lo, hi)).sign_().abs_().neg_().add_(1)
+            return torch.where(clamped == a, steered, a)
+        inside = torch.sub(a, clamped).sign_().abs_().neg_().add_(1)
         return torch.addcmul(a, steered.sub_(a), inside)
 
     def _mismatch(self, a: torch.Tensor) -> ActSteerError:
