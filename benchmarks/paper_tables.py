@@ -50,25 +50,26 @@ from actsteer.steer import Steering
 PARTS = ("toxicity", "truthfulqa", "concept")
 PPL_LIMIT = 1.0
 ACT_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
-#: ActAdd and ITI-c take any coefficient; their perplexity grids reach further.
-COEF_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)
+#: ActAdd and ITI-c take any coefficient; their grids reach until perplexity breaks.
+ACTADD_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)
+ITI_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TOXICITY_METHODS = {
-    "ActAdd": ("actadd", COEF_GRID),
+    "ActAdd": ("actadd", ACTADD_GRID),
     "AurA": ("aura", ACT_GRID),
-    "ITI-c": ("iti-c", COEF_GRID),
+    "ITI-c": ("iti-c", ITI_GRID),
     "Mean-AcT": ("mean-act", ACT_GRID),
     "Linear-AcT": ("linear-act", ACT_GRID),
 }
 #: AcT methods at λ = 1 (the paper's choice); ITI-c's coefficient is chosen on held-out questions.
 TQA_METHODS = {
-    "ITI-c": ("iti-c", (0.5, 1.0, 2.0)),
+    "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0)),
     "Mean-AcT": ("mean-act", (1.0,)),
     "Linear-AcT": ("linear-act", (1.0,)),
 }
 CONCEPT_METHODS = {
     "Linear-AcT": ("linear-act", (0.25, 0.5, 0.75, 1.0)),
     "Mean-AcT": ("mean-act", (0.25, 0.5, 0.75, 1.0)),
-    "ITI-c": ("iti-c", (0.5, 1.0, 2.0, 4.0, 8.0)),
+    "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0, 16.0)),
 }
 ORIGINAL = "Original"
 #: Gemma: the paper's modules (post-attention and post-feedforward norms). Llama family: the
