@@ -225,6 +225,19 @@ def test_cli_fits_and_renders_a_grid(sd_pipe, tmp_path):
     assert rendered.exit_code == 0, rendered.output
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (220 + 3 * 8, 24 + 2 * 8)
+    both = runner.invoke(
+        cli.app,
+        ["generate-image", *common, "--steering", str(tmp_path / "neg.safetensors")]
+        + ["--strength", "0", "0.5", "1", "-p", SOURCE[0], "-p", SOURCE[1], "--cfg", "both"]
+        + ["-o", str(tmp_path / "both.png")],
+    )
+    assert both.exit_code == 0, both.output
+    conditional, halves = (
+        np.asarray(grid.convert("RGB")),
+        np.asarray(Image.open(tmp_path / "both.png").convert("RGB")),
+    )
+    assert np.array_equal(conditional[:, 220:228], halves[:, 220:228]), "λ = 0 columns agree"
+    assert not np.array_equal(conditional, halves), "--cfg both steers the other half too"
 
 
 @pytest.mark.parametrize("channels, side", [(8, 4), (64, 40)])  # stored over H×W, or broadcast
