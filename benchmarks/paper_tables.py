@@ -44,6 +44,7 @@ from actsteer.capture import model_family
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.concept import CONCEPT_FILE, N_OFF, OFF_CONCEPT, load_concept_sentences
 from actsteer.evaluation.data import data_root, fixed_subset, read_jsonl
+from actsteer.evaluation.sweep import steering_digest
 from actsteer.evaluation.truthfulqa import load_truthfulqa
 from actsteer.steer import Steering
 
@@ -183,12 +184,13 @@ class Runner:
     def mmlu(self, chosen: Mapping[str, tuple[Steering | None, float]]) -> dict[str, Any]:
         """MMLU for named (steering, λ) pairs, in one shared file so the plain model runs once."""
         options = {"n_questions": self.sizes.mmlu_questions}
-        steerings = {name: steering for name, (steering, _) in chosen.items()}
-        grids = {name: [strength] for name, (_, strength) in chosen.items()}
+        key = {name: ORIGINAL if s is None else name for name, (s, _) in chosen.items()}
+        steerings = {key[name]: steering for name, (steering, _) in chosen.items()}
+        grids = {key[name]: [strength] for name, (_, strength) in chosen.items()}
         content = self.sweep("mmlu", steerings, {"mmlu": options}, grids, plots=False)
         return {
-            name: point(content, name, "mmlu", strength, steerings[name])
-            for name, (_, strength) in chosen.items()
+            name: point(content, key[name], "mmlu", strength, steering)
+            for name, (steering, strength) in chosen.items()
         }
 
     def timed(self, part: str, work: Callable[[], str]) -> None:
@@ -205,8 +207,6 @@ def point(
     content: Mapping[str, Any], name: str, task: str, strength: float, steering: Steering | None
 ) -> dict[str, Any]:
     """The latest sweep entry of a steering (by name and digest), task and λ."""
-    from actsteer.evaluation.sweep import steering_digest
-
     digest = steering_digest(steering)
     matches = [
         e
