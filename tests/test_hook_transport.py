@@ -14,7 +14,7 @@ from actsteer.maps import AffineMap, support_bounds
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
-    tokens=st.sampled_from([1, 3, 40]),  # below and above the small-tensor threshold
+    tokens=st.sampled_from([1, 3, 40]),
     strength=st.floats(0.05, 1.0),
     support=st.sampled_from(["q0-100", "q5-95", "all"]),
 )
@@ -34,4 +34,4 @@ def test_hook_output_equals_the_reference_map(seed, tokens, strength, support):
     expected = amap(a, strength, support)
     unmoved = expected == a
     assert torch.equal(hooked[unmoved], a[unmoved]), "outside the support: unchanged"
-    assert torch.allclose(hooked, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(hooked, expected), "inside: the map's own arithmetic, bit for bit"

@@ -184,8 +184,6 @@ class _GuidanceState:
 #: Pipeline components that denoise (their batch holds both CFG halves).
 DENOISERS = ("unet", "transformer", "prior", "decoder")
 
-#: Up to this many elements the support mask uses comparisons (fewer ops), above it float ops.
-_SMALL = 8192
 #: Largest per-channel map tensor (elements) stored over a feature map's full H×W.
 _SPATIAL = 1 << 16
 Prepared = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
@@ -287,24 +285,20 @@ class _ModuleHook:
 
     @staticmethod
     def _transport(a: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        """ω̃·a + λβ inside the support, a outside.
+        """ω̃·a + λβ inside the support, a outside, exactly.
 
-        Comparisons and `where` on bool masks run several times slower per element than float
-        arithmetic on CPU, so beyond a few thousand elements the mask is computed in floats:
-        inside = 1 − |sign(a − clamp(a, lo, hi))|, and a + inside·(steered − a) leaves outside
-        values exact. Small tensors (a decode step) are bound by per-op dispatch, so they take
-        the fewest ops: inside = (clamp(a, lo, hi) == a), one comparison.
+        The mask is built from float ops, outside = |sign(a − clamp(a, lo, hi))| ∈ {0, 1},
+        because comparisons and `where` on bool masks run several times slower per element on
+        CPU; lerp(steered, a, outside) then returns steered where outside = 0 and a where it is
+        1, both bit-exact (lerp takes the form end − (end − start)·(1 − w) for w ≥ 0.5).
         """
         scale, shift, bounds = prepared
         steered = torch.addcmul(shift, a, scale)
         if bounds is None:
             return steered
         lo, hi = bounds
-        clamped = torch.clamp(a, lo, hi)
-        if a.numel() <= _SMALL:
-            return torch.where(clamped == a, steered, a)
-        inside = torch.sub(a, clamped).sign_().abs_().neg_().add_(1)
-        return torch.addcmul(a, steered.sub_(a), inside)
+        outside = torch.sub(a, torch.clamp(a, lo, hi)).sign_().abs_()
+        return torch.lerp(steered, a, outside)
 
     def _mismatch(self, a: torch.Tensor) -> ActSteerError:
         if self.rows:
