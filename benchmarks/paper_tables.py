@@ -159,6 +159,22 @@ class Runner:
         print(f"  fitted {key} in {time.perf_counter() - started:.0f} s", flush=True)
         return steering
 
+    def fitted_methods(
+        self,
+        prefix: str,
+        methods: Mapping[str, tuple[str, Sequence[float]]],
+        source: Sequence[str],
+        target: Sequence[str],
+        **options: Any,
+    ) -> tuple[dict[str, Steering | None], dict[str, Sequence[float]]]:
+        """Each method fitted (cached as <prefix>_<method>) and its λ grid, after Original."""
+        steerings: dict[str, Steering | None] = {ORIGINAL: None}
+        grids: dict[str, Sequence[float]] = {ORIGINAL: [0.0]}
+        for name, (method, grid) in methods.items():
+            steerings[name] = self.fitted(f"{prefix}_{method}", method, source, target, **options)
+            grids[name] = grid
+        return steerings, grids
+
     def sweep(
         self,
         file: str,
@@ -238,11 +254,7 @@ def toxicity_part(run: Runner) -> str:
     source = read_lines(fit_dir / "source.txt", sizes.tox_fit_pairs)
     target = read_lines(fit_dir / "target.txt", sizes.tox_fit_pairs)
     data = {"source": "ParaDetox toxic (train split)", "target": "ParaDetox neutral (train)"}
-    steerings: dict[str, Steering | None] = {ORIGINAL: None}
-    grids: dict[str, Sequence[float]] = {ORIGINAL: [0.0]}
-    for name, (method, grid) in TOXICITY_METHODS.items():
-        steerings[name] = run.fitted(f"toxicity_{method}", method, source, target, data=data)
-        grids[name] = grid
+    steerings, grids = run.fitted_methods("toxicity", TOXICITY_METHODS, source, target, data=data)
     ppl_options = {"max_tokens": sizes.ppl_tokens}
     ppl = run.sweep("toxicity_ppl", steerings, {"perplexity": ppl_options}, grids)
     base_ppl = point(ppl, ORIGINAL, "perplexity", 0.0, None)["metrics"]["perplexity"]
@@ -331,11 +343,7 @@ def truthfulqa_part(run: Runner) -> str:
         for choice, label in zip(mc2["choices"], mc2["labels"], strict=True):
             (target if label else source).append(qa_text(row["question"], choice))
     data = {"source": "TruthfulQA even-idx incorrect answers", "target": "correct answers"}
-    steerings: dict[str, Steering | None] = {ORIGINAL: None}
-    grids: dict[str, Sequence[float]] = {ORIGINAL: [0.0]}
-    for name, (method, grid) in TQA_METHODS.items():
-        steerings[name] = run.fitted(f"truthfulqa_{method}", method, source, target, data=data)
-        grids[name] = grid
+    steerings, grids = run.fitted_methods("truthfulqa", TQA_METHODS, source, target, data=data)
     tuned = {name: grid for name, grid in grids.items() if len(grid) > 1}
     select_options = {"indices": select_idx, "n_questions": sizes.tqa_select_questions}
     select = run.sweep(
@@ -418,12 +426,9 @@ def concept_part(run: Runner) -> str:
     for concept in run.args.concepts:
         source, target, calibration = concept_sets(concept, run.sizes.concept_fit)
         data = {"source": "unrelated sentences", "target": f"{concept} sentences"}
-        steerings: dict[str, Steering | None] = {ORIGINAL: None}
-        grids: dict[str, Sequence[float]] = {ORIGINAL: [0.0]}
-        for name, (method, grid) in CONCEPT_METHODS.items():
-            key = f"concept_{concept}_{method}"
-            steerings[name] = run.fitted(key, method, source, target, data=data, support="all")
-            grids[name] = grid
+        steerings, grids = run.fitted_methods(
+            f"concept_{concept}", CONCEPT_METHODS, source, target, data=data, support="all"
+        )
         options: dict[str, Any] = {
             "concept": concept,
             "samples_per_prompt": run.sizes.concept_samples,
