@@ -6,8 +6,10 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,6 +69,28 @@ def machine() -> str:
         f"Python {platform.python_version()}, actsteer at {git_revision()}, "
         f"load average at start {load}"
     )
+
+
+@dataclass
+class Run:
+    """One benchmark run: its command line, machine line and start time."""
+
+    command: str
+    env: str
+    started: float
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def begin(script: str, argv: list[str] | None, threads: int) -> Run:
+    """Set torch threads, print the machine line and start the clock (argv None: sys.argv)."""
+    set_threads(threads)
+    started = time.perf_counter()
+    env = machine()
+    print(env)
+    args = sys.argv[1:] if argv is None else argv
+    return Run(f"`.venv/bin/python {' '.join([script, *args])}`", env, started)
 
 
 def rotated(items: Sequence[str], round_index: int) -> list[str]:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from _common import contention, fmt_spread, machine, rotated, set_threads, table, wait_for_quiet
+from _common import begin, contention, fmt_spread, rotated, table, wait_for_quiet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -134,11 +134,7 @@ def ratios(times: dict[str, list[float]]) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    argv_ = sys.argv[1:] if argv is None else argv
-    set_threads(args.threads)
-    started = time.perf_counter()
-    env = machine()
-    print(env)
+    run = begin("benchmarks/denoise_overhead.py", argv, args.threads)
     pipe = load(args.model)
     combos = ds.base_prompts()[::4]
     steering = actsteer.fit(
@@ -176,15 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("## Denoising overhead")
     print()
-    print(f"- machine: {env}")
-    print(f"- command: `.venv/bin/python {' '.join(['benchmarks/denoise_overhead.py', *argv_])}`")
+    print(f"- machine: {run.env}")
+    print(f"- command: {run.command}")
     print(
         f"- settings: toy model, Linear-AcT on unet-norms ({len(steering.maps)} hooks), λ = 1 "
         f"(scalar), conditional half steered; {args.hot_rounds} hot-path rounds × "
         f"{args.hot_reps} calls per variant, {args.rounds} end-to-end rounds; variants take "
         "turns, order rotated every round"
     )
-    print(f"- wall time: {time.perf_counter() - started:.0f} s; contention: {contention()}")
+    print(f"- wall time: {run.seconds():.0f} s; contention: {contention()}")
     print()
     header = ["measurement", "unsteered", "support", "steered", "ratio median (min–max)"]
     print(table(header, rows))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -25,12 +24,11 @@ from typing import Any
 
 import torch
 from _common import (
+    begin,
     contention,
     fmt_spread,
-    machine,
     read_lines,
     rotated,
-    set_threads,
     table,
     wait_for_quiet,
 )
@@ -135,11 +133,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    argv_ = sys.argv[1:] if argv is None else argv
-    set_threads(args.threads)
-    started = time.perf_counter()
-    env = machine()
-    print(env)
+    run = begin("benchmarks/fit_cost.py", argv, args.threads)
     model, tok = actsteer.load_model("smollm2-135m")
     source = read_lines("source", count=args.lines)
     target = read_lines("target", count=args.lines)
@@ -244,15 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("## Fit cost")
     print()
-    print(f"- machine: {env}")
-    print(f"- command: `.venv/bin/python {' '.join(['benchmarks/fit_cost.py', *argv_])}`")
+    print(f"- machine: {run.env}")
+    print(f"- command: {run.command}")
     print(
         f"- settings: SmolLM2-135M-Instruct float32, Linear-AcT, pooling mean, "
         f"{args.lines}+{args.lines} toxic/neutral lines ({tokens} real tokens), batch size "
         f"{BATCH_SIZE}, max_length {MAX_LENGTH}; {args.rounds} rounds, job order rotated "
         "every round; ratios are per round, then median (min–max)"
     )
-    print(f"- wall time: {time.perf_counter() - started:.0f} s; contention: {contention()}")
+    print(f"- wall time: {run.seconds():.0f} s; contention: {contention()}")
     print()
     print(table(["modules", "ratio", "median (min–max)"], rows))
     print()

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, read_lines, set_threads, table
+from _common import begin, read_lines, set_threads, table
 
 MiB = 2**20
 #: (texts per set, budget_mb); (0, 0): load the model only; (n, 0): plain forward passes
@@ -115,11 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.threads)), flush=True)
         return
-    argv_ = sys.argv[1:] if argv is None else argv
-    set_threads(args.threads)
-    started = time.perf_counter()
-    env = machine()
-    print(env)
+    run = begin("benchmarks/fit_memory.py", argv, args.threads)
     results = []
     for spec in args.configs:
         results.append(run_config(spec, args.threads))
@@ -163,14 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("## Fit memory")
     print()
-    print(f"- machine: {env}")
-    print(f"- command: `.venv/bin/python {' '.join(['benchmarks/fit_memory.py', *argv_])}`")
+    print(f"- machine: {run.env}")
+    print(f"- command: {run.command}")
     print(
         "- settings: SmolLM2-135M-Instruct float32, Linear-AcT, modules=layernorms, "
         "pooling all, batch size 16, max_length 128; one fresh subprocess per row; "
         "peak = ru_maxrss"
     )
-    print(f"- wall time: {time.perf_counter() - started:.0f} s")
+    print(f"- wall time: {run.seconds():.0f} s")
     print()
     print(table(header, rows))
     print()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,12 +26,11 @@ from typing import Any
 
 import torch
 from _common import (
+    begin,
     contention,
     fmt_spread,
-    machine,
     read_lines,
     rotated,
-    set_threads,
     table,
     wait_for_quiet,
 )
@@ -232,11 +230,7 @@ def ratios(times: dict[str, list[float]], faster_is: str) -> dict[str, list[floa
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    argv_ = sys.argv[1:] if argv is None else argv
-    set_threads(args.threads)
-    started = time.perf_counter()
-    env = machine()
-    print(env)
+    run = begin("benchmarks/generation_overhead.py", argv, args.threads)
     model, tok = actsteer.load_model("smollm2-135m")
     source = read_lines("source", count=args.fit_lines)
     target = read_lines("target", count=args.fit_lines)
@@ -295,10 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("## Generation overhead")
     print()
-    print(f"- machine: {env}")
-    print(
-        f"- command: `.venv/bin/python {' '.join(['benchmarks/generation_overhead.py', *argv_])}`"
-    )
+    print(f"- machine: {run.env}")
+    print(f"- command: {run.command}")
     print(
         f"- settings: SmolLM2-135M-Instruct float32, Linear-AcT, modules=layernorms "
         f"({n_hooks} hooks), fitted on {args.fit_lines}+{args.fit_lines} toxic/neutral lines, "
@@ -306,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.hot_rounds} hot-path rounds × {args.hot_reps} interleaved reps; variant order "
         "rotated every round"
     )
-    print(f"- wall time: {time.perf_counter() - started:.0f} s; contention: {contention()}")
+    print(f"- wall time: {run.seconds():.0f} s; contention: {contention()}")
     print()
     print(table(header, rows))
     print()
