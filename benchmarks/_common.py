@@ -93,6 +93,19 @@ def begin(script: str, argv: list[str] | None, threads: int) -> Run:
     return Run(f"`.venv/bin/python {' '.join([script, *args])}`", env, started)
 
 
+def throughput_ratios(
+    values: dict[str, list[float]], faster_is: str, baseline: str = "unsteered"
+) -> dict[str, list[float]]:
+    """Per-round throughput ratios of each variant ÷ the baseline, from per-round rates
+    (faster_is "higher", e.g. tokens/s) or times ("lower", e.g. seconds)."""
+    base = values[baseline]
+    return {
+        name: [v / b if faster_is == "higher" else b / v for b, v in zip(base, vs, strict=True)]
+        for name, vs in values.items()
+        if name != baseline
+    }
+
+
 def rotated(items: Sequence[str], round_index: int) -> list[str]:
     """`items` rotated by the round index, so no variant always runs first or last."""
     k = round_index % len(items)

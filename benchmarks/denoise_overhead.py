@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from _common import begin, contention, fmt_spread, rotated, table, wait_for_quiet
+from _common import begin, contention, fmt_spread, rotated, table, throughput_ratios, wait_for_quiet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -124,14 +124,6 @@ def timed(
     return times
 
 
-def ratios(times: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Per-round throughput ratios steered ÷ unsteered (= unsteered time ÷ steered time)."""
-    return {
-        name: [u / s for u, s in zip(times["unsteered"], times[name], strict=True)]
-        for name in VARIANTS[1:]
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run = begin("benchmarks/denoise_overhead.py", argv, args.threads)
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         }
         for what, (times, scale, unit) in measured.items():
-            r = ratios(times)
+            r = throughput_ratios(times, "lower")
             base = statistics.median(times["unsteered"]) * scale
             for name in VARIANTS[1:]:
                 steered = statistics.median(times[name]) * scale

@@ -23,7 +23,16 @@ import sys
 import time
 
 import torch
-from _common import fmt_spread, machine, read_lines, rotated, set_threads, table, wait_for_quiet
+from _common import (
+    fmt_spread,
+    machine,
+    read_lines,
+    rotated,
+    set_threads,
+    table,
+    throughput_ratios,
+    wait_for_quiet,
+)
 
 import actsteer
 
@@ -83,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
             wait_for_quiet()
             tps[name].append(run(name)[0])
         print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f} tok/s" for n, v in tps.items()))
-    rows = []
-    for name in VARIANTS[1:]:
-        per_round = [v / u for v, u in zip(tps[name], tps["unsteered"], strict=True)]
-        rows.append([name, f"{statistics.median(tps[name]):.1f}", fmt_spread(per_round)])
+    rows = [
+        [name, f"{statistics.median(tps[name]):.1f}", fmt_spread(per_round)]
+        for name, per_round in throughput_ratios(tps, "higher").items()
+    ]
     print()
     print("## Folded vs hooked")
     print()

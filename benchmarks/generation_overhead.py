@@ -32,6 +32,7 @@ from _common import (
     read_lines,
     rotated,
     table,
+    throughput_ratios,
     wait_for_quiet,
 )
 
@@ -215,19 +216,6 @@ def hook_breakdown(
     return {k: v * 1e6 for k, v in out.items()}
 
 
-def ratios(times: dict[str, list[float]], faster_is: str) -> dict[str, list[float]]:
-    """Per-round steered ÷ unsteered throughput ratios from tokens/s or seconds."""
-    base = times["unsteered"]
-    out = {}
-    for name in VARIANTS[1:]:
-        pairs = zip(base, times[name], strict=True)
-        if faster_is == "higher":
-            out[name] = [v / u for u, v in pairs]
-        else:
-            out[name] = [u / v for u, v in pairs]
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run = begin("benchmarks/generation_overhead.py", argv, args.threads)
@@ -251,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for b, per_variant in tps.items():
-        r = ratios(per_variant, "higher")
+        r = throughput_ratios(per_variant, "higher")
         base = statistics.median(per_variant["unsteered"])
         for name in VARIANTS[1:]:
             rows.append(
@@ -264,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                 ]
             )
     for what, per_variant in hot.items():
-        r = ratios(per_variant, "lower")
+        r = throughput_ratios(per_variant, "lower")
         base = statistics.median(per_variant["unsteered"]) * 1e3
         for name in VARIANTS[1:]:
             rows.append(
@@ -283,7 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         s: hooks[1][f"norm module + steering hook ({s})"] - hooks[1]["norm module, no hook"]
         for s in ("q0-100", "all")
     }
-    e2e = {b: min(statistics.median(v) for v in ratios(tps[b], "higher").values()) for b in tps}
+    e2e = {
+        b: min(statistics.median(v) for v in throughput_ratios(tps[b], "higher").values())
+        for b in tps
+    }
     worst = min(e2e.values())
     verdict = "met" if worst >= TARGET else "MISSED"
     print()
