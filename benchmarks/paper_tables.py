@@ -20,8 +20,9 @@ Parts (--parts):
   plus a trade-off plot of presence vs perplexity.
 
 Steered modules: --modules, default DEFAULT_MODULES per architecture family. Data sizes:
---sizes (SIZES; "quick" is a smoke test). Every method uses its library-default pooling and
-support (AcT: mean pooling, support q0-100 for toxicity; concepts use support "all").
+--sizes (SIZES; "small" for Gemma-3-270M, "quick" is a smoke test). Every method uses its
+library-default pooling and support (AcT: mean pooling, support q0-100 for toxicity; concepts
+use support "all").
 """
 
 from __future__ import annotations
@@ -95,11 +96,15 @@ class Sizes:
     tqa_test_questions: int
     concept_fit: int
     concept_samples: int
+    tox_candidates: int  # strongest λ with ΔPPL ≤ 1 whose toxicity is measured, per method
 
 
+#: "small" is for Gemma-3-270M, whose forward pass costs ≈ 4× SmolLM2's here (its 262k-token
+#: vocabulary); one toxicity candidate per method also removes the best-of-two selection.
 SIZES = {
-    "full": Sizes(400, 2048, 128, 100, 100, 40, 100, 120, 4),
-    "quick": Sizes(24, 256, 6, 6, 8, 4, 6, 16, 1),
+    "full": Sizes(400, 2048, 128, 100, 100, 40, 100, 120, 4, 2),
+    "small": Sizes(200, 1024, 100, 60, 50, 20, 50, 80, 2, 1),
+    "quick": Sizes(24, 256, 6, 6, 8, 4, 6, 16, 1, 2),
 }
 
 
@@ -272,7 +277,7 @@ def toxicity_part(run: Runner) -> str:
         if not allowed:
             notes.append(f"{name}: no λ of {list(grid)} keeps ΔPPL ≤ {PPL_LIMIT}; took the least")
             allowed = [min(grid)]
-        candidates[name] = sorted(allowed)[-2:]
+        candidates[name] = sorted(allowed)[-sizes.tox_candidates :]
     tox_options = {"n_challenging": sizes.tox_prompts, "n_nontoxic": 0, "keep_samples": False}
     tox = run.sweep("toxicity", steerings, {"toxicity": tox_options}, candidates)
 
