@@ -2,7 +2,9 @@
 
 Steering: Linear-AcT fitted on every norm output of SmolLM2-135M (`modules="layernorms"`, 61
 modules) from toxic/neutral lines. Variants, interleaved and rotated within every round:
-unsteered, steered with the default support q0-100 (masked), steered with support "all".
+unsteered, steered with the default support q0-100 (bounded: the fused kernel of
+actsteer.kernels), steered with support "all", and q0-100 with the kernel switched off
+(ACTSTEER_FUSED_KERNEL=0: the torch-ops path, for comparison).
 
   end to end   greedy `model.generate`, forced to exactly --new-tokens tokens, tokens/s
   hot path     one cached decode step (single-token forward with past_key_values) and one
@@ -18,6 +20,7 @@ the median over rounds is reported with min–max.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +41,8 @@ from _common import (
 
 import actsteer
 
-VARIANTS = ("unsteered", "q0-100", "all")
+VARIANTS = ("unsteered", "q0-100", "all", "q0-100 torch ops")
+SUPPORTS = ("q0-100", "all")  # the variants the target applies to
 TARGET = 0.97
 PROBE = "model.layers.15.post_attention_layernorm"
 
@@ -57,13 +61,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @contextmanager
-def variant(steering: actsteer.Steering, model: torch.nn.Module, name: str) -> Iterator[None]:
-    """The model as one variant: no hooks, or steered at λ=1 with the named support."""
+def variant(steering: actsteer.Steering, model: torch.nn.Module, name: str) -> Iterator[Any]:
+    """The model as one variant: no hooks (None), or steered at λ=1 with the named support
+    (its SteeringHandle)."""
     if name == "unsteered":
-        yield
+        yield None
         return
-    with steering.applied(model, strength=1.0, support=name):
+    support, *path = name.split(" ", 1)
+    with (
+        kernel_switched_off(bool(path)),
+        steering.applied(model, strength=1.0, support=support) as handle,
+    ):
+        yield handle
+
+
+@contextmanager
+def kernel_switched_off(off: bool) -> Iterator[None]:
+    """ACTSTEER_FUSED_KERNEL=0 while hooks are attached (they pick their path then)."""
+    saved = os.environ.get("ACTSTEER_FUSED_KERNEL")
+    if off:
+        os.environ["ACTSTEER_FUSED_KERNEL"] = "0"
+    try:
         yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACTSTEER_FUSED_KERNEL", None)
+        else:
+            os.environ["ACTSTEER_FUSED_KERNEL"] = saved
 
 
 def prompts(tok: Any, batch_size: int) -> dict[str, torch.Tensor]:
@@ -178,7 +202,7 @@ def hook_tensors(hook: Any, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def hook_parts(hook: Any, a: torch.Tensor, n: int) -> dict[str, float]:
-    """Seconds per call of each tensor op of the bounded-support (q0-100) hook body."""
+    """Seconds per call of each tensor op of the bounded-support (q0-100) torch-ops path."""
     scale, shift, lo, hi = hook_tensors(hook, a)
     steered = torch.addcmul(shift, a, scale)
     outside = torch.sub(a, torch.clamp(a, lo, hi)).sign_().abs_()
@@ -206,12 +230,12 @@ def hook_breakdown(
         noop = module.register_forward_hook(lambda *_: None)
         out["norm module + empty Python forward hook"] = time_call(lambda: module(x), n)
         noop.remove()
-        for support in ("q0-100", "all"):
-            with steering.applied(model, 1.0, support=support) as handle:
+        for name in VARIANTS[1:]:
+            with variant(steering, model, name) as handle:
                 hook = handle.hooks[PROBE]
-                out[f"norm module + steering hook ({support})"] = time_call(lambda: module(x), n)
-                out[f"hook body alone ({support})"] = time_call(lambda h=hook: h(module, (), a), n)
-                if support == "q0-100":
+                out[f"norm module + steering hook ({name})"] = time_call(lambda: module(x), n)
+                out[f"hook body alone ({name})"] = time_call(lambda h=hook: h(module, (), a), n)
+                if name == "q0-100 torch ops":
                     out.update(hook_parts(hook, a, n))
     return {k: v * 1e6 for k, v in out.items()}
 
@@ -269,10 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     hook_rows = [[k, f"{hooks[1][k]:.1f}", f"{hooks[16][k]:.1f}"] for k in hooks[1]]
     extra = {
         s: hooks[1][f"norm module + steering hook ({s})"] - hooks[1]["norm module, no hook"]
-        for s in ("q0-100", "all")
+        for s in VARIANTS[1:]
     }
     e2e = {
-        b: min(statistics.median(v) for v in throughput_ratios(tps[b], "higher").values())
+        b: min(statistics.median(throughput_ratios(tps[b], "higher")[s]) for s in SUPPORTS)
         for b in tps
     }
     worst = min(e2e.values())
@@ -296,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table(["hook alone, µs per call", "(8, 1, 576)", "(8, 16, 576)"], hook_rows))
     print()
     print(
-        f"Hook cost per decode step ≈ {n_hooks} × per-hook extra: q0-100 "
-        f"{n_hooks * extra['q0-100'] / 1e3:.2f} ms, all {n_hooks * extra['all'] / 1e3:.2f} ms."
+        f"Hook cost per decode step ≈ {n_hooks} × per-hook extra: "
+        + ", ".join(f"{s} {n_hooks * extra[s] / 1e3:.2f} ms" for s in VARIANTS[1:])
+        + "."
     )
     print(
         "Verdict: end-to-end median ratio (worst support) "

@@ -1,37 +1,188 @@
-"""The steering hook's transport on tensors of every size equals the map's reference formula."""
+"""The steering hook's transport equals the map's reference formula, bit for bit, on both of its
+paths (the fused kernel of actsteer.kernels and plain torch ops), for every layout it serves."""
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from actsteer import Steering
+from actsteer import Steering, kernels
 from actsteer.maps import AffineMap, support_bounds
+from actsteer.steer import SteeringHandle
+
+PATHS = ["fused", "torch-ops"]
 
 
-@settings(max_examples=40, deadline=None)
+class CountingKernel:
+    """The fused kernel, counting its calls (so a test knows which path ran)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.calls = 0
+
+    def bounded_transport(self, *args):
+        self.calls += 1
+        return self.kernel.bounded_transport(*args)
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch) -> CountingKernel | None:
+    """Run the test with the fused kernel (counting its calls), and again with torch ops."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr("actsteer.steer.fused_kernel", lambda: None)
+        return None
+    kernel = kernels.fused_kernel()
+    if kernel is None:
+        pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
+    counting = CountingKernel(kernel)
+    monkeypatch.setattr("actsteer.steer.fused_kernel", lambda: counting)
+    return counting
+
+
+def ran_fused(path: CountingKernel | None, before: int = 0) -> bool:
+    return path is not None and path.calls > before
+
+
+def fitted_map(g: torch.Generator, width: int) -> tuple[AffineMap, torch.Tensor]:
+    """A map with random ω, β and the supports of 200 random source samples."""
+    source = torch.randn(200, width, generator=g)
+    amap = AffineMap(torch.rand(width, generator=g) + 0.5, torch.randn(width, generator=g))
+    amap.bounds = support_bounds(source)
+    return amap, source
+
+
+class Probe(nn.Module):
+    """An identity module whose parameter gives the hook its dtype (as a model layer would)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def hooked(amap: AffineMap, a: torch.Tensor, strength, support: str) -> torch.Tensor:
+    module = Probe(a.dtype)
+    steering = Steering({"": amap}, {"method": "linear-act"})
+    with torch.inference_mode(), steering.applied(module, strength, support):
+        return module(a)
+
+
+def reference(amap: AffineMap, a: torch.Tensor, strength, support: str) -> torch.Tensor:
+    """The map's own formula row by row (AffineMap.__call__), its λ-folded scale, shift and
+    bounds rounded to a's dtype for models in another dtype than float32."""
+    lams = strength.tolist() if isinstance(strength, torch.Tensor) else [strength] * len(a)
+    bounds = amap.support(support)
+    rows = []
+    for row, lam in zip(a, lams, strict=True):
+        scale = (1 + lam * (amap.omega - 1)).to(a.dtype)
+        moved = torch.addcmul((lam * amap.beta).to(a.dtype), row, scale)
+        if bounds is not None:
+            lo, hi = (b.to(a.dtype) for b in bounds)
+            moved = torch.where((row >= lo) & (row <= hi), moved, row)
+        rows.append(moved)
+    return torch.stack(rows)
+
+
+def uses_kernel(amap: AffineMap, support: str) -> bool:
+    steering = Steering({"": amap}, {"method": "linear-act"})
+    return SteeringHandle(steering, Probe(), 1.0, support).hooks[""].kernel is not None
+
+
+# the `path` fixture holds for every generated input: one code path per test run
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     seed=st.integers(0, 10_000),
     tokens=st.sampled_from([1, 3, 40]),
     strength=st.floats(0.05, 1.0),
     support=st.sampled_from(["q0-100", "q5-95", "all"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    per_row=st.booleans(),
 )
-def test_hook_output_equals_the_reference_map(seed, tokens, strength, support):
+def test_hook_output_equals_the_reference_map(
+    path, seed, tokens, strength, support, dtype, per_row
+):
     g = torch.Generator().manual_seed(seed)
-    width = 256
-    source = torch.randn(200, width, generator=g)
-    amap = AffineMap(torch.rand(width, generator=g) + 0.5, torch.randn(width, generator=g))
-    amap.bounds = support_bounds(source)
-    module = nn.Identity()
-    steering = Steering({"": amap}, {"method": "linear-act"})
-    a = torch.randn(8, tokens, width, generator=g) * 1.5  # some outside the source range
+    amap, _ = fitted_map(g, 256)
+    a = torch.randn(8, tokens, 256, generator=g) * 1.5  # some outside the source range
     a[0, 0, :4] = amap.bounds["q0-100"][0][:4]  # exactly on the bounds: inside
     a[0, 0, 4:8] = amap.bounds["q0-100"][1][4:8]
-    with torch.inference_mode(), steering.applied(module, strength, support):
-        hooked = module(a)
-    expected = amap(a, strength, support)
+    a = a.to(dtype)
+    lam = torch.linspace(0.1, 1.0, 8) * strength if per_row else strength
+    calls = path.calls if path else 0
+    out = hooked(amap, a, lam, support)
+    assert ran_fused(path, calls) == (path is not None and support != "all")
+    expected = reference(amap, a, lam, support)
+    if dtype == torch.float32 and not per_row:
+        assert torch.equal(expected, amap(a, strength, support)), "the reference is the map's"
     unmoved = expected == a
-    assert torch.equal(hooked[unmoved], a[unmoved]), "outside the support: unchanged"
-    assert torch.equal(hooked, expected), "inside: the map's own arithmetic, bit for bit"
+    assert torch.equal(out[unmoved], a[unmoved]), "outside the support: unchanged"
+    assert torch.equal(out, expected), "inside: the map's own arithmetic, bit for bit"
+
+
+@pytest.mark.parametrize("spatial", [(4, 4), (1, 1)])
+def test_per_channel_map_on_feature_maps(path, spatial):
+    """A (B, C, H, W) output: one map per channel, the same arithmetic at every pixel."""
+    g = torch.Generator().manual_seed(0)
+    amap, _ = fitted_map(g, 16)
+    a = torch.randn(3, 16, *spatial, generator=g) * 1.5
+    lam = torch.tensor([0.0, 0.5, 1.0])
+    out = hooked(amap, a, lam, "q0-100")
+    assert ran_fused(path) == (path is not None)
+    expected = reference(amap, a.movedim(1, -1), lam, "q0-100").movedim(-1, 1)
+    assert torch.equal(out, expected)
+
+
+def test_conditional_half_of_a_guidance_batch(path):
+    """first_row: rows before it pass unchanged, the rest are transported."""
+    g = torch.Generator().manual_seed(1)
+    amap, _ = fitted_map(g, 32)
+    steering = Steering({"": amap}, {"method": "linear-act"})
+    handle = SteeringHandle(steering, Probe(), 0.7, "q0-100")
+    hook = handle.hooks[""]
+    a = torch.randn(4, 5, 32, generator=g) * 1.5
+    with torch.inference_mode():
+        out = hook._transport(a, hook._prepared(a[2:]), first_row=2)
+    assert ran_fused(path) == (path is not None)
+    assert torch.equal(out[:2], a[:2])
+    assert torch.equal(out[2:], amap(a[2:], 0.7, "q0-100"))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_bounded_supports_use_the_fused_kernel_where_a_compiler_exists():
+    amap, _ = fitted_map(torch.Generator().manual_seed(2), 8)
+    assert uses_kernel(amap, "q0-100")
+    assert not uses_kernel(amap, "all"), "the unbounded map is one addcmul already"
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("ACTSTEER_CACHE", str(tmp_path))
+    kernels._built_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the fused steering kernel"):
+            assert kernels.fused_kernel() is None
+        amap, _ = fitted_map(torch.Generator().manual_seed(4), 8)
+        assert not uses_kernel(amap, "q0-100"), "the hook keeps the torch ops"
+    finally:
+        kernels._built_kernel.cache_clear()
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("ACTSTEER_FUSED_KERNEL", "0")
+    assert kernels.fused_kernel() is None
+    amap, _ = fitted_map(torch.Generator().manual_seed(3), 8)
+    assert not uses_kernel(amap, "q0-100")

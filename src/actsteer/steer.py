@@ -18,6 +18,7 @@ from torch import nn
 
 from actsteer.capture import stream_index
 from actsteer.errors import ActSteerError
+from actsteer.kernels import fusable, fused_kernel
 from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import get_method
 
@@ -218,6 +219,9 @@ class _ModuleHook:
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
         self.bounds = amap.support(support)
+        self.kernel = (
+            fused_kernel() if self.bounds is not None and self.device.type == "cpu" else None
+        )
         self.omega_minus_one = amap.omega.to(self.device, torch.float32) - 1
         self.beta = amap.beta.to(self.device, torch.float32)
         self.prepared: dict[tuple[int, int], Prepared] = {}
@@ -283,22 +287,26 @@ class _ModuleHook:
             self.spatial[shape] = cached
         return cached
 
-    @staticmethod
-    def _transport(a: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        """ω̃·a + λβ inside the support, a outside, exactly.
+    def _transport(self, a: torch.Tensor, prepared: Prepared, first_row: int = 0) -> torch.Tensor:
+        """ω̃·a + λβ inside the support, a outside, exactly; rows before `first_row` unchanged.
 
-        The mask is built from float ops, outside = |sign(a − clamp(a, lo, hi))| ∈ {0, 1},
-        because comparisons and `where` on bool masks run several times slower per element on
-        CPU; lerp(steered, a, outside) then returns steered where outside = 0 and a where it is
-        1, both bit-exact (lerp takes the form end − (end − start)·(1 − w) for w ≥ 0.5).
+        A bounded support goes through the fused kernel (actsteer.kernels) where it applies,
+        else through torch ops, where the mask is built from float ops, outside =
+        |sign(a − clamp(a, lo, hi))| ∈ {0, 1}, because comparisons and `where` on bool masks run
+        several times slower per element on CPU; lerp(steered, a, outside) then returns steered
+        where outside = 0 and a where it is 1, both bit-exact (lerp takes the form
+        end − (end − start)·(1 − w) for w ≥ 0.5).
         """
         scale, shift, bounds = prepared
-        steered = torch.addcmul(shift, a, scale)
-        if bounds is None:
-            return steered
-        lo, hi = bounds
-        outside = torch.sub(a, torch.clamp(a, lo, hi)).sign_().abs_()
-        return torch.lerp(steered, a, outside)
+        if bounds is not None and self.kernel is not None and fusable(a, scale, bounds[0]):
+            return self.kernel.bounded_transport(a, scale, shift, *bounds, first_row)
+        part = a[first_row:] if first_row else a
+        steered = torch.addcmul(shift, part, scale)
+        if bounds is not None:
+            lo, hi = bounds
+            outside = torch.sub(part, torch.clamp(part, lo, hi)).sign_().abs_()
+            steered = torch.lerp(steered, part, outside)
+        return torch.cat([a[:first_row], steered]) if first_row else steered
 
     def _mismatch(self, a: torch.Tensor) -> ActSteerError:
         if self.rows:
@@ -321,8 +329,7 @@ class _ModuleHook:
         a = output[self.stream] if isinstance(output, tuple) else output
         if guidance is not None and self.denoiser and guidance.active(len(a)):
             half = len(a) // 2  # a CFG batch: steer its conditional (second) half only
-            steered = self._transport(a[half:], self._prepared(a[half:]))
-            return self._replace(output, torch.cat([a[:half], steered]))
+            return self._replace(output, self._transport(a, self._prepared(a[half:]), half))
         prepared = self._prepared(a)
         if self.last_only:
             steered = a.clone()

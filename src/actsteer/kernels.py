@@ -1,0 +1,109 @@
+"""A fused CPU kernel for the bounded-support transport, built once per machine.
+
+With a bounded support (the default q0-100) the hook computes ω̃·a + λβ inside per-unit bounds
+and keeps a outside them. As separate torch ops that is five or six passes and as many
+dispatches, several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp
+does it in one pass, bit for bit the same result. It is compiled on first use with torch's C++
+extension builder (a C++ compiler and ninja) into $ACTSTEER_CACHE/kernels and loaded from there
+afterwards. Without a compiler, or with ACTSTEER_FUSED_KERNEL=0, the hook uses the torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from actsteer.models import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "transport.cpp"
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+log = logging.getLogger(__name__)
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags where Linux says."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def fused_kernel() -> ModuleType | None:
+    """The compiled kernel module (built on the first call if needed); None when switched off
+    by ACTSTEER_FUSED_KERNEL=0 or where it cannot be built (then a warning says why).
+    Hooks look it up when they are attached."""
+    if os.environ.get("ACTSTEER_FUSED_KERNEL", "1") == "0":
+        return None
+    return _built_kernel()
+
+
+@functools.cache
+def _built_kernel() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    key = "\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _cpu_identity()])
+    name = f"actsteer_transport_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    build_dir = cache_dir() / "kernels" / name
+    built = any(build_dir.glob(f"{name}*.so"))
+    if not built:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        log.warning("actsteer: compiling the fused steering kernel once (≈ 30 s) in %s", build_dir)
+    try:
+        with _ninja_on_path():
+            return cpp_extension.load(
+                name, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build_dir)
+            )
+    except Exception as error:  # no compiler, no ninja, headers missing: keep the torch ops
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        warnings.warn(
+            f"actsteer: could not build the fused steering kernel ({first_line}); bounded "
+            "supports use plain torch ops (correct, slower). Install a C++ compiler and ninja, "
+            "or set ACTSTEER_FUSED_KERNEL=0 to silence this.",
+            stacklevel=2,
+        )
+        return None
+
+
+@contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Put the `ninja` of the PyPI package on PATH during a build if none is there."""
+    saved = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, saved])
+        except ImportError:
+            pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def fusable(a: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> bool:
+    """Whether the kernel computes this transport: a contiguous CPU tensor of a supported dtype
+    whose trailing axes are the bounds' units, with no gradient to carry."""
+    return (
+        a.device.type == "cpu"
+        and a.dtype == scale.dtype
+        and a.dtype in DTYPES
+        and a.is_contiguous()
+        and a.shape[a.ndim - lo.ndim :] == lo.shape
+        and not (a.requires_grad and torch.is_grad_enabled())
+    )
