@@ -119,7 +119,7 @@ def test_hook_output_equals_the_reference_map(
     lam = torch.linspace(0.1, 1.0, 8) * strength if per_row else strength
     calls = path.calls if path else 0
     out = hooked(amap, a, lam, support)
-    assert ran_fused(path, calls) == (path is not None and support != "all")
+    assert ran_fused(path, calls) == (path is not None)
     expected = reference(amap, a, lam, support)
     if dtype == torch.float32 and not per_row:
         assert torch.equal(expected, amap(a, strength, support)), "the reference is the map's"
@@ -141,26 +141,29 @@ def test_per_channel_map_on_feature_maps(path, spatial):
     assert torch.equal(out, expected)
 
 
-def test_conditional_half_of_a_guidance_batch(path):
-    """first_row: rows before it pass unchanged, the rest are transported."""
+@pytest.mark.parametrize("shape", [(4, 5, 32), (4, 32, 3, 3)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_conditional_half_of_a_guidance_batch(path, shape, per_row):
+    """first_row: rows before it pass unchanged, the rest are transported (with their own λ)."""
     g = torch.Generator().manual_seed(1)
     amap, _ = fitted_map(g, 32)
-    steering = Steering({"": amap}, {"method": "linear-act"})
-    handle = SteeringHandle(steering, Probe(), 0.7, "q0-100")
-    hook = handle.hooks[""]
-    a = torch.randn(4, 5, 32, generator=g) * 1.5
+    lam = torch.tensor([0.3, 0.9]) if per_row else 0.7
+    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, "q0-100")
+    a = torch.randn(*shape, generator=g) * 1.5
     with torch.inference_mode():
-        out = hook._transport(a, hook._prepared(a[2:]), first_row=2)
+        out = handle.hooks[""]._transport(a, first_row=2)
     assert ran_fused(path) == (path is not None)
     assert torch.equal(out[:2], a[:2])
-    assert torch.equal(out[2:], amap(a[2:], 0.7, "q0-100"))
+    units_last = a[2:].movedim(1, -1) if a.ndim == 4 else a[2:]
+    expected = reference(amap, units_last, lam, "q0-100")
+    assert torch.equal(out[2:], expected.movedim(-1, 1) if a.ndim == 4 else expected)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-def test_bounded_supports_use_the_fused_kernel_where_a_compiler_exists():
+def test_hooks_use_the_fused_kernel_where_a_compiler_exists():
     amap, _ = fitted_map(torch.Generator().manual_seed(2), 8)
     assert uses_kernel(amap, "q0-100")
-    assert not uses_kernel(amap, "all"), "the unbounded map is one addcmul already"
+    assert uses_kernel(amap, "all")
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):

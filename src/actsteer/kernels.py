@@ -1,11 +1,15 @@
-"""A fused CPU kernel for the bounded-support transport, built once per machine.
+"""A fused CPU kernel for the steering hook's transport, built once per machine.
 
 With a bounded support (the default q0-100) the hook computes ω̃·a + λβ inside per-unit bounds
-and keeps a outside them. As separate torch ops that is five or six passes and as many
-dispatches, several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp
-does it in one pass, bit for bit the same result. It is compiled on first use with torch's C++
-extension builder (a C++ compiler and ninja) into $ACTSTEER_CACHE/kernels and loaded from there
-afterwards. Without a compiler, or with ACTSTEER_FUSED_KERNEL=0, the hook uses the torch ops.
+and keeps a outside them. As separate torch ops that is six passes and as many dispatches,
+several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp does it in
+one pass, bit for bit the same result (support "all" passes infinite bounds). It also applies
+per-channel maps to (B, C, H, W) outputs without broadcasting and leaves the unconditional half
+of a classifier-free-guidance batch untouched without a concatenation.
+
+It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
+$ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with
+ACTSTEER_FUSED_KERNEL=0, the hook uses torch ops.
 """
 
 from __future__ import annotations
@@ -96,14 +100,13 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def fusable(a: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> bool:
-    """Whether the kernel computes this transport: a contiguous CPU tensor of a supported dtype
-    whose trailing axes are the bounds' units, with no gradient to carry."""
+def fusable(a: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the kernel can transport `a` with `scale`: a contiguous CPU tensor of a
+    supported dtype (the map's), with no gradient to carry."""
     return (
         a.device.type == "cpu"
         and a.dtype == scale.dtype
         and a.dtype in DTYPES
         and a.is_contiguous()
-        and a.shape[a.ndim - lo.ndim :] == lo.shape
         and not (a.requires_grad and torch.is_grad_enabled())
     )

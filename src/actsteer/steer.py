@@ -219,9 +219,10 @@ class _ModuleHook:
         self.device = param.device if param is not None else torch.device("cpu")
         self.dtype = param.dtype if param is not None else torch.float32
         self.bounds = amap.support(support)
-        self.kernel = (
-            fused_kernel() if self.bounds is not None and self.device.type == "cpu" else None
-        )
+        self.units = amap.omega.numel()
+        self.kernel = fused_kernel() if self.device.type == "cpu" else None
+        infinity = torch.full((self.units,), torch.inf, device=self.device, dtype=self.dtype)
+        self.unbounded = (-infinity, infinity)  # the kernel's bounds for support "all"
         self.omega_minus_one = amap.omega.to(self.device, torch.float32) - 1
         self.beta = amap.beta.to(self.device, torch.float32)
         self.prepared: dict[tuple[int, int], Prepared] = {}
@@ -287,20 +288,28 @@ class _ModuleHook:
             self.spatial[shape] = cached
         return cached
 
-    def _transport(self, a: torch.Tensor, prepared: Prepared, first_row: int = 0) -> torch.Tensor:
+    def _transport(self, a: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """ω̃·a + λβ inside the support, a outside, exactly; rows before `first_row` unchanged.
 
-        A bounded support goes through the fused kernel (actsteer.kernels) where it applies,
-        else through torch ops, where the mask is built from float ops, outside =
+        The fused kernel (actsteer.kernels) does it in one pass where it applies; otherwise
+        torch ops do, the support mask built from float ops, outside =
         |sign(a − clamp(a, lo, hi))| ∈ {0, 1}, because comparisons and `where` on bool masks run
         several times slower per element on CPU; lerp(steered, a, outside) then returns steered
         where outside = 0 and a where it is 1, both bit-exact (lerp takes the form
         end − (end − start)·(1 − w) for w ≥ 0.5).
         """
+        key = (len(a) - first_row if self.rows else 0, a.ndim)
+        prepared = self.prepared.get(key)
+        if prepared is None or a.shape[1 if a.ndim == 4 else -1] != self.units:
+            raise self._mismatch(a)
         scale, shift, bounds = prepared
-        if bounds is not None and self.kernel is not None and fusable(a, scale, bounds[0]):
-            return self.kernel.bounded_transport(a, scale, shift, *bounds, first_row)
+        if self.kernel is not None and fusable(a, scale):
+            inner = a.shape[2] * a.shape[3] if a.ndim == 4 else 1
+            lo, hi = bounds or self.unbounded
+            return self.kernel.bounded_transport(a, scale, shift, lo, hi, first_row, inner)
         part = a[first_row:] if first_row else a
+        if a.ndim == 4:
+            scale, shift, bounds = self._over_space(key, prepared, part)
         steered = torch.addcmul(shift, part, scale)
         if bounds is not None:
             lo, hi = bounds
@@ -314,7 +323,10 @@ class _ModuleHook:
                 f"the per-row strength has {self.rows} values but the batch has {a.shape[0]} "
                 "rows; give one λ per row (beam search and num_return_sequences > 1 add rows)"
             )
-        return ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
+        return ActSteerError(
+            f"cannot steer a module output of shape {tuple(a.shape)} with a map of "
+            f"{self.units} units"
+        )
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
         if self.phase is not None and self.phase.prompt != self.on_prompt:
@@ -328,23 +340,14 @@ class _ModuleHook:
             return None  # the negative prompts' encoding
         a = output[self.stream] if isinstance(output, tuple) else output
         if guidance is not None and self.denoiser and guidance.active(len(a)):
-            half = len(a) // 2  # a CFG batch: steer its conditional (second) half only
-            return self._replace(output, self._transport(a, self._prepared(a[half:]), half))
-        prepared = self._prepared(a)
+            # a CFG batch [unconditional; conditional]: steer its conditional half only
+            return self._replace(output, self._transport(a, first_row=len(a) // 2))
         if self.last_only:
             steered = a.clone()
-            steered[:, -1:] = self._transport(a[:, -1:], prepared)
+            steered[:, -1:] = self._transport(a[:, -1:])
         else:
-            steered = self._transport(a, prepared)
+            steered = self._transport(a)
         return self._replace(output, steered)
-
-    def _prepared(self, a: torch.Tensor) -> Prepared:
-        """The scale, shift and bounds for activation `a` (its rows, its layout)."""
-        key = (a.shape[0] if self.rows else 0, a.ndim)
-        prepared = self.prepared.get(key)
-        if prepared is None:
-            raise self._mismatch(a)
-        return self._over_space(key, prepared, a) if a.ndim == 4 else prepared
 
     def _replace(self, output: object, steered: torch.Tensor) -> object:
         """The module output with its steered tensor in place of the original."""
