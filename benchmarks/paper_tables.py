@@ -16,8 +16,9 @@ Parts (--parts):
   at λ = 1; ITI-c's coefficient chosen by MC1 (then MC2) on other even-fold questions never
   used for fitting. MC1/MC2 reported on a seeded subset of the odd fold, MMLU at the same λ.
 - concept: induction of concepts (support "all": target = concept sentences, source =
-  unrelated sentences), concept presence and generation perplexity over a λ grid per method,
-  plus a trade-off plot of presence vs perplexity.
+  unrelated sentences), concept presence and generation perplexity over a λ grid per method
+  (AcT up to λ = 1.5: beyond 1 by explicit extrapolation), plus a trade-off plot of presence
+  vs perplexity.
 
 Steered modules: --modules, default DEFAULT_MODULES per architecture family. Data sizes:
 --sizes (SIZES; "small" for Gemma-3-270M, "quick" is a smoke test). Every method uses its
@@ -68,9 +69,10 @@ TQA_METHODS = {
     "Mean-AcT": ("mean-act", (1.0,)),
     "Linear-AcT": ("linear-act", (1.0,)),
 }
+#: AcT's λ goes a little beyond 1 here (Steering.extrapolated), to show where induction ends.
 CONCEPT_METHODS = {
-    "Linear-AcT": ("linear-act", (0.25, 0.5, 0.75, 1.0)),
-    "Mean-AcT": ("mean-act", (0.25, 0.5, 0.75, 1.0)),
+    "Linear-AcT": ("linear-act", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)),
+    "Mean-AcT": ("mean-act", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)),
     "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0, 16.0)),
 }
 ORIGINAL = "Original"
@@ -431,9 +433,10 @@ def concept_part(run: Runner) -> str:
     for concept in run.args.concepts:
         source, target, calibration = concept_sets(concept, run.sizes.concept_fit)
         data = {"source": "unrelated sentences", "target": f"{concept} sentences"}
-        steerings, grids = run.fitted_methods(
+        fitted, grids = run.fitted_methods(
             f"concept_{concept}", CONCEPT_METHODS, source, target, data=data, support="all"
         )
+        steerings = {name: s and s.extrapolated(max(grids[name])) for name, s in fitted.items()}
         options: dict[str, Any] = {
             "concept": concept,
             "samples_per_prompt": run.sizes.concept_samples,

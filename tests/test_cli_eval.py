@@ -166,6 +166,16 @@ def test_sweep_plain_numbers_and_no_baseline(runner, steering_path, tmp_path):
     ]
 
 
+def test_sweep_beyond_the_range_only_when_asked(runner, steering_path, tmp_path):
+    out = tmp_path / "beyond.json"
+    args = ["sweep", "-t", "perplexity", "--steering", str(steering_path), "--no-baseline"]
+    args += ["--strength", "1.25", "--set", "max_tokens=64", "--out", str(out)]
+    _assert_one_line_error(runner.invoke(cli.app, args), "--extrapolate UPPER")
+    result = runner.invoke(cli.app, [*args, "--extrapolate", "1.25"])
+    assert result.exit_code == 0, result.output
+    assert [e["strength"] for e in json.loads(out.read_text())["entries"]] == [1.25]
+
+
 def test_plot_errors(runner, tmp_path):
     _assert_one_line_error(runner.invoke(cli.app, ["plot", str(tmp_path / "no.json")]), "found")
     bad = tmp_path / "bad.json"

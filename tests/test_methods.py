@@ -118,3 +118,28 @@ def test_strength_ranges(tiny_llama, tokenizer, method, strength, ok):
     else:
         with pytest.raises(actsteer.ActSteerError, match=f"outside .* of method '{method}'"):
             steering.attach(tiny_llama, strength)
+
+
+def test_extrapolation_is_explicit_and_transient(tiny_llama, tokenizer, tmp_path):
+    """λ > 1 for AcT only through `extrapolated`, which the saved artifact does not keep; the
+    transport at λ = 1.5 is the line through λ = 0 and λ = 1 continued."""
+    steering = actsteer.fit(tiny_llama, tokenizer, SOURCE, TARGET, modules=[MODULE], progress=False)
+    beyond = steering.extrapolated(1.5)
+    module = dict(tiny_llama.named_modules())[MODULE]
+    x = torch.randn(2, 3, steering.maps[MODULE].omega.numel())
+    with torch.inference_mode():
+        plain = module(x)
+        moved = {}
+        for lam in (1.0, 1.5):
+            with beyond.applied(tiny_llama, lam, support="all"):
+                moved[lam] = module(x) - plain
+    torch.testing.assert_close(moved[1.5], 1.5 * moved[1.0])
+    with pytest.raises(actsteer.ActSteerError, match="extrapolated"):
+        steering.attach(tiny_llama, 1.5)
+    with pytest.raises(actsteer.ActSteerError, match="outside \\[0, 1.5\\]"):
+        beyond.attach(tiny_llama, 1.6)
+    with pytest.raises(actsteer.ActSteerError, match="finite"):
+        steering.extrapolated(float("inf"))
+    reloaded = actsteer.Steering.load(beyond.save(tmp_path / "s.safetensors"))
+    with pytest.raises(actsteer.ActSteerError, match="outside"):
+        reloaded.attach(tiny_llama, 1.5)

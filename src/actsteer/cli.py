@@ -885,6 +885,15 @@ def sweep(
         str | None,
         typer.Option("--model", "-m", help="Model; default: the first steering's model."),
     ] = None,
+    extrapolate: Annotated[
+        float | None,
+        typer.Option(
+            "--extrapolate",
+            help="Accept λ up to this value beyond a method's range (AcT: λ > 1 pushes past "
+            "the fitted transport), e.g. to see where an induction saturates.",
+            metavar="UPPER",
+        ),
+    ] = None,
 ) -> None:
     """Run tasks × steerings × a λ grid into a resumable JSON file with one PNG per task.
 
@@ -911,6 +920,8 @@ def sweep(
     steerings: dict[str, Steering | None] = {"original": None} if baseline else {}
     if "original" in named and baseline:
         raise ActSteerError("'original' names the plain model; name the steering otherwise")
+    if extrapolate is not None:
+        named = {name: steering.extrapolated(extrapolate) for name, steering in named.items()}
     steerings.update(named)
     for steering in named.values():
         steering.check_strength(strengths)

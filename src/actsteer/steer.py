@@ -6,9 +6,10 @@ tensors prepared once per strength on the module's device and dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,12 @@ class Steering:
 
     info holds the description that travels with an artifact: method, model name and
     fingerprint, pooling, mode, data description, default strength and support.
+    max_strength (not saved) raises the method's upper λ bound: see `extrapolated`.
     """
 
     maps: dict[str, AffineMap]
     info: dict[str, Any] = field(default_factory=dict)
+    max_strength: float | None = None
 
     @property
     def method(self) -> str:
@@ -57,7 +60,18 @@ class Steering:
 
     def check_strength(self, strength: Strength) -> None:
         """Raise a clear error for a λ outside the method's range."""
-        get_method(self.method).check_strength(strength)
+        get_method(self.method).check_strength(strength, self.max_strength)
+
+    def extrapolated(self, upper: float) -> Steering:
+        """The same steering, accepting λ up to `upper` beyond its method's range.
+
+        AcT's λ interpolates between the untouched model (0) and the full transport (1);
+        λ > 1 pushes past the target distribution, which the estimate says nothing about.
+        Useful to chart where an induction saturates; not saved with the artifact.
+        """
+        if not math.isfinite(upper) or upper <= 0:
+            raise ActSteerError(f"extrapolate to a finite λ > 0, got {upper}")
+        return replace(self, max_strength=upper)
 
     def attach(
         self,

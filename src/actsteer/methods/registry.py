@@ -36,18 +36,22 @@ class Method:
         omega, beta = self.fit_omega_beta(source.float(), target.float())
         return AffineMap(omega, beta, support_bounds(source))
 
-    def check_strength(self, strength: float | torch.Tensor) -> None:
-        """Raise a clear error when λ lies outside this method's range."""
+    def check_strength(self, strength: float | torch.Tensor, upper: float | None = None) -> None:
+        """Raise a clear error when λ lies outside this method's range (its upper end raised to
+        `upper` when the caller extrapolates on purpose)."""
         if self.strength_range is None:
             return
         lo, hi = self.strength_range
+        hi = max(hi, upper) if upper is not None else hi
         values = torch.as_tensor(strength, dtype=torch.float64)
         if not torch.isfinite(values).all():
             raise ActSteerError(f"strength must be finite, got {strength}")
         if (values < lo).any() or (values > hi).any():
             raise ActSteerError(
                 f"strength {values.tolist()} is outside [{lo:g}, {hi:g}], the range of "
-                f"method {self.name!r}; pick λ in that range (0 = untouched model, 1 = full effect)"
+                f"method {self.name!r}; pick λ in that range (0 = untouched model, 1 = full "
+                "effect), or extrapolate on purpose with steering.extrapolated(UPPER) "
+                "(CLI: --extrapolate UPPER)"
             )
 
 
