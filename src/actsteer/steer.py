@@ -314,8 +314,13 @@ class _ModuleHook:
         """
         key = (len(a) - first_row if self.rows else 0, a.ndim)
         prepared = self.prepared.get(key)
-        if prepared is None or a.shape[1 if a.ndim == 4 else -1] != self.units:
+        if prepared is None:
             raise self._mismatch(a)
+        if a.shape[1 if a.ndim == 4 else -1] != self.units:
+            raise ActSteerError(
+                f"cannot steer a module output of shape {tuple(a.shape)} with a map of "
+                f"{self.units} units"
+            )
         scale, shift, bounds = prepared
         if self.kernel is not None and fusable(a, scale):
             inner = a.shape[2] * a.shape[3] if a.ndim == 4 else 1
@@ -337,10 +342,7 @@ class _ModuleHook:
                 f"the per-row strength has {self.rows} values but the batch has {a.shape[0]} "
                 "rows; give one λ per row (beam search and num_return_sequences > 1 add rows)"
             )
-        return ActSteerError(
-            f"cannot steer a module output of shape {tuple(a.shape)} with a map of "
-            f"{self.units} units"
-        )
+        return ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
         if self.phase is not None and self.phase.prompt != self.on_prompt:
