@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from actsteer import Steering, kernels
+from actsteer import ActSteerError, Steering, kernels
 from actsteer.maps import AffineMap, support_bounds
 from actsteer.steer import SteeringHandle
 
@@ -189,3 +189,9 @@ def test_the_kernel_can_be_switched_off(monkeypatch):
     assert kernels.fused_kernel() is None
     amap, _ = fitted_map(torch.Generator().manual_seed(3), 8)
     assert not uses_kernel(amap, "q0-100")
+
+
+def test_an_output_of_another_width_is_a_clear_error(path):
+    amap, _ = fitted_map(torch.Generator().manual_seed(5), 8)
+    with pytest.raises(ActSteerError, match="shape \\(2, 3, 16\\) with a map of 8 units"):
+        hooked(amap, torch.randn(2, 3, 16), 1.0, "q0-100")
