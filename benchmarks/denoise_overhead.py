@@ -3,9 +3,9 @@
 Steering: Linear-AcT on every UNet norm (`modules="unet-norms"`, 51 hooks) of the toy model
 (benchmarks/toy_t2i), fitted from "X, no pink square" to "X" on a few prompts; λ = 1, scalar.
 Variants, interleaved and rotated within every round: unsteered, steered with support q0-100
-(bounded: a multiply-add plus the support mask per hook), steered with support "all" (one
-multiply-add per hook); both steer the conditional half of classifier-free guidance (the
-library's default).
+(bounded) and with support "all" (unbounded); both steer the conditional half of
+classifier-free guidance (the library's default), through the fused kernel of
+actsteer.kernels where it can be built.
 
   hot path     one UNet call (the denoising step) on a CFG batch of 2 × batch latents, timed
                alone: per round and variant the median of --hot-reps calls (after one

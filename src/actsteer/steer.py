@@ -312,7 +312,7 @@ class _ModuleHook:
         where outside = 0 and a where it is 1, both bit-exact (lerp takes the form
         end − (end − start)·(1 − w) for w ≥ 0.5).
         """
-        key = (len(a) - first_row if self.rows else 0, a.ndim)
+        key = (a.shape[0] - first_row if self.rows else 0, a.ndim)
         prepared = self.prepared.get(key)
         if prepared is None:
             raise self._mismatch(a)
@@ -355,9 +355,9 @@ class _ModuleHook:
         ):
             return None  # the negative prompts' encoding
         a = output[self.stream] if isinstance(output, tuple) else output
-        if guidance is not None and self.denoiser and guidance.active(len(a)):
+        if guidance is not None and self.denoiser and guidance.active(a.shape[0]):
             # a CFG batch [unconditional; conditional]: steer its conditional half only
-            return self._replace(output, self._transport(a, first_row=len(a) // 2))
+            return self._replace(output, self._transport(a, first_row=a.shape[0] // 2))
         if self.last_only:
             steered = a.clone()
             steered[:, -1:] = self._transport(a[:, -1:])
