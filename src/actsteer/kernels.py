@@ -63,21 +63,22 @@ def _built_kernel() -> ModuleType | None:
     key = "\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _cpu_identity()])
     name = f"actsteer_transport_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     build_dir = cache_dir() / "kernels" / name
-    built = any(build_dir.glob(f"{name}*.so"))
-    if not built:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        log.warning("actsteer: compiling the fused steering kernel once (≈ 30 s) in %s", build_dir)
     try:
+        if not any(build_dir.glob(f"{name}*.so")):
+            build_dir.mkdir(parents=True, exist_ok=True)
+            log.warning(
+                "actsteer: compiling the fused steering kernel once (≈ 30 s) in %s", build_dir
+            )
         with _ninja_on_path():
             return cpp_extension.load(
                 name, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build_dir)
             )
-    except Exception as error:  # no compiler, no ninja, headers missing: keep the torch ops
+    except Exception as error:  # no compiler or ninja, unwritable cache: keep the torch ops
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         warnings.warn(
-            f"actsteer: could not build the fused steering kernel ({first_line}); bounded "
-            "supports use plain torch ops (correct, slower). Install a C++ compiler and ninja, "
-            "or set ACTSTEER_FUSED_KERNEL=0 to silence this.",
+            f"actsteer: could not build the fused steering kernel ({first_line}); steering "
+            "hooks use plain torch ops (same results, slower). Install a C++ compiler and "
+            "ninja, or set ACTSTEER_FUSED_KERNEL=0 to silence this.",
             stacklevel=2,
         )
         return None
