@@ -119,7 +119,7 @@ def test_hook_output_equals_the_reference_map(
     lam = torch.linspace(0.1, 1.0, 8) * strength if per_row else strength
     calls = path.calls if path else 0
     out = hooked(amap, a, lam, support)
-    assert ran_fused(path, calls) == (path is not None)
+    assert ran_fused(path, calls) == (path is not None and support != "all")
     expected = reference(amap, a, lam, support)
     if dtype == torch.float32 and not per_row:
         assert torch.equal(expected, amap(a, strength, support)), "the reference is the map's"
@@ -143,19 +143,20 @@ def test_per_channel_map_on_feature_maps(path, spatial):
 
 @pytest.mark.parametrize("shape", [(4, 5, 32), (4, 32, 3, 3)])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_conditional_half_of_a_guidance_batch(path, shape, per_row):
+@pytest.mark.parametrize("support", ["q0-100", "all"])
+def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
     """first_row: rows before it pass unchanged, the rest are transported (with their own λ)."""
     g = torch.Generator().manual_seed(1)
     amap, _ = fitted_map(g, 32)
     lam = torch.tensor([0.3, 0.9]) if per_row else 0.7
-    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, "q0-100")
+    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, support)
     a = torch.randn(*shape, generator=g) * 1.5
     with torch.inference_mode():
         out = handle.hooks[""]._transport(a, first_row=2)
     assert ran_fused(path) == (path is not None)
     assert torch.equal(out[:2], a[:2])
     units_last = a[2:].movedim(1, -1) if a.ndim == 4 else a[2:]
-    expected = reference(amap, units_last, lam, "q0-100")
+    expected = reference(amap, units_last, lam, support)
     assert torch.equal(out[2:], expected.movedim(-1, 1) if a.ndim == 4 else expected)
 
 

@@ -305,12 +305,12 @@ class _ModuleHook:
     def _transport(self, a: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """ω̃·a + λβ inside the support, a outside, exactly; rows before `first_row` unchanged.
 
-        The fused kernel (actsteer.kernels) does it in one pass where it applies; otherwise
-        torch ops do, the support mask built from float ops, outside =
-        |sign(a − clamp(a, lo, hi))| ∈ {0, 1}, because comparisons and `where` on bool masks run
-        several times slower per element on CPU; lerp(steered, a, outside) then returns steered
-        where outside = 0 and a where it is 1, both bit-exact (lerp takes the form
-        end − (end − start)·(1 − w) for w ≥ 0.5).
+        The fused kernel (actsteer.kernels) does it in one pass where that saves work (bounded
+        supports, per-channel maps, CFG halves); otherwise torch ops do, the support mask built
+        from float ops, outside = |sign(a − clamp(a, lo, hi))| ∈ {0, 1}, because comparisons
+        and `where` on bool masks run several times slower per element on CPU; lerp(steered, a,
+        outside) then returns steered where outside = 0 and a where it is 1, both bit-exact
+        (lerp takes the form end − (end − start)·(1 − w) for w ≥ 0.5).
         """
         key = (a.shape[0] - first_row if self.rows else 0, a.ndim)
         prepared = self.prepared.get(key)
@@ -322,6 +322,8 @@ class _ModuleHook:
                 f"{self.units} units"
             )
         scale, shift, bounds = prepared
+        if bounds is None and not first_row and a.ndim < 4:
+            return torch.addcmul(shift, a, scale)  # one op already: cheaper than the kernel call
         if self.kernel is not None and fusable(a, scale):
             inner = a.shape[2] * a.shape[3] if a.ndim == 4 else 1
             lo, hi = bounds or self.unbounded
