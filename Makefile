@@ -32,3 +32,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/fit_memory.py
 	$(BIN)/python benchmarks/fold_speed.py
 	$(BIN)/python benchmarks/denoise_overhead.py tests/assets/toy_t2i
+	$(BIN)/python benchmarks/unet_scale_overhead.py
