@@ -3,9 +3,9 @@
 With a bounded support (the default q0-100) the hook computes ω̃·a + λβ inside per-unit bounds
 and keeps a outside them. As separate torch ops that is six passes and as many dispatches,
 several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp does it in
-one pass, bit for bit the same result (support "all" passes infinite bounds). It also applies
-per-channel maps to (B, C, H, W) outputs without broadcasting and leaves the unconditional half
-of a classifier-free-guidance batch untouched without a concatenation.
+one pass, bit for bit the same result. It also applies per-channel maps to (B, C, H, W) outputs
+without broadcasting and leaves the unconditional half of a classifier-free-guidance batch
+untouched without a concatenation (for these, support "all" passes infinite bounds).
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
 $ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with
