@@ -48,12 +48,12 @@ def ran_fused(path: CountingKernel | None, before: int = 0) -> bool:
     return path is not None and path.calls > before
 
 
-def fitted_map(g: torch.Generator, width: int) -> tuple[AffineMap, torch.Tensor]:
+def fitted_map(g: torch.Generator, width: int) -> AffineMap:
     """A map with random ω, β and the supports of 200 random source samples."""
     source = torch.randn(200, width, generator=g)
     amap = AffineMap(torch.rand(width, generator=g) + 0.5, torch.randn(width, generator=g))
     amap.bounds = support_bounds(source)
-    return amap, source
+    return amap
 
 
 class Probe(nn.Module):
@@ -111,7 +111,7 @@ def test_hook_output_equals_the_reference_map(
     path, seed, tokens, strength, support, dtype, per_row
 ):
     g = torch.Generator().manual_seed(seed)
-    amap, _ = fitted_map(g, 256)
+    amap = fitted_map(g, 256)
     a = torch.randn(8, tokens, 256, generator=g) * 1.5  # some outside the source range
     a[0, 0, :4] = amap.bounds["q0-100"][0][:4]  # exactly on the bounds: inside
     a[0, 0, 4:8] = amap.bounds["q0-100"][1][4:8]
@@ -132,7 +132,7 @@ def test_hook_output_equals_the_reference_map(
 def test_per_channel_map_on_feature_maps(path, spatial):
     """A (B, C, H, W) output: one map per channel, the same arithmetic at every pixel."""
     g = torch.Generator().manual_seed(0)
-    amap, _ = fitted_map(g, 16)
+    amap = fitted_map(g, 16)
     a = torch.randn(3, 16, *spatial, generator=g) * 1.5
     lam = torch.tensor([0.0, 0.5, 1.0])
     out = hooked(amap, a, lam, "q0-100")
@@ -147,7 +147,7 @@ def test_per_channel_map_on_feature_maps(path, spatial):
 def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
     """first_row: rows before it pass unchanged, the rest are transported (with their own λ)."""
     g = torch.Generator().manual_seed(1)
-    amap, _ = fitted_map(g, 32)
+    amap = fitted_map(g, 32)
     lam = torch.tensor([0.3, 0.9]) if per_row else 0.7
     handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, support)
     a = torch.randn(*shape, generator=g) * 1.5
@@ -162,7 +162,7 @@ def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 def test_hooks_use_the_fused_kernel_where_a_compiler_exists():
-    amap, _ = fitted_map(torch.Generator().manual_seed(2), 8)
+    amap = fitted_map(torch.Generator().manual_seed(2), 8)
     assert uses_kernel(amap, "q0-100")
     assert uses_kernel(amap, "all")
 
@@ -179,7 +179,7 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     try:
         with pytest.warns(UserWarning, match="could not build the fused steering kernel"):
             assert kernels.fused_kernel() is None
-        amap, _ = fitted_map(torch.Generator().manual_seed(4), 8)
+        amap = fitted_map(torch.Generator().manual_seed(4), 8)
         assert not uses_kernel(amap, "q0-100"), "the hook keeps the torch ops"
     finally:
         kernels._built_kernel.cache_clear()
@@ -188,11 +188,11 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("ACTSTEER_FUSED_KERNEL", "0")
     assert kernels.fused_kernel() is None
-    amap, _ = fitted_map(torch.Generator().manual_seed(3), 8)
+    amap = fitted_map(torch.Generator().manual_seed(3), 8)
     assert not uses_kernel(amap, "q0-100")
 
 
 def test_an_output_of_another_width_is_a_clear_error(path):
-    amap, _ = fitted_map(torch.Generator().manual_seed(5), 8)
+    amap = fitted_map(torch.Generator().manual_seed(5), 8)
     with pytest.raises(ActSteerError, match="shape \\(2, 3, 16\\) with a map of 8 units"):
         hooked(amap, torch.randn(2, 3, 16), 1.0, "q0-100")
