@@ -8,9 +8,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 
@@ -178,3 +181,17 @@ def contention() -> str:
         f"{max(BUSY_LOG):.0%}) of the 2 cores when a measurement started; "
         f"{quiet}/{len(BUSY_LOG)} measurements started quiet (≤ 15%)"
     )
+
+
+@contextmanager
+def variant(steering: Any, model: Any, name: str) -> Iterator[Any]:
+    """A model or pipeline as one benchmark variant: "unsteered" (no hooks, yields None), a
+    support name ("q0-100", "all": steered at λ = 1, yields the SteeringHandle), or a support
+    followed by " torch ops" (the same with the fused kernel switched off)."""
+    if name == "unsteered":
+        yield None
+        return
+    support, *torch_ops = name.split(" ", 1)
+    switch = {"ACTSTEER_FUSED_KERNEL": "0"} if torch_ops else {}
+    with mock.patch.dict(os.environ, switch), steering.applied(model, 1.0, support) as handle:
+        yield handle

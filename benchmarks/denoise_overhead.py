@@ -24,12 +24,20 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import begin, contention, fmt_spread, rotated, table, throughput_ratios, wait_for_quiet
+from _common import (
+    begin,
+    contention,
+    fmt_spread,
+    rotated,
+    table,
+    throughput_ratios,
+    variant,
+    wait_for_quiet,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,16 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hot-rounds", type=int, default=8, help="hot-path rounds")
     parser.add_argument("--hot-reps", type=int, default=15, help="calls per variant per round")
     return parser.parse_args(argv)
-
-
-@contextmanager
-def variant(steering: actsteer.Steering, pipe: object, name: str) -> Iterator[None]:
-    """The pipeline as one variant: no hooks, or steered at λ = 1 with the named support."""
-    if name == "unsteered":
-        yield
-        return
-    with steering.applied(pipe, strength=1.0, support=name):
-        yield
 
 
 def prompts(batch: int) -> list[str]:

@@ -20,11 +20,9 @@ the median over rounds is reported with min–max.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from _common import (
     rotated,
     table,
     throughput_ratios,
+    variant,
     wait_for_quiet,
 )
 
@@ -58,36 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hot-reps", type=int, default=6, help="repetitions per hot round")
     parser.add_argument("--hook-calls", type=int, default=3000, help="calls per hook timing")
     return parser.parse_args(argv)
-
-
-@contextmanager
-def variant(steering: actsteer.Steering, model: torch.nn.Module, name: str) -> Iterator[Any]:
-    """The model as one variant: no hooks (None), or steered at λ=1 with the named support
-    (its SteeringHandle)."""
-    if name == "unsteered":
-        yield None
-        return
-    support, *path = name.split(" ", 1)
-    with (
-        kernel_switched_off(bool(path)),
-        steering.applied(model, strength=1.0, support=support) as handle,
-    ):
-        yield handle
-
-
-@contextmanager
-def kernel_switched_off(off: bool) -> Iterator[None]:
-    """ACTSTEER_FUSED_KERNEL=0 while hooks are attached (they pick their path then)."""
-    saved = os.environ.get("ACTSTEER_FUSED_KERNEL")
-    if off:
-        os.environ["ACTSTEER_FUSED_KERNEL"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("ACTSTEER_FUSED_KERNEL", None)
-        else:
-            os.environ["ACTSTEER_FUSED_KERNEL"] = saved
 
 
 def prompts(tok: Any, batch_size: int) -> dict[str, torch.Tensor]:

@@ -20,11 +20,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from _common import begin, contention, fmt_spread, rotated, table, throughput_ratios, wait_for_quiet
+from _common import (
+    begin,
+    contention,
+    fmt_spread,
+    rotated,
+    table,
+    throughput_ratios,
+    variant,
+    wait_for_quiet,
+)
 from diffusers import UNet2DConditionModel
 from torch import nn
 
@@ -68,15 +75,6 @@ def random_steering(unet: nn.Module) -> Steering:
             amap.bounds = support_bounds(torch.randn(256, width, generator=g))
             maps[name] = amap
     return Steering(maps, {"method": "linear-act"})
-
-
-@contextmanager
-def variant(steering: Steering, unet: nn.Module, name: str) -> Iterator[None]:
-    if name == "unsteered":
-        yield
-        return
-    with steering.applied(unet, 1.0, support=name):
-        yield
 
 
 def main(argv: list[str] | None = None) -> None:
