@@ -7,7 +7,7 @@ actsteer.kernels), steered with support "all", and q0-100 with the kernel switch
 (ACTSTEER_FUSED_KERNEL=0: the torch-ops path, for comparison).
 
   end to end   greedy `model.generate`, forced to exactly --new-tokens tokens, tokens/s
-  hot path     one cached decode step (single-token forward with past_key_values) and one
+  hot path     one cached decode step (single-token forward on a KV cache) and one
                prompt forward, timed alone, many repetitions
   hook         the hook alone on one norm module, split into its parts (where the time goes)
 
@@ -39,6 +39,7 @@ from _common import (
 )
 
 import actsteer
+from actsteer.models import cache_keyword
 
 VARIANTS = ("unsteered", "q0-100", "all", "q0-100 torch ops")
 SUPPORTS = ("q0-100", "all")  # the variants the target applies to
@@ -117,12 +118,13 @@ def hot_path(
         enc = prompts(tok, b)
         with torch.inference_mode():
             out = model(**enc, use_cache=True)
-        cache = out.past_key_values
+        keyword = cache_keyword(model)
+        cache = getattr(out, keyword)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([enc["attention_mask"], torch.ones(b, 1, dtype=torch.long)], dim=1)
 
-        def decode(token=token, mask=mask, cache=cache) -> None:
-            model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        def decode(token=token, mask=mask, cache=cache, keyword=keyword) -> None:
+            model(input_ids=token, attention_mask=mask, use_cache=True, **{keyword: cache})
             cache.crop(-1)  # back to the prompt: every call does the same work
 
         calls[f"decode step, batch {b}"] = decode

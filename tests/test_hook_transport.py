@@ -19,15 +19,19 @@ PATHS = ["fused", "torch-ops"]
 
 
 class CountingKernel:
-    """The fused kernel, counting its calls (so a test knows which path ran)."""
+    """The fused kernel, counting the calls it served (so a test knows which path ran) and
+    those it declined (returned None for)."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.calls = 0
+        self.declined = 0
 
-    def bounded_transport(self, *args):
-        self.calls += 1
-        return self.kernel.bounded_transport(*args)
+    def transport(self, *args):
+        out = self.kernel.transport(*args)
+        self.calls += out is not None
+        self.declined += out is None
+        return out
 
 
 @pytest.fixture(params=PATHS)
@@ -119,7 +123,7 @@ def test_hook_output_equals_the_reference_map(
     lam = torch.linspace(0.1, 1.0, 8) * strength if per_row else strength
     calls = path.calls if path else 0
     out = hooked(amap, a, lam, support)
-    assert ran_fused(path, calls) == (path is not None and support != "all")
+    assert ran_fused(path, calls) == (path is not None)
     expected = reference(amap, a, lam, support)
     if dtype == torch.float32 and not per_row:
         assert torch.equal(expected, amap(a, strength, support)), "the reference is the map's"
@@ -196,3 +200,25 @@ def test_an_output_of_another_width_is_a_clear_error(path):
     amap = fitted_map(torch.Generator().manual_seed(5), 8)
     with pytest.raises(ActSteerError, match="shape \\(2, 3, 16\\) with a map of 8 units"):
         hooked(amap, torch.randn(2, 3, 16), 1.0, "q0-100")
+
+
+@pytest.mark.parametrize("case", ["non-contiguous", "gradient"])
+def test_outputs_the_kernel_declines_take_the_torch_ops(path, case):
+    """A transposed output, or one carrying a gradient: same result through torch ops."""
+    g = torch.Generator().manual_seed(6)
+    amap = fitted_map(g, 16)
+    steering = Steering({"": amap}, {"method": "linear-act"})
+    a = torch.randn(16, 4, 2, generator=g).transpose(0, 2) * 1.5  # (2, 4, 16), not contiguous
+    if case == "gradient":
+        a = a.contiguous().requires_grad_()
+    module = Probe()
+    with steering.applied(module, 0.8, "q0-100"):
+        out = module(a)
+    assert not ran_fused(path)
+    assert path is None or path.declined == 2, "declined on the fast path and the general one"
+    assert torch.equal(out.detach(), reference(amap, a.detach(), 0.8, "q0-100"))
+    if case == "gradient":
+        out.sum().backward()
+        moved = reference(amap, a.detach(), 0.8, "q0-100") != a.detach()
+        scale = 1 + 0.8 * (amap.omega - 1)
+        assert torch.allclose(a.grad, torch.where(moved, scale, torch.ones(()))), "dout/da = ω̃"

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import actsteer
 from actsteer import Steering, steered
 from actsteer.maps import AffineMap
+from actsteer.models import cache_keyword
 
 TEXTS_A = [f"a calm sentence about the garden, number {i}" for i in range(8)]
 TEXTS_B = [f"an angry sentence about the traffic jam, number {i}" for i in range(8)]
@@ -35,14 +36,14 @@ def decode_step_logits(model, tok, steering=None, **apply) -> torch.Tensor:
     """One cached decoding step after an unsteered prompt pass."""
     enc = tok(PROMPT, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        model(**enc, past_key_values=cache, use_cache=True)
+        cache = {cache_keyword(model): DynamicCache(config=model.config)}
+        model(**enc, **cache, use_cache=True)
         step = torch.full((len(PROMPT), 1), 42)
         mask = torch.cat([enc["attention_mask"], torch.ones(len(PROMPT), 1, dtype=torch.long)], 1)
         if steering is None:
-            return model(input_ids=step, attention_mask=mask, past_key_values=cache).logits
+            return model(input_ids=step, attention_mask=mask, **cache).logits
         with steering.applied(model, **apply):
-            return model(input_ids=step, attention_mask=mask, past_key_values=cache).logits
+            return model(input_ids=step, attention_mask=mask, **cache).logits
 
 
 def test_prompt_positions_steer_only_the_prompt_pass(tiny_llama, tokenizer, steering):
@@ -85,16 +86,26 @@ def test_last_position_leaves_earlier_tokens_alone(tiny_llama, tokenizer, steeri
 
 
 def test_positions_work_inside_generate(tiny_llama, tokenizer, steering):
+    """generate's prompt pass and its cached steps are told apart (the cache reaches the model
+    as `cache` in newer transformers, `past_key_values` in older ones)."""
     enc = tokenizer(PROMPT, return_tensors="pt", padding=True)
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     with torch.inference_mode():
-        plain = tiny_llama.generate(**enc, **kwargs)
-        outs = {}
-        for positions in ("all", "prompt", "generated", "last"):
+        plain = tiny_llama.generate(**enc, **kwargs).scores
+        scores = {}
+        for positions in ("all", "prompt", "generated"):
             with steering.applied(tiny_llama, 1.0, positions=positions):
-                outs[positions] = tiny_llama.generate(**enc, **kwargs)
-    assert all(o.shape == plain.shape for o in outs.values())
-    assert not torch.equal(outs["all"], plain)
+                scores[positions] = tiny_llama.generate(**enc, **kwargs).scores
+    assert not torch.allclose(scores["all"][0], plain[0])
+    assert torch.equal(scores["prompt"][0], scores["all"][0]), "prompt pass steered"
+    assert torch.equal(scores["generated"][0], plain[0]), "prompt pass left alone"
+    assert not torch.allclose(scores["generated"][1], plain[1]), "cached steps steered"
 
 
 def test_unknown_positions_is_a_clear_error(tiny_llama, steering):

@@ -5,7 +5,10 @@ and keeps a outside them. As separate torch ops that is six passes and as many d
 several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp does it in
 one pass, bit for bit the same result. It also applies per-channel maps to (B, C, H, W) outputs
 without broadcasting and leaves the unconditional half of a classifier-free-guidance batch
-untouched without a concatenation (for these, support "all" passes infinite bounds).
+untouched without a concatenation. Support "all" passes infinite bounds: one call costs about
+what a single torch.addcmul does. The kernel returns None for what it does not handle (other
+devices or dtypes, non-contiguous outputs, a gradient to carry, shapes that do not fit), and
+the hook then uses torch ops.
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
 $ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with
@@ -32,7 +35,6 @@ from actsteer.models import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "transport.cpp"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +101,3 @@ def _ninja_on_path() -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = saved
-
-
-def fusable(a: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the kernel can transport `a` with `scale`: a contiguous CPU tensor of a
-    supported dtype (the map's), with no gradient to carry."""
-    return (
-        a.device.type == "cpu"
-        and a.dtype == scale.dtype
-        and a.dtype in DTYPES
-        and a.is_contiguous()
-        and not (a.requires_grad and torch.is_grad_enabled())
-    )

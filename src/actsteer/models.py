@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from actsteer.errors import ActSteerError
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword (and output field) of a causal LM's KV cache: `cache` since
+    transformers 5.x renamed it, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)

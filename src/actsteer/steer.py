@@ -7,7 +7,7 @@ tensors prepared once per strength on the module's device and dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -19,7 +19,7 @@ from torch import nn
 
 from actsteer.capture import stream_index
 from actsteer.errors import ActSteerError
-from actsteer.kernels import fusable, fused_kernel
+from actsteer.kernels import fused_kernel
 from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import get_method
 
@@ -144,7 +144,7 @@ class _PassPhase:
         self.prompt = True
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # newer, older transformers
         if cache is None:
             self.prompt = True
         elif hasattr(cache, "get_seq_length"):
@@ -251,6 +251,9 @@ class _ModuleHook:
         self.last_only = positions == "last"
         self.phase = phase
         self.on_prompt = positions == "prompt"
+        # plain: every position of a tensor output, always (no pass phase, no CFG half)
+        self.plain = phase is None and guidance is None and not self.last_only
+        self.fast: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
@@ -279,6 +282,11 @@ class _ModuleHook:
             for rows, lam_rows in variants.items()
             for ndim in (2, 3, 4)
         }
+        self.fast = None
+        if self.kernel is not None and self.plain:  # the kernel with its parameters bound
+            scale, shift, bounds = self.prepared[(self.rows, 3)]
+            lo, hi = bounds or self.unbounded
+            self.fast = partial(self.kernel.transport, scale, shift, lo, hi, 0)
 
     def _over_space(self, key: tuple[int, int], prepared: Prepared, a: torch.Tensor) -> Prepared:
         """Per-channel tensors (…, C, 1, 1) expanded to (…, C, H, W), once per shape.
@@ -305,8 +313,8 @@ class _ModuleHook:
     def _transport(self, a: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """ω̃·a + λβ inside the support, a outside, exactly; rows before `first_row` unchanged.
 
-        The fused kernel (actsteer.kernels) does it in one pass where that saves work (bounded
-        supports, per-channel maps, CFG halves); otherwise torch ops do, the support mask built
+        The fused kernel (actsteer.kernels) does it in one pass where it applies; otherwise
+        torch ops do (and raise the errors for outputs that do not fit), the support mask built
         from float ops, outside = |sign(a − clamp(a, lo, hi))| ∈ {0, 1}, because comparisons
         and `where` on bool masks run several times slower per element on CPU; lerp(steered, a,
         outside) then returns steered where outside = 0 and a where it is 1, both bit-exact
@@ -322,12 +330,11 @@ class _ModuleHook:
                 f"{self.units} units"
             )
         scale, shift, bounds = prepared
-        if bounds is None and not first_row and a.ndim < 4:
-            return torch.addcmul(shift, a, scale)  # one op already: cheaper than the kernel call
-        if self.kernel is not None and fusable(a, scale):
-            inner = a.shape[2] * a.shape[3] if a.ndim == 4 else 1
+        if self.kernel is not None:
             lo, hi = bounds or self.unbounded
-            return self.kernel.bounded_transport(a, scale, shift, lo, hi, first_row, inner)
+            steered = self.kernel.transport(scale, shift, lo, hi, first_row, a)
+            if steered is not None:
+                return steered
         part = a[first_row:] if first_row else a
         if a.ndim == 4:
             scale, shift, bounds = self._over_space(key, prepared, part)
@@ -347,6 +354,10 @@ class _ModuleHook:
         return ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
+        if self.fast is not None and isinstance(output, torch.Tensor):
+            steered = self.fast(output)  # the common case in as little Python as possible
+            if steered is not None:
+                return steered
         if self.phase is not None and self.phase.prompt != self.on_prompt:
             return None
         guidance = self.guidance

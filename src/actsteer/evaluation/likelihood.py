@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
+from actsteer.models import cache_keyword
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -63,11 +64,12 @@ def batched_logits(
     pad = _pad_id(tokenizer)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    keyword = cache_keyword(model)
     with torch.inference_mode():
         cache, prefix_logits = None, None
         if prefix:
             out = model(torch.tensor([list(prefix)], device=device), use_cache=True)
-            cache, prefix_logits = out.past_key_values, out.logits[0, -1].float()
+            cache, prefix_logits = getattr(out, keyword), out.logits[0, -1].float()
         n_prefix = len(prefix)
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             width = max(len(rows[i]) for i in batch)
@@ -83,7 +85,7 @@ def batched_logits(
             if cache is not None:
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(batch))
-                kwargs["past_key_values"] = batch_cache
+                kwargs[keyword] = batch_cache
             positions = torch.arange(n_prefix, n_prefix + width).expand(len(batch), width)
             logits = model(
                 input_ids=ids.to(device),
