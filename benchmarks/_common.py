@@ -17,6 +17,8 @@ from unittest import mock
 
 import torch
 
+from actsteer.diffusion import module_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("ACTSTEER_BENCH_DATA", "/work/shared/data/toxicity_fit"))
 THREADS = 2
@@ -185,11 +187,22 @@ def contention() -> str:
 
 @contextmanager
 def variant(steering: Any, model: Any, name: str) -> Iterator[Any]:
-    """A model or pipeline as one benchmark variant: "unsteered" (no hooks, yields None), a
-    support name ("q0-100", "all": steered at λ = 1, yields the SteeringHandle), or a support
-    followed by " torch ops" (the same with the fused kernel switched off)."""
+    """A model or pipeline as one benchmark variant: "unsteered" (no hooks, yields None),
+    "empty hooks" (a forward hook that does nothing on each module the steering would hook:
+    the floor of any hook-based method), a support name ("q0-100", "all": steered at λ = 1,
+    yields the SteeringHandle), or a support followed by " torch ops" (the same with the fused
+    kernel switched off)."""
     if name == "unsteered":
         yield None
+        return
+    if name == "empty hooks":
+        modules = dict(module_tree(model).named_modules())
+        handles = [modules[m].register_forward_hook(lambda *_: None) for m in steering.maps]
+        try:
+            yield None
+        finally:
+            for handle in handles:
+                handle.remove()
         return
     support, *torch_ops = name.split(" ", 1)
     switch = {"ACTSTEER_FUSED_KERNEL": "0"} if torch_ops else {}

@@ -165,14 +165,13 @@ class _GuidanceState:
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self.has_flag = hasattr(type(pipeline), "do_classifier_free_guidance")
+        self.flag = False  # the pipeline's flag, read once per denoiser call
         self.text_calls: dict[str, int] = {}
         self.prompt_rows = 0
 
     def active(self, batch: int) -> bool:
         """Whether a denoiser batch of `batch` rows holds [unconditional; conditional] halves."""
-        if self.has_flag:
-            return bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
-        return batch == 2 * self.prompt_rows
+        return self.flag if self.has_flag else batch == 2 * self.prompt_rows
 
     def pre_hooks(self, tree: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Count text-encoder calls; a denoiser call starts a new count."""
@@ -194,6 +193,8 @@ class _GuidanceState:
 
     def _reset(self, *_: object) -> None:
         self.text_calls = dict.fromkeys(self.text_calls, 0)
+        if self.has_flag:
+            self.flag = bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
 
 
 #: Pipeline components that denoise (their batch holds both CFG halves).
