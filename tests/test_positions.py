@@ -99,13 +99,15 @@ def test_positions_work_inside_generate(tiny_llama, tokenizer, steering):
     with torch.inference_mode():
         plain = tiny_llama.generate(**enc, **kwargs).scores
         scores = {}
-        for positions in ("all", "prompt", "generated"):
+        for positions in ("all", "prompt", "generated", "last"):
             with steering.applied(tiny_llama, 1.0, positions=positions):
                 scores[positions] = tiny_llama.generate(**enc, **kwargs).scores
+    assert all(len(s) == len(plain) for s in scores.values())
     assert not torch.allclose(scores["all"][0], plain[0])
     assert torch.equal(scores["prompt"][0], scores["all"][0]), "prompt pass steered"
     assert torch.equal(scores["generated"][0], plain[0]), "prompt pass left alone"
     assert not torch.allclose(scores["generated"][1], plain[1]), "cached steps steered"
+    assert not torch.allclose(scores["last"][0], plain[0]), "the last token steered"
 
 
 def test_unknown_positions_is_a_clear_error(tiny_llama, steering):

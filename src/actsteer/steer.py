@@ -287,7 +287,7 @@ class _ModuleHook:
         if self.kernel is not None and self.plain:  # the kernel with its parameters bound
             scale, shift, bounds = self.prepared[(self.rows, 3)]
             lo, hi = bounds or self.unbounded
-            self.fast = partial(self.kernel.transport, scale, shift, lo, hi, 0)
+            self.fast = partial(self.kernel.transport, scale, shift, lo, hi, self.rows, 0)
 
     def _over_space(self, key: tuple[int, int], prepared: Prepared, a: torch.Tensor) -> Prepared:
         """Per-channel tensors (…, C, 1, 1) expanded to (…, C, H, W), once per shape.
@@ -333,7 +333,7 @@ class _ModuleHook:
         scale, shift, bounds = prepared
         if self.kernel is not None:
             lo, hi = bounds or self.unbounded
-            steered = self.kernel.transport(scale, shift, lo, hi, first_row, a)
+            steered = self.kernel.transport(scale, shift, lo, hi, key[0], first_row, a)
             if steered is not None:
                 return steered
         part = a[first_row:] if first_row else a

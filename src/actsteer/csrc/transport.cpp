@@ -1,10 +1,11 @@
-// The steering hook's bounded-support transport as one CPU pass (see actsteer/kernels.py):
+// The steering hook's transport as one CPU pass (see actsteer/kernels.py):
 // out = fma(a, scale, shift) where lo <= a <= hi, a elsewhere, and rows before `first_row`
 // copied unchanged (the unconditional half of a classifier-free-guidance batch).
 //
-// `lo` and `hi` hold one value per unit; `scale` and `shift` the same units once (shared) or
-// once per steered batch row (per-row strength). The affine part rounds once (fma in the
-// dtype's math type), as torch.addcmul does on CPU. An unbounded support passes ±inf bounds.
+// `lo` and `hi` hold one value per unit; `scale` and `shift` the same units once (shared,
+// rows = 0) or once per steered batch row (per-row strength, rows = the steered rows). The
+// affine part rounds once (fma in the dtype's math type), as torch.addcmul does on CPU. An
+// unbounded support passes ±inf bounds.
 #include <torch/extension.h>
 
 #include <ATen/EmptyTensor.h>
@@ -52,16 +53,16 @@ __attribute__((noinline)) void transport_channel(const T* __restrict__ a, T scal
 }  // namespace
 
 // The transport of `a`, or None where this kernel does not apply and the caller uses torch ops
-// (also to raise its errors): a not a contiguous CPU tensor of the parameters' floating dtype,
-// a gradient to carry, a unit count other than the map's, or parameters for another number of
-// rows. Units lie on axis 1 of a 4-D a (a per-channel map over H×W), on the last axis otherwise.
-// Rows before first_row are copied unchanged. `a` comes last so that Python can bind the
-// parameters once (functools.partial) and the hook passes only the activation.
+// (also to raise its errors): a not a 2-, 3- or 4-D contiguous CPU tensor of the parameters'
+// floating dtype, a gradient to carry, a unit count other than the map's, or per-row
+// parameters for another number of rows. Units lie on axis 1 of a 4-D a (a per-channel map
+// over H×W), on the last axis otherwise. Rows before first_row are copied unchanged. `a` comes
+// last so that Python can bind the parameters once (functools.partial) and pass only `a`.
 std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::Tensor& shift,
                                        const torch::Tensor& lo, const torch::Tensor& hi,
-                                       int64_t first_row, const torch::Tensor& a) {
+                                       int64_t rows, int64_t first_row, const torch::Tensor& a) {
   const auto dtype = a.scalar_type();
-  if (a.dim() < 2 || !a.device().is_cpu() || !a.is_contiguous() ||
+  if (a.dim() < 2 || a.dim() > 4 || !a.device().is_cpu() || !a.is_contiguous() ||
       (a.requires_grad() && at::GradMode::is_enabled()) ||
       !(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
         dtype == at::kBFloat16)) {
@@ -79,9 +80,9 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
       batch == 0 || first_row < 0 || first_row >= batch) {
     return std::nullopt;
   }
-  const int64_t steered = batch - first_row;
-  const bool per_row = scale.numel() != units;
-  if (shift.numel() != scale.numel() || (per_row && scale.numel() != steered * units)) {
+  const bool per_row = rows > 0;
+  if ((per_row && batch - first_row != rows) || scale.numel() != (per_row ? rows : 1) * units ||
+      shift.numel() != scale.numel()) {
     return std::nullopt;
   }
   const int64_t inner = channels ? a.size(2) * a.size(3) : 1;
