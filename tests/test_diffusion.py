@@ -158,6 +158,30 @@ def test_conditional_cfg_steers_only_the_conditional_half(sd_pipe, sd_steering):
         sd_steering.attach(sd_pipe, cfg="uncond")
 
 
+def test_guidance_is_read_per_call(sd_pipe, sd_steering):
+    """A run without guidance after one with it, under the same hooks: every row is steered."""
+    n, seen = 2, []
+    handle = sd_pipe.unet.register_forward_hook(lambda m, a, o: seen.append(o[0].clone()))
+    run = dict(num_inference_steps=2, height=8, width=8)
+
+    def generate(guidance_scale: float) -> torch.Tensor:
+        seen.clear()
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        sd_pipe(SOURCE[:n], guidance_scale=guidance_scale, generator=gens, **run)
+        return seen[0]
+
+    try:
+        with torch.inference_mode():
+            plain = generate(1.0)
+            with sd_steering.applied(sd_pipe, 1.0):
+                generate(4.0)
+                steered = generate(1.0)
+    finally:
+        handle.remove()
+    assert steered.shape[0] == n, "no CFG batch"
+    assert all((steered[i] - plain[i]).abs().max() > 1e-4 for i in range(n))
+
+
 def test_conditional_cfg_steers_the_prompt_encoding_only(sd_pipe):
     steering = actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, modules="text-encoder",
                             pipeline_options=RUN, progress=False)  # fmt: skip
