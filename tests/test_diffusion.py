@@ -281,3 +281,28 @@ def test_per_channel_hook_equals_the_reference_map(channels, side, support):
         lam = strength.view(-1, 1, 1, 1) if isinstance(strength, torch.Tensor) else strength
         expected = amap(a.movedim(1, -1), lam, support).movedim(-1, 1)
         torch.testing.assert_close(hooked, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_folding_into_unet_norms_equals_hooks_on_both_halves(sd_pipe, sd_steering):
+    """GroupNorm and LayerNorm maps fold into γ and δ: the folded pipeline renders what the
+    hooks render with cfg="both", with no hooks."""
+    import copy
+
+    folded = sd_steering.fold(copy.deepcopy(sd_pipe), strength=0.7, support="all")
+    kinds = {type(sd_pipe.components["unet"].get_submodule(n.split(".", 1)[1])).__name__
+             for n in sd_steering.maps}  # fmt: skip
+    assert {"GroupNorm", "LayerNorm"} <= kinds
+
+    def render(pipe) -> np.ndarray:
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return pipe(SOURCE[:2], num_inference_steps=4, guidance_scale=4.0, height=8, width=8,
+                    generator=gens, output_type="np").images  # fmt: skip
+
+    with torch.inference_mode():
+        plain = render(sd_pipe)
+        with sd_steering.applied(sd_pipe, 0.7, "all", cfg="both"):
+            hooked = render(sd_pipe)
+        without_hooks = render(folded)
+    assert np.abs(hooked - plain).max() > 1e-3
+    np.testing.assert_allclose(without_hooks, hooked, atol=1e-4)
+    assert not any(m._forward_hooks for m in folded.unet.modules())

@@ -3,7 +3,8 @@
 With support "all" and a fixed λ the map T_λ(a) = ω̃ ⊙ a + c (ω̃ = 1 + λ(ω − 1), c = λβ) is
 affine, so it folds into the module that produced `a`:
 
-- LayerNorm with bias: γ' = ω̃γ, δ' = ω̃δ + c.
+- LayerNorm with bias, and GroupNorm (a diffusers UNet's norms, one map per channel):
+  γ' = ω̃γ, δ' = ω̃δ + c.
 - Linear (or GPT-2's Conv1D) output: W' = diag(ω̃)W, b' = ω̃b + c.
 - RMSNorm: the scale takes ω̃ (γ' = ω̃γ, or for Gemma's (1 + γ) form γ' = ω̃(1 + γ) − 1); the
   shift c moves into the biases of the Linear layers reading the norm, since W(h + c) = Wh + Wc.
@@ -11,7 +12,9 @@ affine, so it folds into the module that produced `a`:
   (attention_bias, mlp_bias) is set and zero biases are added wherever that flag adds them.
 
 The folded model runs at the plain model's speed; `export` writes it as a checkpoint that stock
-`transformers` (and any engine that reads its checkpoints) loads without actsteer.
+`transformers` (and any engine that reads its checkpoints) loads without actsteer. A diffusers
+pipeline folds too: its components are edited in place, so both halves of a classifier-free-
+guidance batch and the negative prompts' encoding are steered (hooks with `cfg="both"`).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def _norm_readers(model: nn.Module, name: str) -> list[str]:
 def fold(
     steering: Steering, model: nn.Module, strength: float = 1.0, support: str | None = None
 ) -> nn.Module:
-    """Edit `model`'s weights in place so it computes the steered model; returns it.
+    """Edit the weights of `model` (a causal LM or a diffusers pipeline) in place so it computes
+    the steered model; returns it.
 
     Only the unbounded support "all" is affine and folds exactly: pass support="all" when the
     steering's default support is bounded.
@@ -111,18 +115,25 @@ def fold(
         raise ActSteerError("folding takes one number as strength, not a per-row tensor")
     steering.check_strength(strength)
     from actsteer.artifact import check_compatible
+    from actsteer.diffusion import is_pipeline, module_tree
 
-    check_compatible(steering, model)
-    lookup = dict(model.named_modules())
-    gemma = model_family(model) == "gemma"
+    tree = module_tree(model)
+    check_compatible(steering, tree)
+    lookup = dict(tree.named_modules())
+    gemma = not is_pipeline(model) and model_family(model) == "gemma"
     # Norms first: their shifts land in reader biases that the readers' own maps then scale.
     order = sorted(steering.maps, key=lambda n: not _is_rms_norm(lookup[n]))
     with torch.no_grad():
         for name in order:
             module, amap = lookup[name], steering.maps[name]
+            if getattr(module, "weight", None) is None:
+                raise ActSteerError(
+                    f"cannot fold into {name!r} ({type(module).__name__}): it has no weights; "
+                    "keep the steering as hooks for this module"
+                )
             scale = (1 + strength * (amap.omega - 1)).to(module.weight.device, torch.float64)
             shift = (strength * amap.beta).to(module.weight.device, torch.float64)
-            _fold_one(model, name, module, scale, shift, gemma)
+            _fold_one(tree, name, module, scale, shift, gemma)
     return model
 
 
@@ -135,11 +146,11 @@ def _fold_one(
     gemma: bool,
 ) -> None:
     weight = module.weight
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, nn.LayerNorm | nn.GroupNorm):
         weight.data = (scale * weight.double()).to(weight.dtype)
         if module.bias is None:
             if shift.any():
-                raise ActSteerError(f"LayerNorm {name!r} has no bias to fold the shift β into")
+                raise ActSteerError(f"{name!r} has no bias to fold the shift β into")
             return
         module.bias.data = (scale * module.bias.double() + shift).to(weight.dtype)
     elif _is_rms_norm(module):
@@ -162,7 +173,7 @@ def _fold_one(
     else:
         raise ActSteerError(
             f"cannot fold into {name!r} ({type(module).__name__}): folding covers LayerNorm, "
-            "RMSNorm and Linear outputs; keep the steering as hooks for other modules"
+            "GroupNorm, RMSNorm and Linear outputs; keep the steering as hooks for other modules"
         )
 
 
