@@ -116,16 +116,16 @@ def hot_path(
     """Seconds per call of a cached decode step (batch 8 and 1) and a prompt forward (batch 8),
     per variant: the median of --hot-reps interleaved calls, one entry per round."""
     calls: dict[str, Callable[[], None]] = {}
+    keyword = cache_keyword(model)
     for b in sorted(set(args.batch_sizes), reverse=True):
         enc = prompts(tok, b)
         with torch.inference_mode():
             out = model(**enc, use_cache=True)
-        keyword = cache_keyword(model)
         cache = getattr(out, keyword)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([enc["attention_mask"], torch.ones(b, 1, dtype=torch.long)], dim=1)
 
-        def decode(token=token, mask=mask, cache=cache, keyword=keyword) -> None:
+        def decode(token=token, mask=mask, cache=cache) -> None:
             model(input_ids=token, attention_mask=mask, use_cache=True, **{keyword: cache})
             cache.crop(-1)  # back to the prompt: every call does the same work
 
