@@ -149,14 +149,15 @@ def test_per_channel_map_on_feature_maps(path, spatial):
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("support", ["q0-100", "all"])
 def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
-    """first_row: rows before it pass unchanged, the rest are transported (with their own λ)."""
+    """second_half_only: the first half passes unchanged, the rest is transported (with its own
+    λ per row)."""
     g = torch.Generator().manual_seed(1)
     amap = fitted_map(g, 32)
     lam = torch.tensor([0.3, 0.9]) if per_row else 0.7
     handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, support)
     a = torch.randn(*shape, generator=g) * 1.5
     with torch.inference_mode():
-        out = handle.hooks[""]._transport(a, first_row=2)
+        out = handle.hooks[""]._transport(a, second_half_only=True)
     assert ran_fused(path) == (path is not None)
     assert torch.equal(out[:2], a[:2])
     units_last = a[2:].movedim(1, -1) if a.ndim == 4 else a[2:]

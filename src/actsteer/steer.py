@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from actsteer.capture import stream_index
 from actsteer.errors import ActSteerError
@@ -157,21 +158,18 @@ class _GuidanceState:
     """What the hooks of a pipeline need to know about classifier-free guidance (CFG).
 
     How many times each text encoder ran since the denoiser last did (its first call encodes
-    the prompts, a second one the negative prompts), and whether a denoiser batch is a CFG
-    batch: the pipeline's `do_classifier_free_guidance` where it has one, else a batch of twice
-    the prompts the text encoder saw (so with one image per prompt).
+    the prompts, a second one the negative prompts), and whether the current denoiser call's
+    batch holds [unconditional; conditional] halves (`split`, set once per call): the
+    pipeline's `do_classifier_free_guidance` where it has one, else a batch of twice the
+    prompts the text encoder saw (so with one image per prompt).
     """
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self.has_flag = hasattr(type(pipeline), "do_classifier_free_guidance")
-        self.flag = False  # the pipeline's flag, read once per denoiser call
+        self.split = False
         self.text_calls: dict[str, int] = {}
         self.prompt_rows = 0
-
-    def active(self, batch: int) -> bool:
-        """Whether a denoiser batch of `batch` rows holds [unconditional; conditional] halves."""
-        return self.flag if self.has_flag else batch == 2 * self.prompt_rows
 
     def pre_hooks(self, tree: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Count text-encoder calls; a denoiser call starts a new count."""
@@ -182,7 +180,7 @@ class _GuidanceState:
                 hook = partial(self._count, name)
                 handles.append(component.register_forward_pre_hook(hook, with_kwargs=True))
             elif name in DENOISERS:
-                handles.append(component.register_forward_pre_hook(self._reset))
+                handles.append(component.register_forward_pre_hook(self._reset, with_kwargs=True))
         return handles
 
     def _count(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -191,14 +189,22 @@ class _GuidanceState:
         if self.text_calls[name] == 1 and isinstance(ids, torch.Tensor):
             self.prompt_rows = ids.shape[0]
 
-    def _reset(self, *_: object) -> None:
+    def _reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.text_calls = dict.fromkeys(self.text_calls, 0)
         if self.has_flag:
-            self.flag = bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+            self.split = bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+        else:  # the latents: the denoiser's first argument (UNets) or hidden_states (DiTs)
+            latents = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            rows = latents.shape[0] if isinstance(latents, torch.Tensor) else 0
+            self.split = rows == 2 * self.prompt_rows
 
 
 #: Pipeline components that denoise (their batch holds both CFG halves).
 DENOISERS = ("unet", "transformer", "prior", "decoder")
+
+#: Modules whose forward returns a new tensor no one else holds: a hook that sees it first may
+#: overwrite it (exact types: a subclass may return something it keeps).
+FRESH_OUTPUT = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 #: Largest per-channel map tensor (elements) stored over a feature map's full H×W.
 _SPATIAL = 1 << 16
@@ -252,9 +258,13 @@ class _ModuleHook:
         self.last_only = positions == "last"
         self.phase = phase
         self.on_prompt = positions == "prompt"
-        # plain: every position of a tensor output, always (no pass phase, no CFG half)
-        self.plain = phase is None and guidance is None and not self.last_only
-        self.fast: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+        # direct: every position of a tensor output on every call, the unconditional half of a
+        # denoiser's CFG batch aside (no pass phase, no text-encoder call counting)
+        counts_text_calls = guidance is not None and self.text_encoder is not None
+        self.direct = phase is None and not self.last_only and not counts_text_calls
+        self.cfg_halves = guidance if self.denoiser else None
+        self.fresh_output = type(module) in FRESH_OUTPUT
+        self.fast: Callable[[bool, torch.Tensor], torch.Tensor | None] | None = None
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
@@ -270,8 +280,12 @@ class _ModuleHook:
             bounds = tuple(self._cast(b.to(self.device).view(unit)) for b in self.bounds)
         return scale, shift, bounds
 
-    def set_strength(self, strength: torch.Tensor) -> None:
-        """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,)."""
+    def set_strength(self, strength: torch.Tensor, first_hook: bool = False) -> None:
+        """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,).
+
+        first_hook: no other forward hook sees the module's output before this one, so the
+        kernel may overwrite a norm's fresh output instead of allocating another.
+        """
         lam = strength.to(self.device, torch.float32)
         self.spatial = {}
         self.rows = lam.shape[0] if lam.ndim == 1 else 0
@@ -284,10 +298,11 @@ class _ModuleHook:
             for ndim in (2, 3, 4)
         }
         self.fast = None
-        if self.kernel is not None and self.plain:  # the kernel with its parameters bound
+        if self.kernel is not None and self.direct:  # the kernel with its parameters bound
             scale, shift, bounds = self.prepared[(self.rows, 3)]
             lo, hi = bounds or self.unbounded
-            self.fast = partial(self.kernel.transport, scale, shift, lo, hi, self.rows, 0)
+            in_place = first_hook and self.fresh_output
+            self.fast = partial(self.kernel.transport, scale, shift, lo, hi, self.rows, in_place)
 
     def _over_space(self, key: tuple[int, int], prepared: Prepared, a: torch.Tensor) -> Prepared:
         """Per-channel tensors (…, C, 1, 1) expanded to (…, C, H, W), once per shape.
@@ -311,8 +326,9 @@ class _ModuleHook:
             self.spatial[shape] = cached
         return cached
 
-    def _transport(self, a: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """ω̃·a + λβ inside the support, a outside, exactly; rows before `first_row` unchanged.
+    def _transport(self, a: torch.Tensor, second_half_only: bool = False) -> torch.Tensor:
+        """ω̃·a + λβ inside the support, a outside, exactly; with second_half_only, the first
+        half of the rows (a CFG batch's unconditional half) unchanged.
 
         The fused kernel (actsteer.kernels) does it in one pass where it applies; otherwise
         torch ops do (and raise the errors for outputs that do not fit), the support mask built
@@ -321,6 +337,7 @@ class _ModuleHook:
         outside) then returns steered where outside = 0 and a where it is 1, both bit-exact
         (lerp takes the form end − (end − start)·(1 − w) for w ≥ 0.5).
         """
+        first_row = a.shape[0] // 2 if second_half_only else 0
         key = (a.shape[0] - first_row if self.rows else 0, a.ndim)
         prepared = self.prepared.get(key)
         if prepared is None:
@@ -333,7 +350,9 @@ class _ModuleHook:
         scale, shift, bounds = prepared
         if self.kernel is not None:
             lo, hi = bounds or self.unbounded
-            steered = self.kernel.transport(scale, shift, lo, hi, key[0], first_row, a)
+            steered = self.kernel.transport(
+                scale, shift, lo, hi, key[0], False, second_half_only, a
+            )
             if steered is not None:
                 return steered
         part = a[first_row:] if first_row else a
@@ -356,7 +375,9 @@ class _ModuleHook:
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
         if self.fast is not None and isinstance(output, torch.Tensor):
-            steered = self.fast(output)  # the common case in as little Python as possible
+            # the common case in as little Python as possible (every step costs inside a model)
+            halves = self.cfg_halves
+            steered = self.fast(halves is not None and halves.split, output)
             if steered is not None:
                 return steered
         if self.phase is not None and self.phase.prompt != self.on_prompt:
@@ -369,9 +390,9 @@ class _ModuleHook:
         ):
             return None  # the negative prompts' encoding
         a = output[self.stream] if isinstance(output, tuple) else output
-        if guidance is not None and self.denoiser and guidance.active(a.shape[0]):
+        if guidance is not None and self.denoiser and guidance.split:
             # a CFG batch [unconditional; conditional]: steer its conditional half only
-            return self._replace(output, self._transport(a, first_row=a.shape[0] // 2))
+            return self._replace(output, self._transport(a, second_half_only=True))
         if self.last_only:
             steered = a.clone()
             steered[:, -1:] = self._transport(a[:, -1:])
@@ -446,8 +467,9 @@ class SteeringHandle:
         if self.guidance is not None:
             self.handles += self.guidance.pre_hooks(self.model)
         for name, hook in self.hooks.items():
-            hook.set_strength(lam)
-            self.handles.append(self.modules[name].register_forward_hook(hook))
+            module = self.modules[name]
+            hook.set_strength(lam, first_hook=not (module._forward_hooks or _global_forward_hooks))
+            self.handles.append(module.register_forward_hook(hook))
 
     def _unhook(self) -> None:
         for handle in self.handles:

@@ -1,6 +1,9 @@
 // The steering hook's transport as one CPU pass (see actsteer/kernels.py):
-// out = fma(a, scale, shift) where lo <= a <= hi, a elsewhere, and rows before `first_row`
-// copied unchanged (the unconditional half of a classifier-free-guidance batch).
+// out = fma(a, scale, shift) where lo <= a <= hi, a elsewhere; with `second_half_only`, the
+// first half of the rows is left unchanged (the unconditional half of a classifier-free-guidance
+// batch). `out` is a new
+// tensor, or `a` itself when the caller owns it (`in_place`: a norm's fresh output that no
+// other hook has seen).
 //
 // `lo` and `hi` hold one value per unit; `scale` and `shift` the same units once (shared,
 // rows = 0) or once per steered batch row (per-row strength, rows = the steered rows). The
@@ -11,6 +14,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,14 +24,15 @@ namespace {
 
 // The two loops below are kept out of line: inlined into the parallel lambda, GCC 12 stops
 // vectorizing them (checked with -fopt-info-vec; 4.6x slower on an (8, 16, 576) float32 input).
+// `a` and `out` may be the same memory (in place): each element is read before it is written.
 
 // Units along the last axis: every run of n elements has its own scale, shift and bounds.
 template <typename T>
-__attribute__((noinline)) void transport_units(const T* __restrict__ a,
+__attribute__((noinline)) void transport_units(const T* a,
                                                const T* __restrict__ scale,
                                                const T* __restrict__ shift,
                                                const T* __restrict__ lo, const T* __restrict__ hi,
-                                               T* __restrict__ out, int64_t n) {
+                                               T* out, int64_t n) {
   using Math = at::opmath_type<T>;
   for (int64_t k = 0; k < n; ++k) {
     const Math v = static_cast<Math>(a[k]);
@@ -39,8 +44,8 @@ __attribute__((noinline)) void transport_units(const T* __restrict__ a,
 
 // One unit over n elements (a channel over its H×W pixels): scalar scale, shift and bounds.
 template <typename T>
-__attribute__((noinline)) void transport_channel(const T* __restrict__ a, T scale, T shift, T lo,
-                                                 T hi, T* __restrict__ out, int64_t n) {
+__attribute__((noinline)) void transport_channel(const T* a, T scale, T shift, T lo, T hi,
+                                                 T* out, int64_t n) {
   using Math = at::opmath_type<T>;
   const Math s = scale, b = shift, l = lo, h = hi;
   for (int64_t k = 0; k < n; ++k) {
@@ -56,11 +61,14 @@ __attribute__((noinline)) void transport_channel(const T* __restrict__ a, T scal
 // (also to raise its errors): a not a 2-, 3- or 4-D contiguous CPU tensor of the parameters'
 // floating dtype, a gradient to carry, a unit count other than the map's, or per-row
 // parameters for another number of rows. Units lie on axis 1 of a 4-D a (a per-channel map
-// over H×W), on the last axis otherwise. Rows before first_row are copied unchanged. `a` comes
-// last so that Python can bind the parameters once (functools.partial) and pass only `a`.
+// over H×W), on the last axis otherwise. With second_half_only (an even batch), the first half
+// of the rows is left unchanged. With in_place, `a` is overwritten and returned (except an
+// inference tensor outside inference mode, which gets a new tensor). `second_half_only` and `a`
+// come last so that Python can bind the parameters once (functools.partial) and pass only those.
 std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::Tensor& shift,
                                        const torch::Tensor& lo, const torch::Tensor& hi,
-                                       int64_t rows, int64_t first_row, const torch::Tensor& a) {
+                                       int64_t rows, bool in_place, bool second_half_only,
+                                       const torch::Tensor& a) {
   const auto dtype = a.scalar_type();
   if (a.dim() < 2 || a.dim() > 4 || !a.device().is_cpu() || !a.is_contiguous() ||
       (a.requires_grad() && at::GradMode::is_enabled()) ||
@@ -77,9 +85,10 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
   const int64_t units = lo.numel();
   const int64_t batch = a.size(0);
   if (units == 0 || hi.numel() != units || a.size(channels ? 1 : a.dim() - 1) != units ||
-      batch == 0 || first_row < 0 || first_row >= batch) {
+      batch == 0 || (second_half_only && batch % 2 != 0)) {
     return std::nullopt;
   }
+  const int64_t first_row = second_half_only ? batch / 2 : 0;
   const bool per_row = rows > 0;
   if ((per_row && batch - first_row != rows) || scale.numel() != (per_row ? rows : 1) * units ||
       shift.numel() != scale.numel()) {
@@ -91,7 +100,11 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
   const int64_t runs_per_row = runs / batch;
   const int64_t first = first_row * runs_per_row;
 
-  auto out = at::detail::empty_cpu(a.sizes(), dtype);
+  const bool overwrite = in_place && (!a.is_inference() || c10::InferenceMode::is_enabled());
+  const torch::Tensor out = overwrite ? a : torch::Tensor(at::detail::empty_cpu(a.sizes(), dtype));
+  if (overwrite) {
+    a.unsafeGetTensorImpl()->bump_version();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "actsteer_transport", [&] {
     const scalar_t* a_ = a.const_data_ptr<scalar_t>();
     const scalar_t* scale_ = scale.const_data_ptr<scalar_t>();
@@ -99,7 +112,9 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
     const scalar_t* lo_ = lo.const_data_ptr<scalar_t>();
     const scalar_t* hi_ = hi.const_data_ptr<scalar_t>();
     scalar_t* out_ = out.mutable_data_ptr<scalar_t>();
-    std::copy(a_, a_ + first * run, out_);
+    if (!overwrite) {
+      std::copy(a_, a_ + first * run, out_);
+    }
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, run));
     at::parallel_for(first, runs, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -120,6 +135,6 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transport", &transport,
-        "Affine map inside per-unit bounds, identity outside, rows before first_row unchanged; "
-        "None where the kernel does not apply");
+        "Affine map inside per-unit bounds, identity outside, optionally on the second half of "
+        "the rows only, optionally in place; None where the kernel does not apply");
 }
