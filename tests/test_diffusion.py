@@ -12,6 +12,7 @@ import actsteer
 from actsteer import ActSteerError, Steering
 from actsteer.capture import resolve_modules
 from actsteer.diffusion import PipelineModules, generate_images, record_pipeline
+from actsteer.steer import _GuidanceState
 
 WORDS = [
     *("a", "an", "the", "on", "no", "beach", "grass", "striped"),
@@ -180,6 +181,21 @@ def test_guidance_is_read_per_call(sd_pipe, sd_steering):
         handle.remove()
     assert steered.shape[0] == n, "no CFG batch"
     assert all((steered[i] - plain[i]).abs().max() > 1e-4 for i in range(n))
+
+
+@pytest.mark.parametrize("call", ["positional", "sample", "hidden_states"])
+def test_a_pipeline_without_the_flag_splits_a_batch_of_twice_the_prompts(call):
+    """Without do_classifier_free_guidance, a denoiser call whose latents have twice the rows the
+    text encoder saw is a CFG batch; decided once per denoiser call, from its input."""
+    state = _GuidanceState(object())
+    assert not state.has_flag
+    state.text_calls["text_encoder"] = 0
+    state._count("text_encoder", None, (torch.zeros(3, 7, dtype=torch.long),), {})
+    for rows, split in ((6, True), (3, False)):
+        latents = torch.zeros(rows, 4, 8, 8)
+        args, kwargs = ((latents,), {}) if call == "positional" else ((), {call: latents})
+        state._reset(None, args, kwargs)
+        assert state.split == split
 
 
 def test_conditional_cfg_steers_the_prompt_encoding_only(sd_pipe):

@@ -203,15 +203,22 @@ def test_an_output_of_another_width_is_a_clear_error(path):
         hooked(amap, torch.randn(2, 3, 16), 1.0, "q0-100")
 
 
-@pytest.mark.parametrize("case", ["non-contiguous", "gradient"])
+class Marked(torch.Tensor):
+    """A tensor subclass (such subclasses may override torch functions)."""
+
+
+@pytest.mark.parametrize("case", ["non-contiguous", "gradient", "subclass"])
 def test_outputs_the_kernel_declines_take_the_torch_ops(path, case):
-    """A transposed output, or one carrying a gradient: same result through torch ops."""
+    """A transposed output, one carrying a gradient, or a tensor subclass: same result through
+    torch ops."""
     g = torch.Generator().manual_seed(6)
     amap = fitted_map(g, 16)
     steering = Steering({"": amap}, {"method": "linear-act"})
     a = torch.randn(16, 4, 2, generator=g).transpose(0, 2) * 1.5  # (2, 4, 16), not contiguous
     if case == "gradient":
         a = a.contiguous().requires_grad_()
+    if case == "subclass":
+        a = a.contiguous().as_subclass(Marked)
     module = Probe()
     with steering.applied(module, 0.8, "q0-100"):
         out = module(a)
@@ -237,3 +244,60 @@ def test_an_output_of_five_dimensions_is_a_clear_error(path):
     amap = fitted_map(torch.Generator().manual_seed(8), 8)
     with pytest.raises(ActSteerError, match="cannot steer a module output of shape"):
         hooked(amap, torch.randn(2, 3, 4, 5, 8), 1.0, "q0-100")
+
+
+class KeepingNorm(nn.LayerNorm):
+    """A LayerNorm that keeps its last output: not a fresh tensor no one else holds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = super().forward(x)
+        return self.last
+
+
+def steered_norm_output(module: nn.Module, amap: AffineMap, x: torch.Tensor, monkeypatch):
+    """(norm output as F.layer_norm returned it, the hooked module's output) under steering."""
+    returned = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def recording(*args, **kwargs):
+        returned.append(layer_norm(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", recording)
+    with torch.no_grad(), Steering({"": amap}, {"method": "linear-act"}).applied(module, 0.8):
+        out = module(x)
+    return returned[0] if returned else None, out
+
+
+def test_a_norms_fresh_output_is_transported_in_place(path, monkeypatch):
+    """A LayerNorm's own output, seen by no hook before ours: overwritten, not copied (fused
+    path), with its version counter bumped as for any in-place op; same values either way."""
+    g = torch.Generator().manual_seed(9)
+    amap = fitted_map(g, 16)
+    norm, x = nn.LayerNorm(16), torch.randn(3, 5, 16, generator=g) * 2
+    with torch.no_grad():
+        expected = reference(amap, norm(x), 0.8, "q0-100")
+    returned, out = steered_norm_output(norm, amap, x, monkeypatch)
+    assert torch.equal(out, expected)
+    assert (out is returned) == (path is not None)
+    assert out._version == (1 if path is not None else 0)
+
+
+@pytest.mark.parametrize("case", ["hook seen first", "subclass", "identity"])
+def test_outputs_others_may_hold_are_never_overwritten(path, case, monkeypatch):
+    """Another hook saw the output first, a norm subclass keeps it, or a module returns its
+    input: the hook writes a new tensor and leaves theirs as it was."""
+    g = torch.Generator().manual_seed(10)
+    amap = fitted_map(g, 16)
+    x = torch.randn(3, 5, 16, generator=g) * 2
+    module = KeepingNorm(16) if case == "subclass" else Probe() if case == "identity" else None
+    module = module or nn.LayerNorm(16)
+    with torch.no_grad():
+        plain = module(x).clone()
+    seen = []
+    if case == "hook seen first":
+        module.register_forward_hook(lambda m, a, o: seen.append(o))
+    returned, out = steered_norm_output(module, amap, x, monkeypatch)
+    assert torch.equal(out, reference(amap, plain, 0.8, "q0-100"))
+    held = seen[0] if seen else module.last if case == "subclass" else x
+    assert torch.equal(held, plain), "what another holds is unchanged"

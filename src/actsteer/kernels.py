@@ -5,10 +5,12 @@ and keeps a outside them. As separate torch ops that is six passes and as many d
 several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp does it in
 one pass, bit for bit the same result. It also applies per-channel maps to (B, C, H, W) outputs
 without broadcasting and leaves the unconditional half of a classifier-free-guidance batch
-untouched without a concatenation. Support "all" passes infinite bounds: one call costs about
-what a single torch.addcmul does. The kernel returns None for what it does not handle (other
-devices or dtypes, non-contiguous outputs, a gradient to carry, shapes that do not fit), and
-the hook then uses torch ops.
+untouched without a concatenation. A norm's fresh output that no other hook has seen is
+overwritten in place, saving an allocation. Support "all" passes infinite bounds. The kernel is
+called through CPython's fast calling convention rather than pybind11: inside a model, where
+caches are cold, pybind11's dispatch cost more than the arithmetic. It returns None for what it
+does not handle (other devices or dtypes, non-contiguous outputs, a gradient to carry, tensor
+subclasses, shapes that do not fit), and the hook then uses torch ops.
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
 $ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with

@@ -9,6 +9,8 @@
 // rows = 0) or once per steered batch row (per-row strength, rows = the steered rows). The
 // affine part rounds once (fma in the dtype's math type), as torch.addcmul does on CPU. An
 // unbounded support passes ±inf bounds.
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #include <ATen/EmptyTensor.h>
@@ -133,8 +135,52 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
   return out;
 }
 
+// The Python entry point, in CPython's fast calling convention (METH_FASTCALL): called once per
+// hooked module per forward pass, where pybind11's generic dispatch cost several microseconds
+// (cold caches inside a model). Arguments as for transport() above; tensors must be plain
+// torch.Tensor objects (a subclass may override torch functions: None, and the caller's torch
+// ops honour it).
+namespace {
+
+PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8) {
+    PyErr_Format(PyExc_TypeError, "transport() takes 8 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  for (const int i : {0, 1, 2, 3, 7}) {
+    if (!THPVariable_CheckExact(args[i])) {
+      Py_RETURN_NONE;
+    }
+  }
+  const int64_t rows = PyLong_AsLongLong(args[4]);
+  const int in_place = PyObject_IsTrue(args[5]);
+  const int second_half_only = PyObject_IsTrue(args[6]);
+  if ((rows == -1 && PyErr_Occurred()) || in_place < 0 || second_half_only < 0) {
+    return nullptr;
+  }
+  const auto out = transport(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                             THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]), rows,
+                             in_place, second_half_only, THPVariable_Unpack(args[7]));
+  if (!out) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(*out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"transport", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(transport_fastcall)),
+     METH_FASTCALL,
+     "transport(scale, shift, lo, hi, rows, in_place, second_half_only, a): affine map inside "
+     "per-unit bounds, identity outside, optionally on the second half of the rows only, "
+     "optionally in place; None where the kernel does not apply"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("transport", &transport,
-        "Affine map inside per-unit bounds, identity outside, optionally on the second half of "
-        "the rows only, optionally in place; None where the kernel does not apply");
+  if (PyModule_AddFunctions(m.ptr(), methods) < 0) {
+    throw pybind11::error_already_set();
+  }
 }
