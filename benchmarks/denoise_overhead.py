@@ -10,7 +10,8 @@ actsteer.kernels where it can be built.
 
   hot path     one UNet call (the denoising step) on a CFG batch of 2 × batch latents, timed
                alone: per round and variant the median of --hot-reps calls (after one
-               untimed call), variants taking turns in a rotated order
+               untimed call), variants taking turns in a rotated order; many short rounds,
+               because this host's speed drifts by ±30% within seconds
   end to end   one pipeline call: --steps DDIM steps, guidance 4, VAE decode included
 
 Ratios are throughput ratios, unsteered time ÷ steered time (1.0 = free; target ≥ 0.97), one per
@@ -57,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps end to end")
-    parser.add_argument("--rounds", type=int, default=5, help="end-to-end rounds")
-    parser.add_argument("--hot-rounds", type=int, default=8, help="hot-path rounds")
-    parser.add_argument("--hot-reps", type=int, default=15, help="calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=25, help="end-to-end rounds")
+    parser.add_argument("--hot-rounds", type=int, default=40, help="hot-path rounds")
+    parser.add_argument("--hot-reps", type=int, default=3, help="calls per variant per round")
     return parser.parse_args(argv)
 
 
