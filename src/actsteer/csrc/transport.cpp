@@ -1,9 +1,8 @@
 // The steering hook's transport as one CPU pass (see actsteer/kernels.py):
 // out = fma(a, scale, shift) where lo <= a <= hi, a elsewhere; with `second_half_only`, the
 // first half of the rows is left unchanged (the unconditional half of a classifier-free-guidance
-// batch). `out` is a new
-// tensor, or `a` itself when the caller owns it (`in_place`: a norm's fresh output that no
-// other hook has seen).
+// batch). `out` is a new tensor, or `a` itself when the caller owns it (`in_place`: a norm's
+// fresh output that no other hook has seen).
 //
 // `lo` and `hi` hold one value per unit; `scale` and `shift` the same units once (shared,
 // rows = 0) or once per steered batch row (per-row strength, rows = the steered rows). The
@@ -103,7 +102,8 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
   const int64_t first = first_row * runs_per_row;
 
   const bool overwrite = in_place && (!a.is_inference() || c10::InferenceMode::is_enabled());
-  const torch::Tensor out = overwrite ? a : torch::Tensor(at::detail::empty_cpu(a.sizes(), dtype));
+  const torch::Tensor out =
+      overwrite ? a : torch::Tensor(at::detail::empty_cpu(a.sizes(), dtype));
   if (overwrite) {
     a.unsafeGetTensorImpl()->bump_version();
   }
@@ -137,9 +137,8 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
 
 // The Python entry point, in CPython's fast calling convention (METH_FASTCALL): called once per
 // hooked module per forward pass, where pybind11's generic dispatch cost several microseconds
-// (cold caches inside a model). Arguments as for transport() above; tensors must be plain
-// torch.Tensor objects (a subclass may override torch functions: None, and the caller's torch
-// ops honour it).
+// (cold caches inside a model). Arguments as for transport() above. A tensor subclass, which
+// may override torch functions, gets None, so that the caller's torch ops honour it.
 namespace {
 
 PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
