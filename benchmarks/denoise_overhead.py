@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps end to end")
     parser.add_argument("--rounds", type=int, default=25, help="end-to-end rounds")
-    parser.add_argument("--hot-rounds", type=int, default=40, help="hot-path rounds")
+    parser.add_argument("--hot-rounds", type=int, default=120, help="hot-path rounds")
     parser.add_argument("--hot-reps", type=int, default=3, help="calls per variant per round")
     return parser.parse_args(argv)
 
@@ -125,6 +125,11 @@ def timed(
     return times
 
 
+def worst_ratio(rows: list[list[str]], kind: str) -> float:
+    """The lowest median ratio of the steered variants in the table rows of one kind."""
+    return min(float(r[4].split()[0]) for r in rows if r[2] in SUPPORTS and kind in r[0])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     run = begin("benchmarks/denoise_overhead.py", argv, args.threads)
@@ -161,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([what, f"{base:.3g} {unit}", name, f"{steered:.3g} {unit}",
                              fmt_spread(r[name])])  # fmt: skip
             print("\n".join(f"  {row}" for row in rows[-len(VARIANTS) + 1 :]), flush=True)
-    worst = min(float(row[4].split()[0]) for row in rows if row[2] in SUPPORTS)
     print()
     print("## Denoising overhead")
     print()
@@ -178,8 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     header = ["measurement", "unsteered", "support", "steered", "ratio median (min–max)"]
     print(table(header, rows))
     print()
-    verdict = "met" if worst >= TARGET else "MISSED"
-    print(f"Verdict: worst median ratio {worst:.3f} vs target ≥ {TARGET}: {verdict}.")
+    step, whole = worst_ratio(rows, "hot path"), worst_ratio(rows, "end to end")
+    verdict = "met" if step >= TARGET else "MISSED"
+    print(
+        f"Verdict on issue 5's measure, the denoising step (one UNet call): worst median ratio "
+        f"{step:.3f} vs target ≥ {TARGET}: {verdict}. End to end (unsteered text encoding and "
+        f"VAE decoding included): worst median ratio {whole:.3f}"
+        + (" (below the target too)." if whole < TARGET else ".")
+    )
 
 
 if __name__ == "__main__":
