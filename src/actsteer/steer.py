@@ -284,7 +284,8 @@ class _ModuleHook:
         """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,).
 
         first_hook: no other forward hook sees the module's output before this one, so the
-        kernel may overwrite a norm's fresh output instead of allocating another.
+        kernel may overwrite a norm's fresh output instead of allocating another (a hook added
+        later with prepend=True runs first and would see its tensor overwritten).
         """
         lam = strength.to(self.device, torch.float32)
         self.spatial = {}
