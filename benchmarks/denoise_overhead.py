@@ -17,7 +17,7 @@ actsteer.kernels where it can be built.
 Ratios are throughput ratios, unsteered time ÷ steered time (1.0 = free; target ≥ 0.97), one per
 round; the table gives their median over rounds with min–max.
 
-  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/denoise_overhead.py /tmp/t2i_v1 --threads 1
+  .venv/bin/python benchmarks/denoise_overhead.py tests/assets/toy_t2i --threads 1
 """
 
 from __future__ import annotations
