@@ -297,7 +297,7 @@ def test_outputs_others_may_hold_are_never_overwritten(path, case, monkeypatch):
     seen = []
     if case == "hook seen first":
         module.register_forward_hook(lambda m, a, o: seen.append(o))
-    returned, out = steered_norm_output(module, amap, x, monkeypatch)
+    _, out = steered_norm_output(module, amap, x, monkeypatch)
     assert torch.equal(out, reference(amap, plain, 0.8, "q0-100"))
     held = seen[0] if seen else module.last if case == "subclass" else x
     assert torch.equal(held, plain), "what another holds is unchanged"
