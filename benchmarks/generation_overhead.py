@@ -205,11 +205,11 @@ def hook_breakdown(
         noop.remove()
         for name in STEERED:
             with variant(steering, model, name) as handle:
-                hook = handle.hooks[PROBE]
+                hook = handle.forward_hooks[PROBE]  # what the module calls
                 out[f"norm module + steering hook ({name})"] = time_call(lambda: module(x), n)
                 out[f"hook body alone ({name})"] = time_call(lambda h=hook: h(module, (), a), n)
                 if name == "q0-100 torch ops":
-                    out.update(hook_parts(hook, a, n))
+                    out.update(hook_parts(handle.hooks[PROBE], a, n))
     return {k: v * 1e6 for k, v in out.items()}
 
 

@@ -3,7 +3,10 @@ paths (the fused kernel of actsteer.kernels and plain torch ops), for every layo
 
 from __future__ import annotations
 
+import gc
 import shutil
+import types
+import weakref
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ PATHS = ["fused", "torch-ops"]
 
 class CountingKernel:
     """The fused kernel, counting the calls it served (so a test knows which path ran) and
-    those it declined (returned None for)."""
+    those it declined (returned None for, or handed to the Python hook)."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
@@ -32,6 +35,23 @@ class CountingKernel:
         self.calls += out is not None
         self.declined += out is None
         return out
+
+    def hook(self, *params_and_fallback):
+        *params, fallback = params_and_fallback
+
+        def declined(*args):
+            self.declined += 1
+            return fallback(*args)
+
+        bound = self.kernel.hook(*params, declined)
+
+        def counted(*args):
+            before = self.declined
+            out = bound(*args)
+            self.calls += self.declined == before
+            return out
+
+        return counted
 
 
 @pytest.fixture(params=PATHS)
@@ -301,3 +321,21 @@ def test_outputs_others_may_hold_are_never_overwritten(path, case, monkeypatch):
     assert torch.equal(out, reference(amap, plain, 0.8, "q0-100"))
     held = seen[0] if seen else module.last if case == "subclass" else x
     assert torch.equal(held, plain), "what another holds is unchanged"
+
+
+def test_the_kernel_hook_is_registered_and_freed_with_the_handle():
+    """Where the kernel applies, the module calls the kernel's own hook (no Python frame per
+    call); removing the handle frees it and the Python hook it falls back to."""
+    if kernels.fused_kernel() is None:
+        pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
+    amap = fitted_map(torch.Generator().manual_seed(11), 8)
+    module = nn.LayerNorm(8)
+    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), module, 1.0, "all")
+    registered = next(iter(module._forward_hooks.values()))
+    assert registered is handle.forward_hooks[""]
+    assert isinstance(registered, types.BuiltinFunctionType)
+    fallback = weakref.ref(handle.hooks[""])
+    handle.remove()
+    del handle, registered
+    gc.collect()
+    assert fallback() is None, "nothing keeps the hook alive after remove()"

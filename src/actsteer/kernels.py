@@ -8,9 +8,10 @@ without broadcasting and leaves the unconditional half of a classifier-free-guid
 untouched without a concatenation. A norm's fresh output that no other hook has seen is
 overwritten in place, saving an allocation. Support "all" passes infinite bounds. The kernel is
 called through CPython's fast calling convention rather than pybind11: inside a model, where
-caches are cold, pybind11's dispatch cost more than the arithmetic. It returns None for what it
+caches are cold, pybind11's dispatch cost more than the arithmetic. `hook(...)` binds the
+parameters into a forward hook implemented in C++, so no Python frame runs per call; what it
 does not handle (other devices or dtypes, non-contiguous outputs, a gradient to carry, tensor
-subclasses, shapes that do not fit), and the hook then uses torch ops.
+subclasses, tuple outputs, shapes that do not fit) goes to the Python hook and its torch ops.
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
 $ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with

@@ -209,6 +209,7 @@ FRESH_OUTPUT = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 #: Largest per-channel map tensor (elements) stored over a feature map's full H×W.
 _SPATIAL = 1 << 16
 Prepared = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+ForwardHook = Callable[[nn.Module, object, object], object]
 
 
 class _ModuleHook:
@@ -264,7 +265,6 @@ class _ModuleHook:
         self.direct = phase is None and not self.last_only and not counts_text_calls
         self.cfg_halves = guidance if self.denoiser else None
         self.fresh_output = type(module) in FRESH_OUTPUT
-        self.fast: Callable[[bool, torch.Tensor], torch.Tensor | None] | None = None
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
@@ -280,8 +280,12 @@ class _ModuleHook:
             bounds = tuple(self._cast(b.to(self.device).view(unit)) for b in self.bounds)
         return scale, shift, bounds
 
-    def set_strength(self, strength: torch.Tensor, first_hook: bool = False) -> None:
+    def set_strength(self, strength: torch.Tensor, first_hook: bool = False) -> ForwardHook:
         """Precompute ω̃ = 1 + λ(ω − 1) and λβ for each layout; λ is a scalar or (B,).
+
+        Returns the forward hook to register: where the hook is direct, the fused kernel's own
+        hook with these parameters bound (no Python runs per call; it calls this object for
+        any output it does not take), else this object.
 
         first_hook: no other forward hook sees the module's output before this one, so the
         kernel may overwrite a norm's fresh output instead of allocating another (a hook added
@@ -298,12 +302,12 @@ class _ModuleHook:
             for rows, lam_rows in variants.items()
             for ndim in (2, 3, 4)
         }
-        self.fast = None
-        if self.kernel is not None and self.direct:  # the kernel with its parameters bound
-            scale, shift, bounds = self.prepared[(self.rows, 3)]
-            lo, hi = bounds or self.unbounded
-            in_place = first_hook and self.fresh_output
-            self.fast = partial(self.kernel.transport, scale, shift, lo, hi, self.rows, in_place)
+        if self.kernel is None or not self.direct:
+            return self
+        scale, shift, bounds = self.prepared[(self.rows, 3)]
+        lo, hi = bounds or self.unbounded
+        in_place = first_hook and self.fresh_output
+        return self.kernel.hook(scale, shift, lo, hi, self.rows, in_place, self.cfg_halves, self)
 
     def _over_space(self, key: tuple[int, int], prepared: Prepared, a: torch.Tensor) -> Prepared:
         """Per-channel tensors (…, C, 1, 1) expanded to (…, C, H, W), once per shape.
@@ -375,12 +379,6 @@ class _ModuleHook:
         return ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
-        if self.fast is not None and isinstance(output, torch.Tensor):
-            # the common case in as little Python as possible (every step costs inside a model)
-            halves = self.cfg_halves
-            steered = self.fast(halves is not None and halves.split, output)
-            if steered is not None:
-                return steered
         if self.phase is not None and self.phase.prompt != self.on_prompt:
             return None
         guidance = self.guidance
@@ -450,6 +448,7 @@ class SteeringHandle:
         }  # fmt: skip
         self.modules = {name: lookup[name] for name in steering.maps}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.forward_hooks: dict[str, ForwardHook] = {}  # what is registered on each module
         self.set_strength(strength)
 
     def set_strength(self, strength: Strength) -> None:
@@ -469,13 +468,15 @@ class SteeringHandle:
             self.handles += self.guidance.pre_hooks(self.model)
         for name, hook in self.hooks.items():
             module = self.modules[name]
-            hook.set_strength(lam, first_hook=not (module._forward_hooks or _global_forward_hooks))
-            self.handles.append(module.register_forward_hook(hook))
+            first = not (module._forward_hooks or _global_forward_hooks)
+            self.forward_hooks[name] = hook.set_strength(lam, first_hook=first)
+            self.handles.append(module.register_forward_hook(self.forward_hooks[name]))
 
     def _unhook(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self.forward_hooks = {}
 
     def remove(self) -> None:
         """Detach every hook: the model is exactly the untouched model again."""

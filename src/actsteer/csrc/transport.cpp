@@ -135,22 +135,30 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
   return out;
 }
 
-// The Python entry point, in CPython's fast calling convention (METH_FASTCALL): called once per
+// The Python entry points, in CPython's fast calling convention (METH_FASTCALL): called once per
 // hooked module per forward pass, where pybind11's generic dispatch cost several microseconds
-// (cold caches inside a model). Arguments as for transport() above. A tensor subclass, which
-// may override torch functions, gets None, so that the caller's torch ops honour it.
+// (cold caches inside a model). A tensor subclass, which may override torch functions, is left
+// to the caller's torch ops, so that they honour it.
 namespace {
 
+bool plain_tensors(PyObject* const* args, std::initializer_list<int> indices) {
+  for (const int i : indices) {
+    if (!THPVariable_CheckExact(args[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// transport(scale, shift, lo, hi, rows, in_place, second_half_only, a), as above.
 PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 8) {
     PyErr_Format(PyExc_TypeError, "transport() takes 8 arguments (%zd given)", nargs);
     return nullptr;
   }
-  for (const int i : {0, 1, 2, 3, 7}) {
-    if (!THPVariable_CheckExact(args[i])) {
-      Py_RETURN_NONE;
-    }
+  if (!plain_tensors(args, {0, 1, 2, 3, 7})) {
+    Py_RETURN_NONE;
   }
   const int64_t rows = PyLong_AsLongLong(args[4]);
   const int in_place = PyObject_IsTrue(args[5]);
@@ -168,12 +176,99 @@ PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssi
   END_HANDLE_TH_ERRORS
 }
 
+// A forward hook with its parameters bound (see hook() below).
+struct BoundHook {
+  torch::Tensor scale, shift, lo, hi;
+  int64_t rows;
+  bool in_place;
+  PyObject* halves;    // an object whose `split` says "second half only", or None
+  PyObject* fallback;  // the Python hook, for every output the kernel does not take
+};
+
+constexpr const char* kBoundHook = "actsteer.BoundHook";
+
+void free_bound_hook(PyObject* capsule) {
+  auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, kBoundHook));
+  Py_XDECREF(bound->halves);
+  Py_XDECREF(bound->fallback);
+  delete bound;
+}
+
+// hook(module, args, output), as PyTorch calls a forward hook.
+PyObject* bound_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, kBoundHook));
+  if (nargs == 3 && THPVariable_CheckExact(args[2])) {
+    int second_half_only = 0;
+    if (bound->halves != Py_None) {
+      PyObject* split = PyObject_GetAttrString(bound->halves, "split");
+      second_half_only = split ? PyObject_IsTrue(split) : -1;
+      Py_XDECREF(split);
+      if (second_half_only < 0) {
+        return nullptr;
+      }
+    }
+    const auto out = transport(bound->scale, bound->shift, bound->lo, bound->hi, bound->rows,
+                               bound->in_place, second_half_only, THPVariable_Unpack(args[2]));
+    if (out) {
+      return THPVariable_Wrap(*out);
+    }
+  }
+  return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef bound_hook_def = {
+    "steering_hook", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bound_hook_call)),
+    METH_FASTCALL, "A steering forward hook: hook(module, args, output)"};
+
+// hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook that transports
+// a plain tensor output in this kernel, with no Python frame on the way, and hands any other
+// output (or one the kernel declines) to fallback(module, args, output).
+PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 8) {
+    PyErr_Format(PyExc_TypeError, "hook() takes 8 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  if (!plain_tensors(args, {0, 1, 2, 3}) || !PyCallable_Check(args[7])) {
+    PyErr_SetString(PyExc_TypeError, "hook() takes four tensors, ..., and a callable fallback");
+    return nullptr;
+  }
+  const int64_t rows = PyLong_AsLongLong(args[4]);
+  const int in_place = PyObject_IsTrue(args[5]);
+  if ((rows == -1 && PyErr_Occurred()) || in_place < 0) {
+    return nullptr;
+  }
+  auto* bound = new BoundHook{THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                              THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
+                              rows, in_place != 0, args[6], args[7]};
+  Py_INCREF(bound->halves);
+  Py_INCREF(bound->fallback);
+  PyObject* capsule = PyCapsule_New(bound, kBoundHook, free_bound_hook);
+  if (capsule == nullptr) {
+    Py_DECREF(bound->halves);
+    Py_DECREF(bound->fallback);
+    delete bound;
+    return nullptr;
+  }
+  PyObject* hook = PyCFunction_New(&bound_hook_def, capsule);
+  Py_DECREF(capsule);
+  return hook;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"transport", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(transport_fastcall)),
      METH_FASTCALL,
      "transport(scale, shift, lo, hi, rows, in_place, second_half_only, a): affine map inside "
      "per-unit bounds, identity outside, optionally on the second half of the rows only, "
      "optionally in place; None where the kernel does not apply"},
+    {"hook", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hook_fastcall)),
+     METH_FASTCALL,
+     "hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook running "
+     "transport() on tensor outputs (second half only where halves.split), fallback(module, "
+     "args, output) for the rest"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
