@@ -65,7 +65,7 @@ __attribute__((noinline)) void transport_channel(const T* a, T scale, T shift, T
 // over H×W), on the last axis otherwise. With second_half_only (an even batch), the first half
 // of the rows is left unchanged. With in_place, `a` is overwritten and returned (except an
 // inference tensor outside inference mode, which gets a new tensor). `second_half_only` and `a`
-// come last so that Python can bind the parameters once (functools.partial) and pass only those.
+// come last: a bound hook (below) holds the rest and passes only those two per call.
 std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::Tensor& shift,
                                        const torch::Tensor& lo, const torch::Tensor& hi,
                                        int64_t rows, bool in_place, bool second_half_only,
@@ -150,20 +150,33 @@ bool plain_tensors(PyObject* const* args, std::initializer_list<int> indices) {
   return true;
 }
 
+// The shared head of both entry points: 8 arguments, `rows` (an int) at 4 and `in_place` (a
+// truth value) at 5. False with a Python error set when they are not.
+bool read_rows_in_place(const char* name, PyObject* const* args, Py_ssize_t nargs,
+                        int64_t& rows, bool& in_place) {
+  if (nargs != 8) {
+    PyErr_Format(PyExc_TypeError, "%s() takes 8 arguments (%zd given)", name, nargs);
+    return false;
+  }
+  rows = PyLong_AsLongLong(args[4]);
+  const int flag = PyObject_IsTrue(args[5]);
+  in_place = flag == 1;
+  return !(rows == -1 && PyErr_Occurred()) && flag >= 0;
+}
+
 // transport(scale, shift, lo, hi, rows, in_place, second_half_only, a), as above.
 PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 8) {
-    PyErr_Format(PyExc_TypeError, "transport() takes 8 arguments (%zd given)", nargs);
+  int64_t rows = 0;
+  bool in_place = false;
+  if (!read_rows_in_place("transport", args, nargs, rows, in_place)) {
     return nullptr;
   }
   if (!plain_tensors(args, {0, 1, 2, 3, 7})) {
     Py_RETURN_NONE;
   }
-  const int64_t rows = PyLong_AsLongLong(args[4]);
-  const int in_place = PyObject_IsTrue(args[5]);
   const int second_half_only = PyObject_IsTrue(args[6]);
-  if ((rows == -1 && PyErr_Occurred()) || in_place < 0 || second_half_only < 0) {
+  if (second_half_only < 0) {
     return nullptr;
   }
   const auto out = transport(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
@@ -201,7 +214,8 @@ PyObject* bound_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t n
   if (nargs == 3 && THPVariable_CheckExact(args[2])) {
     int second_half_only = 0;
     if (bound->halves != Py_None) {
-      PyObject* split = PyObject_GetAttrString(bound->halves, "split");
+      static PyObject* const split_name = PyUnicode_InternFromString("split");
+      PyObject* split = PyObject_GetAttr(bound->halves, split_name);
       second_half_only = split ? PyObject_IsTrue(split) : -1;
       Py_XDECREF(split);
       if (second_half_only < 0) {
@@ -227,22 +241,20 @@ PyMethodDef bound_hook_def = {
 // output (or one the kernel declines) to fallback(module, args, output).
 PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 8) {
-    PyErr_Format(PyExc_TypeError, "hook() takes 8 arguments (%zd given)", nargs);
+  int64_t rows = 0;
+  bool in_place = false;
+  if (!read_rows_in_place("hook", args, nargs, rows, in_place)) {
     return nullptr;
   }
   if (!plain_tensors(args, {0, 1, 2, 3}) || !PyCallable_Check(args[7])) {
-    PyErr_SetString(PyExc_TypeError, "hook() takes four tensors, ..., and a callable fallback");
-    return nullptr;
-  }
-  const int64_t rows = PyLong_AsLongLong(args[4]);
-  const int in_place = PyObject_IsTrue(args[5]);
-  if ((rows == -1 && PyErr_Occurred()) || in_place < 0) {
+    PyErr_SetString(PyExc_TypeError,
+                    "hook() takes plain tensors for scale, shift, lo and hi, and a callable "
+                    "fallback last");
     return nullptr;
   }
   auto* bound = new BoundHook{THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
                               THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
-                              rows, in_place != 0, args[6], args[7]};
+                              rows, in_place, args[6], args[7]};
   Py_INCREF(bound->halves);
   Py_INCREF(bound->fallback);
   PyObject* capsule = PyCapsule_New(bound, kBoundHook, free_bound_hook);
