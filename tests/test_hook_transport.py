@@ -185,6 +185,46 @@ def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
     assert torch.equal(out[2:], expected.movedim(-1, 1) if a.ndim == 4 else expected)
 
 
+@pytest.mark.parametrize("shape", [(6, 300, 64), (6, 5, 64, 64)])
+def test_outputs_split_over_threads_inside_a_row(path, shape):
+    """Outputs large enough for the kernel to share among two threads, the second thread's part
+    beginning inside a row: each row still gets its own λ, the first half none."""
+    g = torch.Generator().manual_seed(12)
+    amap = fitted_map(g, shape[1] if len(shape) == 4 else shape[-1])
+    lam = torch.tensor([0.2, 0.6, 1.0])
+    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, "q0-100")
+    a = torch.randn(*shape, generator=g) * 1.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = handle.hooks[""]._transport(a, second_half_only=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert ran_fused(path) == (path is not None)
+    assert torch.equal(out[:3], a[:3])
+    units_last = a[3:].movedim(1, -1) if a.ndim == 4 else a[3:]
+    expected = reference(amap, units_last, lam, "q0-100")
+    assert torch.equal(out[3:], expected.movedim(-1, 1) if a.ndim == 4 else expected)
+
+
+def test_the_kernel_binds_no_hook_to_parameters_it_cannot_read():
+    """Parameters of mixed or integer dtypes, or of sizes that disagree: no kernel hook (the
+    Python hook serves instead)."""
+    kernel = kernels.fused_kernel()
+    if kernel is None:
+        pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
+    ones, inf = torch.ones(4), torch.full((4,), torch.inf)
+
+    def bind(scale, shift, lo, hi):
+        return kernel.hook(scale, shift, lo, hi, 0, False, None, lambda *args: None)
+
+    assert bind(ones, ones, -inf, inf) is not None
+    assert bind(ones, ones.double(), -inf, inf) is None
+    assert bind(ones, ones[:3], -inf, inf) is None
+    assert bind(*(t.int() for t in (ones, ones, ones, ones))) is None
+
+
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 def test_hooks_use_the_fused_kernel_where_a_compiler_exists():
     amap = fitted_map(torch.Generator().manual_seed(2), 8)

@@ -37,7 +37,9 @@ import torch
 from actsteer.models import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "transport.cpp"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+#: OpenMP, as ATen's parallel_for expects of code built with it (torch's own libgomp serves)
+LINK_FLAGS = ["-fopenmp"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def fused_kernel() -> ModuleType | None:
 def _built_kernel() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    key = "\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _cpu_identity()])
+    key = "\n".join([SOURCE.read_text(), *FLAGS, *LINK_FLAGS, torch.__version__, _cpu_identity()])
     name = f"actsteer_transport_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     build_dir = cache_dir() / "kernels" / name
     try:
@@ -76,7 +78,11 @@ def _built_kernel() -> ModuleType | None:
             )
         with _ninja_on_path():
             return cpp_extension.load(
-                name, [str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build_dir)
+                name,
+                [str(SOURCE)],
+                extra_cflags=FLAGS,
+                extra_ldflags=LINK_FLAGS,
+                build_directory=str(build_dir),
             )
     except Exception as error:  # no compiler or ninja, unwritable cache: keep the torch ops
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

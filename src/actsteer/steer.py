@@ -307,7 +307,8 @@ class _ModuleHook:
         scale, shift, bounds = self.prepared[(self.rows, 3)]
         lo, hi = bounds or self.unbounded
         in_place = first_hook and self.fresh_output
-        return self.kernel.hook(scale, shift, lo, hi, self.rows, in_place, self.cfg_halves, self)
+        bound = self.kernel.hook(scale, shift, lo, hi, self.rows, in_place, self.cfg_halves, self)
+        return self if bound is None else bound  # None: parameters the kernel cannot read
 
     def _over_space(self, key: tuple[int, int], prepared: Prepared, a: torch.Tensor) -> Prepared:
         """Per-channel tensors (…, C, 1, 1) expanded to (…, C, H, W), once per shape.

@@ -23,7 +23,7 @@
 
 namespace {
 
-// The two loops below are kept out of line: inlined into the parallel lambda, GCC 12 stops
+// The two loops below are kept out of line: inlined into the lambda over runs, GCC 12 stops
 // vectorizing them (checked with -fopt-info-vec; 4.6x slower on an (8, 16, 576) float32 input).
 // `a` and `out` may be the same memory (in place): each element is read before it is written.
 
@@ -56,24 +56,25 @@ __attribute__((noinline)) void transport_channel(const T* a, T scale, T shift, T
   }
 }
 
-}  // namespace
+// One map as the loops read it: its parameters checked once (when a hook is bound) rather
+// than on every call. `rows` is 0 for parameters shared by all rows, else the number of
+// steered rows, each with its own scale and shift.
+struct Map {
+  at::ScalarType dtype;
+  int64_t units;
+  int64_t rows;
+  const void* scale;
+  const void* shift;
+  const void* lo;
+  const void* hi;
+};
 
-// The transport of `a`, or None where this kernel does not apply and the caller uses torch ops
-// (also to raise its errors): a not a 2-, 3- or 4-D contiguous CPU tensor of the parameters'
-// floating dtype, a gradient to carry, a unit count other than the map's, or per-row
-// parameters for another number of rows. Units lie on axis 1 of a 4-D a (a per-channel map
-// over H×W), on the last axis otherwise. With second_half_only (an even batch), the first half
-// of the rows is left unchanged. With in_place, `a` is overwritten and returned (except an
-// inference tensor outside inference mode, which gets a new tensor). `second_half_only` and `a`
-// come last: a bound hook (below) holds the rest and passes only those two per call.
-std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::Tensor& shift,
-                                       const torch::Tensor& lo, const torch::Tensor& hi,
-                                       int64_t rows, bool in_place, bool second_half_only,
-                                       const torch::Tensor& a) {
-  const auto dtype = a.scalar_type();
-  if (a.dim() < 2 || a.dim() > 4 || !a.device().is_cpu() || !a.is_contiguous() ||
-      (a.requires_grad() && at::GradMode::is_enabled()) ||
-      !(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+// The map of these tensors, or nothing when the kernel cannot read them: not all CPU,
+// contiguous and of one floating dtype, or sizes that do not agree.
+std::optional<Map> read_map(const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& lo, const at::Tensor& hi, int64_t rows) {
+  const auto dtype = lo.scalar_type();
+  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
         dtype == at::kBFloat16)) {
     return std::nullopt;
   }
@@ -82,63 +83,92 @@ std::optional<torch::Tensor> transport(const torch::Tensor& scale, const torch::
       return std::nullopt;
     }
   }
-  const bool channels = a.dim() == 4;
   const int64_t units = lo.numel();
-  const int64_t batch = a.size(0);
-  if (units == 0 || hi.numel() != units || a.size(channels ? 1 : a.dim() - 1) != units ||
-      batch == 0 || (second_half_only && batch % 2 != 0)) {
+  if (units == 0 || hi.numel() != units || rows < 0 ||
+      scale.numel() != (rows > 0 ? rows : 1) * units || shift.numel() != scale.numel()) {
     return std::nullopt;
   }
-  const int64_t first_row = second_half_only ? batch / 2 : 0;
-  const bool per_row = rows > 0;
-  if ((per_row && batch - first_row != rows) || scale.numel() != (per_row ? rows : 1) * units ||
-      shift.numel() != scale.numel()) {
-    return std::nullopt;
-  }
-  const int64_t inner = channels ? a.size(2) * a.size(3) : 1;
-  const int64_t run = channels ? inner : units;  // elements sharing one parameter layout
-  const int64_t runs = inner == 0 ? 0 : a.numel() / run;
-  const int64_t runs_per_row = runs / batch;
-  const int64_t first = first_row * runs_per_row;
+  return Map{dtype,
+             units,
+             rows,
+             scale.const_data_ptr(),
+             shift.const_data_ptr(),
+             lo.const_data_ptr(),
+             hi.const_data_ptr()};
+}
 
-  const bool overwrite = in_place && (!a.is_inference() || c10::InferenceMode::is_enabled());
-  const torch::Tensor out =
-      overwrite ? a : torch::Tensor(at::detail::empty_cpu(a.sizes(), dtype));
-  if (overwrite) {
-    a.unsafeGetTensorImpl()->bump_version();
+// Whether the kernel takes `a`: a 2-, 3- or 4-D contiguous CPU tensor of the map's dtype with
+// no gradient to carry, the map's units on axis 1 (4-D: a per-channel map over H×W) or last,
+// an even batch for second_half_only, and one parameter set per steered row if per-row.
+bool fits(const Map& map, const at::Tensor& a, bool second_half_only) {
+  const int64_t dims = a.dim();
+  if (dims < 2 || dims > 4 || a.scalar_type() != map.dtype || !a.device().is_cpu() ||
+      !a.is_contiguous() || (a.requires_grad() && at::GradMode::is_enabled())) {
+    return false;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "actsteer_transport", [&] {
-    const scalar_t* a_ = a.const_data_ptr<scalar_t>();
-    const scalar_t* scale_ = scale.const_data_ptr<scalar_t>();
-    const scalar_t* shift_ = shift.const_data_ptr<scalar_t>();
-    const scalar_t* lo_ = lo.const_data_ptr<scalar_t>();
-    const scalar_t* hi_ = hi.const_data_ptr<scalar_t>();
-    scalar_t* out_ = out.mutable_data_ptr<scalar_t>();
-    if (!overwrite) {
-      std::copy(a_, a_ + first * run, out_);
+  const int64_t batch = a.size(0);
+  const int64_t steered = second_half_only ? batch / 2 : batch;
+  return a.size(dims == 4 ? 1 : dims - 1) == map.units && batch > 0 &&
+         !(second_half_only && batch % 2 != 0) && (map.rows == 0 || steered == map.rows);
+}
+
+// The transport of `a` written to `out` (a's own memory, or as much of another): rows of the
+// first half copied unchanged with second_half_only.
+void transport_into(const Map& map, const at::Tensor& a, bool second_half_only, void* out) {
+  const bool channels = a.dim() == 4;
+  const int64_t batch = a.size(0);
+  const int64_t first_row = second_half_only ? batch / 2 : 0;
+  const int64_t run = channels ? a.size(2) * a.size(3) : map.units;  // one parameter layout
+  const int64_t runs_per_row = run == 0 ? 0 : a.numel() / batch / run;
+  if (runs_per_row == 0) {
+    return;  // no elements
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, map.dtype, "actsteer_transport", [&] {
+    const auto* a_ = static_cast<const scalar_t*>(a.const_data_ptr());
+    auto* out_ = static_cast<scalar_t*>(out);
+    const auto* scale = static_cast<const scalar_t*>(map.scale);
+    const auto* shift = static_cast<const scalar_t*>(map.shift);
+    const auto* lo = static_cast<const scalar_t*>(map.lo);
+    const auto* hi = static_cast<const scalar_t*>(map.hi);
+    if (out_ != a_) {
+      std::copy(a_, a_ + first_row * runs_per_row * run, out_);
     }
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, run));
-    at::parallel_for(first, runs, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t row = per_row ? ((r - first) / runs_per_row) * units : 0;
-        if (!channels) {
-          transport_units<scalar_t>(a_ + r * run, scale_ + row, shift_ + row, lo_, hi_,
-                                    out_ + r * run, run);
-        } else {
-          const int64_t u = r % units;
-          transport_channel<scalar_t>(a_ + r * run, scale_[row + u], shift_[row + u], lo_[u],
-                                      hi_[u], out_ + r * run, run);
+    // runs [begin, end), a row at a time: no division per run
+    const auto steer_runs = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {
+        const int64_t row = r / runs_per_row;
+        const int64_t row_end = std::min(end, (row + 1) * runs_per_row);
+        const int64_t params = map.rows > 0 ? (row - first_row) * map.units : 0;
+        for (; r < row_end; ++r) {
+          if (channels) {
+            const int64_t u = r - row * runs_per_row;  // runs_per_row == units
+            transport_channel<scalar_t>(a_ + r * run, scale[params + u], shift[params + u],
+                                        lo[u], hi[u], out_ + r * run, run);
+          } else {
+            transport_units<scalar_t>(a_ + r * run, scale + params, shift + params, lo, hi,
+                                      out_ + r * run, run);
+          }
         }
       }
-    });
+    };
+    const int64_t begin = first_row * runs_per_row;
+    const int64_t end = batch * runs_per_row;
+    const int64_t grain = std::max<int64_t>(1, 32768 / run);
+    if (end - begin <= grain) {
+      steer_runs(begin, end);  // small: skip the thread pool's bookkeeping
+    } else {
+      at::parallel_for(begin, end, grain, steer_runs);
+    }
   });
-  return out;
 }
+
+}  // namespace
 
 // The Python entry points, in CPython's fast calling convention (METH_FASTCALL): called once per
 // hooked module per forward pass, where pybind11's generic dispatch cost several microseconds
 // (cold caches inside a model). A tensor subclass, which may override torch functions, is left
-// to the caller's torch ops, so that they honour it.
+// to the caller's torch ops, so that they honour it. No tensor handle is copied per call: each
+// would take the interpreter's lock to update the Python object it belongs to.
 namespace {
 
 bool plain_tensors(PyObject* const* args, std::initializer_list<int> indices) {
@@ -164,7 +194,29 @@ bool read_rows_in_place(const char* name, PyObject* const* args, Py_ssize_t narg
   return !(rows == -1 && PyErr_Occurred()) && flag >= 0;
 }
 
-// transport(scale, shift, lo, hi, rows, in_place, second_half_only, a), as above.
+std::optional<Map> map_of(PyObject* const* args, int64_t rows) {
+  return read_map(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                  THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]), rows);
+}
+
+// The transport of the tensor `a_obj` (which fits the map) as a new reference: `a_obj` itself,
+// overwritten, where in_place allows (not an inference tensor outside inference mode).
+PyObject* transported(const Map& map, PyObject* a_obj, bool second_half_only, bool in_place) {
+  const at::Tensor& a = THPVariable_Unpack(a_obj);
+  if (in_place && (!a.is_inference() || c10::InferenceMode::is_enabled())) {
+    transport_into(map, a, second_half_only, a.mutable_data_ptr());
+    a.unsafeGetTensorImpl()->bump_version();
+    Py_INCREF(a_obj);
+    return a_obj;
+  }
+  at::Tensor out = at::detail::empty_cpu(a.sizes(), map.dtype);
+  transport_into(map, a, second_half_only, out.mutable_data_ptr());
+  return THPVariable_Wrap(std::move(out));
+}
+
+// transport(scale, shift, lo, hi, rows, in_place, second_half_only, a): the transport of `a`,
+// or None where this kernel does not apply (see read_map and fits) and the caller uses torch
+// ops, also to raise their errors. With in_place, `a` is overwritten and returned.
 PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   int64_t rows = 0;
@@ -179,20 +231,19 @@ PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssi
   if (second_half_only < 0) {
     return nullptr;
   }
-  const auto out = transport(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
-                             THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]), rows,
-                             in_place, second_half_only, THPVariable_Unpack(args[7]));
-  if (!out) {
+  const auto map = map_of(args, rows);
+  if (!map || !fits(*map, THPVariable_Unpack(args[7]), second_half_only)) {
     Py_RETURN_NONE;
   }
-  return THPVariable_Wrap(*out);
+  return transported(*map, args[7], second_half_only, in_place);
   END_HANDLE_TH_ERRORS
 }
 
-// A forward hook with its parameters bound (see hook() below).
+// A forward hook with its map bound (see hook() below); it holds the parameter tensors whose
+// memory the map reads.
 struct BoundHook {
   torch::Tensor scale, shift, lo, hi;
-  int64_t rows;
+  Map map;
   bool in_place;
   PyObject* halves;    // an object whose `split` says "second half only", or None
   PyObject* fallback;  // the Python hook, for every output the kernel does not take
@@ -222,10 +273,8 @@ PyObject* bound_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t n
         return nullptr;
       }
     }
-    const auto out = transport(bound->scale, bound->shift, bound->lo, bound->hi, bound->rows,
-                               bound->in_place, second_half_only, THPVariable_Unpack(args[2]));
-    if (out) {
-      return THPVariable_Wrap(*out);
+    if (fits(bound->map, THPVariable_Unpack(args[2]), second_half_only)) {
+      return transported(bound->map, args[2], second_half_only, bound->in_place);
     }
   }
   return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
@@ -238,7 +287,8 @@ PyMethodDef bound_hook_def = {
 
 // hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook that transports
 // a plain tensor output in this kernel, with no Python frame on the way, and hands any other
-// output (or one the kernel declines) to fallback(module, args, output).
+// output (or one the kernel declines) to fallback(module, args, output). None where the
+// kernel cannot read the parameters (see read_map).
 PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   int64_t rows = 0;
@@ -252,9 +302,18 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
                     "fallback last");
     return nullptr;
   }
-  auto* bound = new BoundHook{THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
-                              THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
-                              rows, in_place, args[6], args[7]};
+  const auto map = map_of(args, rows);
+  if (!map) {
+    Py_RETURN_NONE;
+  }
+  auto* bound = new BoundHook{THPVariable_Unpack(args[0]),
+                              THPVariable_Unpack(args[1]),
+                              THPVariable_Unpack(args[2]),
+                              THPVariable_Unpack(args[3]),
+                              *map,
+                              in_place,
+                              args[6],
+                              args[7]};
   Py_INCREF(bound->halves);
   Py_INCREF(bound->fallback);
   PyObject* capsule = PyCapsule_New(bound, kBoundHook, free_bound_hook);
@@ -280,7 +339,7 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook running "
      "transport() on tensor outputs (second half only where halves.split), fallback(module, "
-     "args, output) for the rest"},
+     "args, output) for the rest; None where the kernel cannot read the parameters"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
