@@ -9,9 +9,11 @@ untouched without a concatenation. A norm's fresh output that no other hook has 
 overwritten in place, saving an allocation. Support "all" passes infinite bounds. The kernel is
 called through CPython's fast calling convention rather than pybind11: inside a model, where
 caches are cold, pybind11's dispatch cost more than the arithmetic. `hook(...)` binds the
-parameters into a forward hook implemented in C++, so no Python frame runs per call; what it
-does not handle (other devices or dtypes, non-contiguous outputs, a gradient to carry, tensor
-subclasses, tuple outputs, shapes that do not fit) goes to the Python hook and its torch ops.
+parameters, checked once, into a forward hook implemented in C++, so no Python frame runs per
+call; what it does not handle (other devices or dtypes, non-contiguous outputs, a gradient to
+carry, tensor subclasses, tuple outputs, shapes that do not fit) goes to the Python hook and its
+torch ops. On Linux, outputs above 32 k elements are shared among torch's threads (OpenMP, the
+runtime torch itself loaded).
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
 $ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with
@@ -26,6 +28,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +40,10 @@ import torch
 from actsteer.models import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "transport.cpp"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-#: OpenMP, as ATen's parallel_for expects of code built with it (torch's own libgomp serves)
-LINK_FLAGS = ["-fopenmp"]
+#: OpenMP, for ATen's parallel_for to use threads (torch's own libgomp serves): on Linux, where
+#: the compiler has it; elsewhere (Apple's clang lacks it) the kernel runs on one thread
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", *OPENMP]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def fused_kernel() -> ModuleType | None:
 def _built_kernel() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    key = "\n".join([SOURCE.read_text(), *FLAGS, *LINK_FLAGS, torch.__version__, _cpu_identity()])
+    key = "\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _cpu_identity()])
     name = f"actsteer_transport_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     build_dir = cache_dir() / "kernels" / name
     try:
@@ -81,7 +85,7 @@ def _built_kernel() -> ModuleType | None:
                 name,
                 [str(SOURCE)],
                 extra_cflags=FLAGS,
-                extra_ldflags=LINK_FLAGS,
+                extra_ldflags=OPENMP,
                 build_directory=str(build_dir),
             )
     except Exception as error:  # no compiler or ninja, unwritable cache: keep the torch ops
