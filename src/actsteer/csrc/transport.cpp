@@ -112,7 +112,7 @@ bool fits(const Map& map, const at::Tensor& a, bool second_half_only) {
          !(second_half_only && batch % 2 != 0) && (map.rows == 0 || steered == map.rows);
 }
 
-// The transport of `a` written to `out` (a's own memory, or as much of another): rows of the
+// The transport of `a` written to `out` (a's own memory, or a new buffer of a's size): rows of the
 // first half copied unchanged with second_half_only.
 void transport_into(const Map& map, const at::Tensor& a, bool second_half_only, void* out) {
   const bool channels = a.dim() == 4;
