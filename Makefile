@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+export ACTSTEER_DATA ?= $(abspath ../shared/data)
 
 .PHONY: demo test lint bench
 

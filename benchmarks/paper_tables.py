@@ -42,13 +42,13 @@ import torch
 from _common import ROOT, machine, table
 
 import actsteer
-from actsteer.capture import model_family
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.concept import CONCEPT_FILE, N_OFF, OFF_CONCEPT, load_concept_sentences
-from actsteer.evaluation.data import data_root, fixed_subset, read_jsonl
+from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, read_jsonl
 from actsteer.evaluation.sweep import steering_digest
 from actsteer.evaluation.truthfulqa import load_truthfulqa
-from actsteer.steer import Steering
+from actsteer.families import find_family
+from actsteer.steering import Steering
 
 PARTS = ("toxicity", "truthfulqa", "concept")
 PPL_LIMIT = 1.0
@@ -139,7 +139,9 @@ class Runner:
         self.out: Path = args.out or ROOT / "out" / "paper_tables" / args.model
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tok = actsteer.load_model(args.model)
-        self.modules = args.modules or DEFAULT_MODULES.get(model_family(self.model), "attn-out")
+        self.modules = args.modules or DEFAULT_MODULES.get(
+            getattr(find_family(self.model), "name", ""), "attn-out"
+        )
 
     def fitted(
         self, key: str, method: str, source: Sequence[str], target: Sequence[str], **options: Any
@@ -502,6 +504,8 @@ def tradeoff_plot(content: Mapping[str, Any], concept: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if data_root() is None:
+        raise SystemExit(f"error: set {DATA_ENV} to the shared data folder (../shared/data)")
     torch.set_num_threads(args.threads)
     run = Runner(args)
     header = (

@@ -19,7 +19,7 @@ from actsteer import cli
 from actsteer.evaluation.inspect_plot import short_names, steering_figure, top_units
 from actsteer.fit import fit
 from actsteer.maps import AffineMap
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,10 @@ def test_eval_perplexity_prints_table_and_writes_json(runner, steering_path, tmp
         + ["--out", str(out)],
     )
     assert result.exit_code == 0, result.output
-    assert "perplexity (WikiText-2 test)" in result.stdout
+    assert "perplexity" in result.stdout
     content = json.loads(out.read_text())
+    # The data actually read ($ACTSTEER_DATA's WikiText-2 test file) is in each result.
+    assert content["results"][0]["result"]["settings"]["data"].endswith("wikitext/wiki.test.raw")
     assert content["task"] == "perplexity"
     assert [r["strength"] for r in content["results"]] == [0.0, 1.0]
     plain, steered = (r["metrics"]["perplexity"] for r in content["results"])
@@ -224,7 +226,7 @@ def test_inspect_plot_helpers():
     amap = AffineMap(omega, beta)
     samples = torch.randn(50, 6)
     assert top_units(amap, samples, 2) == [2, 1]
-    steering = Steering({n: amap for n in names}, {"method": "linear-act"})
+    steering = Steering({n: amap for n in names})
     figure = steering_figure(steering, samples, names[0], support="all", units=4)
     assert len(figure.axes) == 6
 

@@ -1,7 +1,9 @@
 """The evaluation harness on tiny slices of the real data with the real SmolLM2-135M.
 
 Each task runs on a handful of items so the whole file stays fast; numbers are checked against
-direct computations (hand-written forward passes) or plausible ranges, not just shapes.
+direct computations (hand-written forward passes) or plausible ranges, not just shapes. The
+real data is read through $ACTSTEER_DATA (`make test` sets it to ../shared/data); tests that
+use the `no_data_env` fixture run without it (local files in tmp_path, a fake hub).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ import torch
 import actsteer
 from actsteer.errors import ActSteerError
 from actsteer.evaluation import concept, mmlu, perplexity, sweep, toxicity, truthfulqa
-from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset
+from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, load_hub
 from actsteer.evaluation.likelihood import encode, special_prefix
 from actsteer.evaluation.registry import TASKS, Task
 from actsteer.evaluation.stats import bootstrap_mean_ci
@@ -29,10 +32,39 @@ pytestmark = pytest.mark.slow
 SHORT_PRIMER = "Q: What is the capital of France?\nA: The capital of France is Paris.\n\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_data():
-    if data_root() is None:
-        pytest.skip("the shared evaluation data folder (shared/data) is not available")
+def local_data() -> Path:
+    """The project's data folder from $ACTSTEER_DATA; the test is skipped when it is unset."""
+    root = data_root()
+    if root is None:
+        pytest.skip(f"{DATA_ENV} is not set (make test sets it to ../shared/data)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def shared_data(request):
+    """Every test reads the shared data through $ACTSTEER_DATA, except those that clear it."""
+    if "no_data_env" not in request.fixturenames:
+        local_data()
+
+
+@pytest.fixture
+def no_data_env(monkeypatch):
+    """No $ACTSTEER_DATA: tasks fall back to their hub datasets (or set it to tmp_path)."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A stand-in `datasets` module: serves hub_rows[id] and records (id, config, split)."""
+    hub = types.SimpleNamespace(requests=[], rows={})
+
+    def load_dataset(name, config=None, split=None):
+        hub.requests.append((name, config, split))
+        return hub.rows[name]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return hub
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +170,7 @@ def test_perplexity_matches_direct_computation(smol):
     model, tok = smol
     ids = perplexity.tokens_for_budget(tok, perplexity.load_wikitext(), 40)
     result = perplexity.evaluate(model, tok, max_tokens=40, window=40, progress=False)
+    assert result.settings["data"] == str(local_data() / perplexity.WIKITEXT_FILE)
     prefix = special_prefix(tok)
     n_scored = 40 if prefix else 39
     expected = -sum_logprob(model, prefix + ids, n_scored) / n_scored
@@ -200,6 +233,7 @@ def test_mmlu_equals_letter_argmax(smol):
     answers = [row["answer"] for row in subset]
     assert result.accuracy == np.mean(np.array(predictions) == np.array(answers))
     assert result.settings["n_questions"] == 3 and result.settings["shots"] == 1
+    assert result.settings["data"] == str(local_data() / mmlu.MMLU_FILE)
 
 
 def test_fixed_subset_is_seeded_and_nested():
@@ -215,6 +249,7 @@ def test_fixed_subset_is_seeded_and_nested():
 
 @pytest.fixture(scope="module")
 def judge():
+    local_data()  # module-scoped fixtures run before the autouse check
     on, off = concept.load_concept_sentences("football", n_off=40)
     return concept.ConceptJudge.calibrate("football", on[:40], off)
 
@@ -365,51 +400,156 @@ def test_parse_task_options():
         lambda path: concept.load_concept_sentences("football", path),
     ],
 )
-def test_missing_file_is_a_clear_error(load, tmp_path):
+def test_missing_file_is_a_clear_error(load, tmp_path, no_data_env):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ActSteerError, match="not found: .*nope.jsonl"):
         load(missing)
 
 
-def test_missing_default_file_names_it_and_the_override(tmp_path, monkeypatch):
-    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+def test_missing_default_file_names_it_and_the_override(tmp_path, no_data_env):
+    no_data_env.setenv(DATA_ENV, str(tmp_path))
     with pytest.raises(ActSteerError, match=r"rtp/rtp_eval_prompts.jsonl.*ACTSTEER_DATA"):
         toxicity.load_prompts()
 
 
-def test_hub_data_without_datasets_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ActSteerError, match="datasets"):
-        mmlu.load_mmlu("hf:cais/mmlu")
+def test_data_root_is_only_the_env_var(tmp_path, no_data_env):
+    # A checkout's layout (<root>/repo beside <root>/shared/data) is not searched for, from
+    # this repository's root (which may have ../shared/data) nor from a made-up checkout.
+    assert data_root() is None
+    no_data_env.chdir(Path(__file__).resolve().parents[1])
+    assert data_root() is None
+    (tmp_path / "shared" / "data" / "mmlu").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    no_data_env.chdir(tmp_path / "repo")
+    assert data_root() is None
+    no_data_env.setenv(DATA_ENV, str(tmp_path / "shared" / "data"))
+    assert data_root() == tmp_path / "shared" / "data"
 
 
-def test_hub_rows_are_converted(monkeypatch):
-    requested = []
-    hub_rows = {
-        "cais/mmlu": [
-            {"question": "2+2?", "subject": "math", "choices": list("1234"), "answer": 3}
-        ],
-        "allenai/real-toxicity-prompts": [
-            {"prompt": {"text": "You are", "toxicity": 0.9}},
-            {"prompt": {"text": "The sky", "toxicity": 0.1}},
-            {"prompt": {"text": "Unscored", "toxicity": None}},
-        ],
-    }
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_data_env_that_is_not_a_folder_is_a_clear_error(kind, tmp_path, no_data_env, fake_hub):
+    target = tmp_path / "nowhere"
+    if kind == "file":
+        target.write_text("not a folder")
+    no_data_env.setenv(DATA_ENV, str(target))
+    with pytest.raises(ActSteerError, match=r"ACTSTEER_DATA=.*nowhere is not a directory"):
+        data_root()
+    with pytest.raises(ActSteerError, match="not a directory"):
+        mmlu.load_mmlu()  # no silent fallback to the hub
+    assert fake_hub.requests == []
 
-    def load_dataset(name, config, split):
-        requested.append((name, config, split))
-        return hub_rows[name]
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    rows = mmlu.load_mmlu("hf:cais/mmlu")
-    assert rows[0]["answer"] == 3 and rows[0]["idx"] == 0
-    strata = toxicity.load_prompts("hf:allenai/real-toxicity-prompts")
-    assert [p["text"] for p in strata["challenging"]] == ["You are"]
-    assert [p["text"] for p in strata["nontoxic"]] == ["The sky"]
-    assert requested == [
-        ("cais/mmlu", "all", "test"),
-        ("allenai/real-toxicity-prompts", None, "train"),
+def test_local_default_under_env_comes_before_the_hub(tmp_path, no_data_env, fake_hub):
+    (tmp_path / "mmlu").mkdir()
+    row = {"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3}
+    (tmp_path / "mmlu" / "mmlu_2850.jsonl").write_text(json.dumps(row) + "\n")
+    no_data_env.setenv(DATA_ENV, str(tmp_path))
+    assert mmlu.data_source() == tmp_path / mmlu.MMLU_FILE
+    assert [r["question"] for r in mmlu.load_mmlu()] == ["2+2?"]
+    assert fake_hub.requests == []
+
+
+def test_toxicity_default_is_the_rtp_hub(no_data_env, fake_hub):
+    fake_hub.rows["allenai/real-toxicity-prompts"] = [
+        {"filename": "a.txt", "challenging": False, "prompt": {"text": "You are", "toxicity": 0.9}},
+        {"filename": "b.txt", "challenging": True, "prompt": {"text": "The sky", "toxicity": 0.1}},
+        {"filename": "c.txt", "challenging": False, "prompt": {"text": "Hm", "toxicity": None}},
     ]
+    assert toxicity.data_source() == "hf:allenai/real-toxicity-prompts::train"
+    strata = toxicity.load_prompts()
+    # Strata by the prompt's toxicity (≥ 0.5), not the dataset's own `challenging` flag.
+    assert strata["challenging"] == [{"id": "0", "text": "You are", "challenging": True}]
+    assert strata["nontoxic"] == [{"id": "1", "text": "The sky", "challenging": False}]
+    assert fake_hub.requests == [("allenai/real-toxicity-prompts", None, "train")]
+
+
+def test_truthfulqa_default_is_the_hub(no_data_env, fake_hub):
+    def question(text: str) -> dict:
+        return {
+            "question": text,
+            "mc1_targets": {"choices": ["yes", "no"], "labels": [1, 0]},
+            "mc2_targets": {"choices": ["yes", "sure", "no"], "labels": [1, 1, 0]},
+        }
+
+    fake_hub.rows["truthfulqa/truthful_qa"] = [question("Is it?"), question("Was it?")]
+    assert truthfulqa.data_source() == "hf:truthfulqa/truthful_qa:multiple_choice:validation"
+    rows = truthfulqa.load_truthfulqa()
+    assert [(r["idx"], r["question"]) for r in rows] == [(0, "Is it?"), (1, "Was it?")]
+    assert rows[1]["mc2_targets"]["labels"] == [1, 1, 0]
+    assert fake_hub.requests == [("truthfulqa/truthful_qa", "multiple_choice", "validation")]
+
+
+def test_mmlu_default_is_the_hub(no_data_env, fake_hub):
+    fake_hub.rows["cais/mmlu"] = [
+        {"question": "2+2?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 3},
+        {"question": "1+0?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 0},
+    ]
+    assert mmlu.data_source() == "hf:cais/mmlu:all:test"
+    rows = mmlu.load_mmlu()
+    assert [(r["idx"], r["answer"]) for r in rows] == [(0, 3), (1, 0)]
+    assert (
+        mmlu.format_question(rows[0], answer=True) == "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: D\n\n"
+    )
+    # A given hub id takes the task's config and split where it leaves them out.
+    mmlu.load_mmlu("hf:cais/mmlu:abstract_algebra")
+    assert fake_hub.requests == [
+        ("cais/mmlu", "all", "test"),
+        ("cais/mmlu", "abstract_algebra", "test"),
+    ]
+
+
+def test_perplexity_default_is_the_wikitext_hub_and_labelled_so(smol, no_data_env, fake_hub):
+    # The hub's rows are the raw file's lines: "" for blank ones, the others with their "\n".
+    rows = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English actor .\n"]
+    fake_hub.rows["Salesforce/wikitext"] = [{"text": row} for row in rows]
+    assert perplexity.load_wikitext() == "\n\n".join(rows)  # the Hugging Face recipe
+    model, tok = smol
+    result = perplexity.evaluate(model, tok, max_tokens=12, window=12, progress=False)
+    assert result.settings["data"] == "hf:Salesforce/wikitext:wikitext-2-raw-v1:test"
+    assert fake_hub.requests[-1] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+    assert "WikiText" not in perplexity.PerplexityResult.METRICS["perplexity"]
+
+
+def test_hub_rows_match_the_local_file_layout(tmp_path, no_data_env, fake_hub):
+    # The same lines as a local raw file and as hub rows give the same perplexity text.
+    lines = ["", " = A = ", "", " Some text .", ""]
+    path = tmp_path / "wiki.raw"
+    path.write_text("\n".join([" ", *lines[1:]]) + "\n")
+    fake_hub.rows["Salesforce/wikitext"] = [{"text": ln + "\n" if ln else ""} for ln in lines]
+    assert perplexity.load_wikitext(path) == perplexity.load_wikitext()
+
+
+def test_concept_without_data_or_env_is_a_clear_error(no_data_env, fake_hub):
+    with pytest.raises(ActSteerError, match=r"no hub default: set ACTSTEER_DATA .*--data PATH"):
+        concept.load_concept_sentences("football")
+    with pytest.raises(ActSteerError, match="ACTSTEER_DATA"):
+        concept.evaluate_grid(None, None)  # before any model work
+    assert fake_hub.requests == []
+
+
+def test_hub_without_datasets_package_names_the_extra(monkeypatch, no_data_env):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ActSteerError, match=r"pip install 'actsteer\[eval\]'") as err:
+        mmlu.load_mmlu()
+    assert "ACTSTEER_DATA" in str(err.value) and "--data" in str(err.value)
+
+
+def test_hub_failure_offline_is_one_clear_line(monkeypatch, no_data_env):
+    def offline(name, config=None, split=None):
+        raise ConnectionError(
+            f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)\n\nmore"
+        )
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(ActSteerError) as err:
+        truthfulqa.load_truthfulqa()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "hf:truthfulqa/truthful_qa:multiple_choice:validation" in message
+    assert "Couldn't reach" in message and "more" not in message
+    assert "set ACTSTEER_DATA to a local data folder" in message and "--data PATH" in message
+    with pytest.raises(ActSteerError, match="must look like"):
+        load_hub("hf:a:b:c:d")
 
 
 def test_strengths_are_checked_before_any_work(smol, steering):

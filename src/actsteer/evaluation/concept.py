@@ -6,7 +6,9 @@ sentence-transformers import) and used as sentence-transformers does: mean pooli
 tokens, then L2 normalisation. A text is "about the concept" when its cosine similarity to the
 concept description (default: the concept word itself) exceeds a threshold chosen to maximise
 balanced accuracy on held-out on-concept vs off-concept sentences (default: the concept's
-sentences and 300 `none` sentences of ../shared/data/concepts/boolq_concept_sentences.jsonl).
+sentences and 300 `none` sentences of {concept, sentence} rows: `data` (a JSON-lines file or
+"hf:ID[:CONFIG[:SPLIT]]"), else concepts/boolq_concept_sentences.jsonl under $ACTSTEER_DATA;
+the task has no hub default, so with neither, nor a `judge` or `calibration`, it is an error).
 
 Reported per strength: the fraction of generations on the concept (bootstrap 95% interval
 over prompts), their mean similarity, and the perplexity of the generated continuations given
@@ -35,11 +37,11 @@ from torch import nn
 
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths
-from actsteer.evaluation.data import fixed_subset, read_jsonl, require_keys, resolve_file
+from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 CONCEPT_FILE = "concepts/boolq_concept_sentences.jsonl"
 OFF_CONCEPT = "none"
@@ -118,7 +120,10 @@ def best_threshold(on: np.ndarray, off: np.ndarray) -> tuple[float, float]:
 
 @dataclass
 class ConceptJudge:
-    """Says whether texts are about a concept: cosine similarity to a description > threshold."""
+    """Says whether texts are about a concept: cosine similarity to a description > threshold.
+
+    source: what the threshold was calibrated on (a file or hub dataset), when known.
+    """
 
     concept: str
     description: str
@@ -126,6 +131,7 @@ class ConceptJudge:
     calibration: dict[str, float]
     embedder: SentenceEmbedder = field(repr=False, compare=False)
     anchor: np.ndarray = field(repr=False, compare=False)
+    source: str | None = None
 
     @classmethod
     def calibrate(
@@ -135,6 +141,7 @@ class ConceptJudge:
         off_concept: Sequence[str],
         description: str | None = None,
         embedder: SentenceEmbedder | None = None,
+        source: str | None = None,
     ) -> ConceptJudge:
         """Choose the threshold on held-out on-/off-concept sentences (not the fit sentences)."""
         if len(on_concept) < 2 or len(off_concept) < 2:
@@ -154,7 +161,7 @@ class ConceptJudge:
             "balanced_accuracy": balanced,
             "auroc": float(auroc),
         }
-        return cls(concept, description, threshold, calibration, embedder, anchor)
+        return cls(concept, description, threshold, calibration, embedder, anchor, source)
 
     def similarity(self, texts: Sequence[str]) -> np.ndarray:
         """Cosine similarity of each text to the concept description."""
@@ -165,6 +172,11 @@ class ConceptJudge:
         return self.similarity(texts) > self.threshold
 
 
+def data_source(data: str | Path | None = None) -> Path | str:
+    """The sentences' source: `data`, else CONCEPT_FILE under $ACTSTEER_DATA (no hub default)."""
+    return resolve_data(data, CONCEPT_FILE, None, "concept sentences")
+
+
 def load_concept_sentences(
     concept: str, data: str | Path | None = None, n_off: int | None = N_OFF, seed: int = 0
 ) -> tuple[list[str], list[str]]:
@@ -172,7 +184,7 @@ def load_concept_sentences(
 
     Off-concept sentences are those labelled "none", a seeded subset of n_off.
     """
-    rows = read_jsonl(resolve_file(data, CONCEPT_FILE, "concept sentences"), "concept sentences")
+    rows = read_rows(data_source(data), "concept sentences")
     for number, row in enumerate(rows):
         require_keys(row, ("concept", "sentence"), f"concept sentences row {number}")
     on = [row["sentence"] for row in rows if row["concept"] == concept]
@@ -251,14 +263,20 @@ def evaluate_grid(
     """Concept presence at each strength, all strengths generated together (per-row λ).
 
     The judge is `judge` if given; else calibrated on `calibration` = (on, off) sentences, or
-    on the concept sentences file (`data`) for `concept`.
+    on the concept sentences for `concept` (`data`, else the file under $ACTSTEER_DATA).
+    settings["data"] names what the judge was calibrated on (its `source`).
     """
     strengths = resolve_strengths(steering, strengths)
     if samples_per_prompt < 1 or not prompts:
         raise ActSteerError("give at least one prompt and samples_per_prompt ≥ 1")
     if judge is None:
-        on, off = calibration if calibration is not None else load_concept_sentences(concept, data)
-        judge = ConceptJudge.calibrate(concept, on, off, description)
+        if calibration is not None:
+            (on, off), source = calibration, "given sentences"
+        else:
+            resolved = data_source(data)
+            on, off = load_concept_sentences(concept, resolved)
+            source = str(resolved)
+        judge = ConceptJudge.calibrate(concept, on, off, description, source=source)
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     texts = sample_grid(
         model,
@@ -279,7 +297,7 @@ def evaluate_grid(
         "description": judge.description,
         "threshold": judge.threshold,
         "calibration": judge.calibration,
-        "data": str(data or CONCEPT_FILE) if calibration is None else "given sentences",
+        "data": judge.source or "given judge",
         "prompts": list(prompts),
         "samples_per_prompt": samples_per_prompt,
         "seed": seed,

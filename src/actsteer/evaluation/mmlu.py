@@ -7,6 +7,11 @@ header is "The following are multiple choice questions (with answers)." and the 
 examples are drawn (seeded) from rows outside the evaluated subset, the same for every
 question. Subset: shuffle the row indices with `seed`, keep the first `n_questions` (so smaller
 subsets are prefixes of larger ones). Defaults: 500 questions, 5 shots, seed 0.
+
+Questions (see `actsteer.evaluation.data`): `data`; else mmlu/mmlu_2850.jsonl under
+$ACTSTEER_DATA; else the hub's cais/mmlu (config "all", test split: 14,042 questions, so the
+default subset differs from the local file's). Rows are {question, choices[4], answer 0-3} in
+both; the hub's `subject` is not used (the header stays the generic one).
 """
 
 from __future__ import annotations
@@ -23,20 +28,13 @@ from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths, steering_applied
-from actsteer.evaluation.data import (
-    fixed_subset,
-    is_hub,
-    load_hub,
-    read_jsonl,
-    require_keys,
-    resolve_file,
-)
+from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.likelihood import encode, next_token_logprobs
 from actsteer.evaluation.stats import bootstrap_mean_ci
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 MMLU_FILE = "mmlu/mmlu_2850.jsonl"
-MMLU_HUB = ("all", "test")  # for data="hf:cais/mmlu"
+MMLU_HUB = ("cais/mmlu", "all", "test")
 LETTERS = ("A", "B", "C", "D")
 N_QUESTIONS = 500
 SHOTS = 5
@@ -64,12 +62,14 @@ class MMLUResult:
         return {"accuracy": self.accuracy_ci}
 
 
+def data_source(data: str | Path | None = None) -> Path | str:
+    """The questions' source: `data`, else MMLU_FILE under $ACTSTEER_DATA, else MMLU_HUB."""
+    return resolve_data(data, MMLU_FILE, MMLU_HUB, "MMLU")
+
+
 def load_mmlu(data: str | Path | None = None) -> list[dict[str, Any]]:
-    """Rows {question, choices[4], answer 0-3}; data: a JSONL file or "hf:cais/mmlu"."""
-    if is_hub(data):
-        rows = load_hub(str(data), *MMLU_HUB)
-    else:
-        rows = read_jsonl(resolve_file(data, MMLU_FILE, "MMLU"), "MMLU")
+    """Rows {question, choices[4], answer 0-3}; data: a JSONL file or "hf:ID"."""
+    rows = read_rows(data_source(data), "MMLU")
     for number, row in enumerate(rows):
         where = f"MMLU row {number}"
         require_keys(row, ("question", "choices", "answer"), where)
@@ -111,7 +111,8 @@ def evaluate_grid(
 ) -> list[MMLUResult]:
     """Accuracy at each strength on the seeded subset (n_questions=None: every row)."""
     strengths = resolve_strengths(steering, strengths)
-    rows = load_mmlu(data)
+    source = data_source(data)
+    rows = load_mmlu(source)
     indices, subset = fixed_subset(rows, n_questions, seed)
     rest = sorted(set(range(len(rows))) - set(indices))
     if shots < 0 or shots > len(rest):
@@ -122,7 +123,7 @@ def evaluate_grid(
     answers = np.array([int(row["answer"]) for row in subset])
     candidates = letter_ids(tokenizer)
     settings = {
-        "data": str(data or MMLU_FILE),
+        "data": str(source),
         "n_questions": len(subset),
         "seed": seed,
         "shots": shots,

@@ -7,6 +7,11 @@ Windows of `window` tokens advance by `stride`: stride == window gives blocked w
 smaller stride a sliding window in which each token is scored once, with up to
 window − stride tokens of extra context. The tokenizer's BOS (if it adds one) starts every
 window and is never scored. Perplexity = exp(mean negative log-likelihood per scored token).
+
+Text (see `actsteer.evaluation.data`): `data` (a raw text file, or a hub dataset with a `text`
+column); else wikitext/wiki.test.raw under $ACTSTEER_DATA; else the hub's Salesforce/wikitext
+(wikitext-2-raw-v1, test split), whose rows are the raw file's lines (blank ones as ""), so
+both give the same text. The source actually read is each result's `settings["data"]`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths, steering_applied
-from actsteer.evaluation.data import is_hub, load_hub, resolve_file
+from actsteer.evaluation.data import load_hub, require_keys, resolve_data
 from actsteer.evaluation.likelihood import special_prefix
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 WIKITEXT_FILE = "wikitext/wiki.test.raw"
-WIKITEXT_HUB = ("wikitext-2-raw-v1", "test")  # for data="hf:wikitext"
+WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 #: Defaults: the first 4096 tokens of WikiText-2 test, in blocked windows of 512.
 MAX_TOKENS = 4096
 WINDOW = 512
@@ -39,7 +44,8 @@ class PerplexityResult:
     """Perplexity at one strength, with the token count and windowing that produced it."""
 
     TASK: ClassVar[str] = "perplexity"
-    METRICS: ClassVar[dict[str, str]] = {"perplexity": "perplexity (WikiText-2 test)"}
+    # No data named here: the text read is settings["data"] (WikiText-2 test by default).
+    METRICS: ClassVar[dict[str, str]] = {"perplexity": "perplexity"}
 
     strength: float
     perplexity: float
@@ -54,19 +60,27 @@ class PerplexityResult:
         return {}
 
 
+def data_source(data: str | Path | None = None) -> Path | str:
+    """The text's source: `data`, else WIKITEXT_FILE under $ACTSTEER_DATA, else WIKITEXT_HUB."""
+    return resolve_data(data, WIKITEXT_FILE, WIKITEXT_HUB, "WikiText")
+
+
 def load_wikitext(data: str | Path | None = None) -> str:
     """The WikiText test text joined HF-style; data is a raw file, or "hf:ID[:CONFIG[:SPLIT]]"."""
-    if is_hub(data):
-        rows = [row["text"] for row in load_hub(str(data), *WIKITEXT_HUB)]
+    source = data_source(data)
+    if isinstance(source, str):
+        rows = load_hub(source)
+        for number, row in enumerate(rows):
+            require_keys(row, ("text",), f"{source} row {number}")
+        rows = [row["text"] for row in rows]
     else:
-        path = resolve_file(data, WIKITEXT_FILE, "WikiText")
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = source.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()  # the file's final newline ends the last line; it is not a blank line
         rows = [line + "\n" if line.strip() else "" for line in lines]
     text = "\n\n".join(rows)
     if not text.strip():
-        raise ActSteerError(f"the perplexity text ({data or WIKITEXT_FILE}) is empty")
+        raise ActSteerError(f"the perplexity text ({source}) is empty")
     return text
 
 
@@ -152,9 +166,10 @@ def evaluate_grid(
 ) -> list[PerplexityResult]:
     """Perplexity of the model steered at each strength (the plain model without a steering)."""
     strengths = resolve_strengths(steering, strengths)
-    ids = tokens_for_budget(tokenizer, load_wikitext(data), max_tokens)
+    source = data_source(data)
+    ids = tokens_for_budget(tokenizer, load_wikitext(source), max_tokens)
     settings = {
-        "data": str(data or WIKITEXT_FILE),
+        "data": str(source),
         "max_tokens": max_tokens,
         "window": window,
         "stride": stride or window,

@@ -6,6 +6,11 @@ preamble (`QA_PRIMER`), then "Q: <question>\\nA:"; each answer is scored as the 
 strictly above every incorrect answer's (the reference `MC_calcs` rule). MC2 = probability
 mass exp(score) of the true answers normalised over all MC2 choices. The preamble runs once per
 strength (its KV cache is shared), so the cost is that of the questions and answers.
+
+Questions (see `actsteer.evaluation.data`): `data`; else
+truthfulqa/truthfulqa_mc_from_csv.jsonl under $ACTSTEER_DATA (the 817 questions, `idx` in the
+CSV's order); else the hub's truthfulqa/truthful_qa (multiple_choice config, validation split),
+whose rows have the same `mc1_targets` / `mc2_targets` and get `idx` = their row number.
 """
 
 from __future__ import annotations
@@ -21,20 +26,13 @@ from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths, steering_applied
-from actsteer.evaluation.data import (
-    fixed_subset,
-    is_hub,
-    load_hub,
-    read_jsonl,
-    require_keys,
-    resolve_file,
-)
+from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.stats import bootstrap_mean_ci
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 TRUTHFULQA_FILE = "truthfulqa/truthfulqa_mc_from_csv.jsonl"
-TRUTHFULQA_HUB = ("multiple_choice", "validation")  # for data="hf:truthful_qa"
+TRUTHFULQA_HUB = ("truthfulqa/truthful_qa", "multiple_choice", "validation")
 QA_PRIMER = (
     "Q: What is human life expectancy in the United States?\n"
     "A: Human life expectancy in the United States is 78 years.\n\n"
@@ -74,14 +72,14 @@ class TruthfulQAResult:
         return {"mc1": self.mc1_ci, "mc2": self.mc2_ci}
 
 
+def data_source(data: str | Path | None = None) -> Path | str:
+    """The questions' source: `data`, else TRUTHFULQA_FILE under $ACTSTEER_DATA, else the hub."""
+    return resolve_data(data, TRUTHFULQA_FILE, TRUTHFULQA_HUB, "TruthfulQA")
+
+
 def load_truthfulqa(data: str | Path | None = None) -> list[dict[str, Any]]:
-    """Questions with mc1_targets/mc2_targets; data: a JSONL file or "hf:truthful_qa"."""
-    if is_hub(data):
-        rows = load_hub(str(data), *TRUTHFULQA_HUB)
-        rows = [{"idx": i, **row} for i, row in enumerate(rows)]
-    else:
-        path = resolve_file(data, TRUTHFULQA_FILE, "TruthfulQA")
-        rows = read_jsonl(path, "TruthfulQA")
+    """Questions with mc1_targets/mc2_targets; data: a JSONL file or "hf:ID"."""
+    rows = read_rows(data_source(data), "TruthfulQA")
     for number, row in enumerate(rows):
         require_keys(row, ("question", "mc1_targets", "mc2_targets"), f"TruthfulQA row {number}")
         row.setdefault("idx", number)
@@ -125,7 +123,8 @@ def evaluate_grid(
     """MC1/MC2 at each strength on all questions, a seeded subset of n_questions, or the rows
     whose `idx` is in `indices` (e.g. one fold of `idx % 2` when fitting on TruthfulQA)."""
     strengths = resolve_strengths(steering, strengths)
-    rows = load_truthfulqa(data)
+    source = data_source(data)
+    rows = load_truthfulqa(source)
     if indices is not None:
         wanted = {int(i) for i in indices}
         rows = [row for row in rows if int(row["idx"]) in wanted]
@@ -144,7 +143,7 @@ def evaluate_grid(
                 requests.append((context, " " + choice))
         slots.append(slot)
     settings = {
-        "data": str(data or TRUTHFULQA_FILE),
+        "data": str(source),
         "n_questions": len(rows),
         "subset": {"n": n_questions, "seed": seed, "indices": indices is not None},
         "preprompt": "QA_PRIMER" if preprompt == QA_PRIMER else preprompt,
