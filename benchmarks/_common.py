@@ -17,10 +17,10 @@ from unittest import mock
 
 import torch
 
-from actsteer.diffusion import module_tree
+from actsteer.tree import module_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("ACTSTEER_BENCH_DATA", "/work/shared/data/toxicity_fit"))
+DATA = Path(os.environ.get("ACTSTEER_DATA", ROOT.parent / "shared" / "data")) / "toxicity_fit"
 THREADS = 2
 
 

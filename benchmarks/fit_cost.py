@@ -35,9 +35,10 @@ from _common import (
 from torch import nn
 
 import actsteer
-from actsteer.capture import Recorder, batches, forward_body, model_device, record, resolve_modules
+from actsteer.capture import Recorder, batches, forward_body, record, resolve_modules
 from actsteer.methods import get_method
 from actsteer.sequential import execution_order
+from actsteer.tree import model_device
 
 BATCH_SIZE = 16
 MAX_LENGTH = 128
@@ -93,7 +94,7 @@ def naive_sequential_fit(
     lookup = dict(model.named_modules())
     maps: dict[str, Any] = {}
     for name in order:
-        upstream = actsteer.Steering(dict(maps), {"method": "linear-act"})
+        upstream = actsteer.Steering(dict(maps))
         recorder = Recorder(model, [name], "mean", None)
         stopper = lookup[name].register_forward_hook(_stop)
         try:

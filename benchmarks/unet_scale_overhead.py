@@ -74,7 +74,7 @@ def random_steering(unet: nn.Module) -> Steering:
             )
             amap.bounds = support_bounds(torch.randn(256, width, generator=g))
             maps[name] = amap
-    return Steering(maps, {"method": "linear-act"})
+    return Steering(maps)
 
 
 def main(argv: list[str] | None = None) -> None:

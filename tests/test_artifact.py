@@ -134,4 +134,4 @@ def test_inverse_steering_undoes_the_steering(tiny_llama, tokenizer, tiny_steeri
     amap, inverse = tiny_steering.maps[name], tiny_steering.inverse().maps[name]
     a = torch.randn(4, amap.dim)
     assert torch.allclose(inverse(amap(a, 1.0, "all"), 1.0, "all"), a, atol=1e-4)
-    assert tiny_steering.inverse().info["inverted"] is True
+    assert tiny_steering.inverse().info.inverted is True

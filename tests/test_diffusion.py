@@ -11,8 +11,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 import actsteer
 from actsteer import ActSteerError, Steering
 from actsteer.capture import resolve_modules
-from actsteer.diffusion import PipelineModules, generate_images, record_pipeline
-from actsteer.steer import _GuidanceState
+from actsteer.diffusion import generate_images, record_pipeline
+from actsteer.guidance import Guidance
+from actsteer.tree import PipelineModules
 
 WORDS = [
     *("a", "an", "the", "on", "no", "beach", "grass", "striped"),
@@ -153,10 +154,20 @@ def test_conditional_cfg_steers_only_the_conditional_half(sd_pipe, sd_steering):
         steered = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, strength)[0]
         assert torch.equal(steered[:n], plain[:n]), "unconditional half untouched"
         assert (steered[n:] - plain[n:]).abs().max() > 1e-4
-    both = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, 1.0, cfg="both")[0]
+    both = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, 1.0, guidance="both")[0]
     assert (both[:n] - plain[:n]).abs().max() > 1e-4
+    with pytest.raises(ActSteerError, match="unknown guidance"):
+        sd_steering.attach(sd_pipe, guidance="uncond")
     with pytest.raises(ActSteerError, match="unknown cfg"):
         sd_steering.attach(sd_pipe, cfg="uncond")
+
+
+def test_the_old_cfg_argument_still_works_with_a_warning(sd_pipe, sd_steering):
+    n = 2
+    both = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, 1.0, guidance="both")[0]
+    with pytest.warns(DeprecationWarning, match="now called guidance="):
+        old = first_outputs(sd_pipe, "unet", SOURCE[:n], sd_steering, 1.0, cfg="both")[0]
+    assert torch.equal(old, both)
 
 
 def test_guidance_is_read_per_call(sd_pipe, sd_steering):
@@ -187,7 +198,7 @@ def test_guidance_is_read_per_call(sd_pipe, sd_steering):
 def test_a_pipeline_without_the_flag_splits_a_batch_of_twice_the_prompts(call):
     """Without do_classifier_free_guidance, a denoiser call whose latents have twice the rows the
     text encoder saw is a CFG batch; decided once per denoiser call, from its input."""
-    state = _GuidanceState(object())
+    state = Guidance(object())
     assert not state.has_flag
     state.text_calls["text_encoder"] = 0
     state._count("text_encoder", None, (torch.zeros(3, 7, dtype=torch.long),), {})
@@ -203,7 +214,7 @@ def test_conditional_cfg_steers_the_prompt_encoding_only(sd_pipe):
                             pipeline_options=RUN, progress=False)  # fmt: skip
     plain = first_outputs(sd_pipe, "text_encoder", SOURCE[:2])
     steered = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering)
-    both = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering, cfg="both")
+    both = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering, guidance="both")
     assert len(plain) == len(steered) == 2, "prompts, then negative prompts"
     assert (steered[0] - plain[0]).abs().max() > 1e-4
     assert torch.equal(steered[1], plain[1])
@@ -289,7 +300,7 @@ def test_per_channel_hook_equals_the_reference_map(channels, side, support):
     amap = AffineMap(torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g))
     amap.bounds = support_bounds(torch.randn(100, channels, generator=g))
     conv = torch.nn.Identity()
-    steering = Steering({"": amap}, {"method": "linear-act"})
+    steering = Steering({"": amap})
     a = torch.randn(3, channels, side, side, generator=g) * 1.5
     for strength in (0.6, torch.tensor([0.0, 0.5, 1.0])):
         with torch.inference_mode(), steering.applied(conv, strength, support):
@@ -301,7 +312,7 @@ def test_per_channel_hook_equals_the_reference_map(channels, side, support):
 
 def test_folding_into_unet_norms_equals_hooks_on_both_halves(sd_pipe, sd_steering):
     """GroupNorm and LayerNorm maps fold into γ and δ: the folded pipeline renders what the
-    hooks render with cfg="both", with no hooks."""
+    hooks render with guidance="both", with no hooks."""
     import copy
 
     folded = sd_steering.fold(copy.deepcopy(sd_pipe), strength=0.7, support="all")
@@ -316,7 +327,7 @@ def test_folding_into_unet_norms_equals_hooks_on_both_halves(sd_pipe, sd_steerin
 
     with torch.inference_mode():
         plain = render(sd_pipe)
-        with sd_steering.applied(sd_pipe, 0.7, "all", cfg="both"):
+        with sd_steering.applied(sd_pipe, 0.7, "all", guidance="both"):
             hooked = render(sd_pipe)
         without_hooks = render(folded)
     assert np.abs(hooked - plain).max() > 1e-3

@@ -12,7 +12,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 import actsteer
 from actsteer import Steering
 from actsteer.capture import resolve_modules
-from actsteer.diffusion import PipelineModules, generate_images, record_pipeline
+from actsteer.diffusion import generate_images, record_pipeline
+from actsteer.tree import PipelineModules
 from tests.test_diffusion import SOURCE, TARGET, word_tokenizer
 
 PIXART_RUN = dict(
@@ -150,7 +151,7 @@ def test_dit_zero_strength_bit_identical_and_per_row_equals_separate_runs(pixart
 def test_dit_artifact_round_trip(pixart, pixart_steering, tmp_path):
     loaded = Steering.load(pixart_steering.save(tmp_path / "dit.safetensors"))
     assert loaded.modules == pixart_steering.modules
-    assert loaded.info["denoising"]["max_sequence_length"] == 12
+    assert loaded.info.denoising["max_sequence_length"] == 12
     np.testing.assert_array_equal(
         pixart_images(pixart, SOURCE[:1], [1.0], loaded),
         pixart_images(pixart, SOURCE[:1], [1.0], pixart_steering),

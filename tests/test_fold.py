@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import actsteer
-from actsteer.fold import export
+from actsteer.export import export
 
 PROMPTS = ["The weather today is", "I think that the best way to"]
 LLAMA_MODULES = (

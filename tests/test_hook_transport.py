@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from actsteer import ActSteerError, Steering, kernels
+from actsteer.hooks import SteeringHandle
 from actsteer.maps import AffineMap, support_bounds
-from actsteer.steer import SteeringHandle
 
 PATHS = ["fused", "torch-ops"]
 
@@ -58,13 +58,13 @@ class CountingKernel:
 def path(request, monkeypatch) -> CountingKernel | None:
     """Run the test with the fused kernel (counting its calls), and again with torch ops."""
     if request.param == "torch-ops":
-        monkeypatch.setattr("actsteer.steer.fused_kernel", lambda: None)
+        monkeypatch.setattr("actsteer.hooks.fused_kernel", lambda: None)
         return None
     kernel = kernels.fused_kernel()
     if kernel is None:
         pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
     counting = CountingKernel(kernel)
-    monkeypatch.setattr("actsteer.steer.fused_kernel", lambda: counting)
+    monkeypatch.setattr("actsteer.hooks.fused_kernel", lambda: counting)
     return counting
 
 
@@ -93,7 +93,7 @@ class Probe(nn.Module):
 
 def hooked(amap: AffineMap, a: torch.Tensor, strength, support: str) -> torch.Tensor:
     module = Probe(a.dtype)
-    steering = Steering({"": amap}, {"method": "linear-act"})
+    steering = Steering({"": amap})
     with torch.inference_mode(), steering.applied(module, strength, support):
         return module(a)
 
@@ -115,7 +115,7 @@ def reference(amap: AffineMap, a: torch.Tensor, strength, support: str) -> torch
 
 
 def uses_kernel(amap: AffineMap, support: str) -> bool:
-    steering = Steering({"": amap}, {"method": "linear-act"})
+    steering = Steering({"": amap})
     return SteeringHandle(steering, Probe(), 1.0, support).hooks[""].kernel is not None
 
 
@@ -174,7 +174,7 @@ def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
     g = torch.Generator().manual_seed(1)
     amap = fitted_map(g, 32)
     lam = torch.tensor([0.3, 0.9]) if per_row else 0.7
-    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, support)
+    handle = SteeringHandle(Steering({"": amap}), Probe(), lam, support)
     a = torch.randn(*shape, generator=g) * 1.5
     with torch.inference_mode():
         out = handle.hooks[""]._transport(a, second_half_only=True)
@@ -192,7 +192,7 @@ def test_outputs_split_over_threads_inside_a_row(path, shape):
     g = torch.Generator().manual_seed(12)
     amap = fitted_map(g, shape[1] if len(shape) == 4 else shape[-1])
     lam = torch.tensor([0.2, 0.6, 1.0])
-    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), Probe(), lam, "q0-100")
+    handle = SteeringHandle(Steering({"": amap}), Probe(), lam, "q0-100")
     a = torch.randn(*shape, generator=g) * 1.5
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -273,7 +273,7 @@ def test_outputs_the_kernel_declines_take_the_torch_ops(path, case):
     torch ops."""
     g = torch.Generator().manual_seed(6)
     amap = fitted_map(g, 16)
-    steering = Steering({"": amap}, {"method": "linear-act"})
+    steering = Steering({"": amap})
     a = torch.randn(16, 4, 2, generator=g).transpose(0, 2) * 1.5  # (2, 4, 16), not contiguous
     if case == "gradient":
         a = a.contiguous().requires_grad_()
@@ -324,7 +324,7 @@ def steered_norm_output(module: nn.Module, amap: AffineMap, x: torch.Tensor, mon
         return returned[-1]
 
     monkeypatch.setattr(torch.nn.functional, "layer_norm", recording)
-    with torch.no_grad(), Steering({"": amap}, {"method": "linear-act"}).applied(module, 0.8):
+    with torch.no_grad(), Steering({"": amap}).applied(module, 0.8):
         out = module(x)
     return returned[0] if returned else None, out
 
@@ -370,7 +370,7 @@ def test_the_kernel_hook_is_registered_and_freed_with_the_handle():
         pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
     amap = fitted_map(torch.Generator().manual_seed(11), 8)
     module = nn.LayerNorm(8)
-    handle = SteeringHandle(Steering({"": amap}, {"method": "linear-act"}), module, 1.0, "all")
+    handle = SteeringHandle(Steering({"": amap}), module, 1.0, "all")
     registered = next(iter(module._forward_hooks.values()))
     assert registered is handle.forward_hooks[""]
     assert isinstance(registered, types.BuiltinFunctionType)

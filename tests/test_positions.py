@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import actsteer
-from actsteer import Steering, steered
+from actsteer import Steering, SteeringInfo, steered
 from actsteer.maps import AffineMap
 from actsteer.models import cache_keyword
 
@@ -122,7 +122,7 @@ def _composed(a: Steering, la: float, b: Steering, lb: float) -> Steering:
         sa, ca = 1 + la * (a.maps[name].omega - 1), la * a.maps[name].beta
         sb, cb = 1 + lb * (b.maps[name].omega - 1), lb * b.maps[name].beta
         maps[name] = AffineMap(sb * sa, sb * ca + cb)
-    return Steering(maps, {"method": "iti-c", "support": "all"})
+    return Steering(maps, SteeringInfo(method="iti-c", support="all"))
 
 
 def test_composition_applies_steerings_in_the_given_order(tiny_llama, tokenizer, steering):

@@ -35,9 +35,10 @@ import torch
 
 import actsteer
 from actsteer.capture import resolve_modules
-from actsteer.diffusion import generate_images, module_tree, record_pipeline
+from actsteer.diffusion import generate_images, record_pipeline
 from actsteer.maps import AffineMap
 from actsteer.methods import get_method
+from actsteer.tree import module_tree
 
 from . import dataset as ds
 from . import measure
@@ -77,7 +78,7 @@ def sweep(
     for start in range(0, len(prompts), chunk):
         rows = generate_images(
             pipe, prompts[start : start + chunk], strengths, steering, support=support,
-            steps=STEPS, guidance_scale=GUIDANCE, seed=seed + start, cfg=cfg, output_type="np",
+            steps=STEPS, guidance_scale=GUIDANCE, seed=seed + start, guidance=cfg, output_type="np",
         )  # fmt: skip
         out += [[to_uint8(image) for image in row] for row in rows]
     return out
@@ -132,7 +133,7 @@ def fit_by_stages(
     estimator = get_method(method)
     support = support or estimator.default_support
     target_samples = record_pipeline(pipe, target, modules, progress=False, **options)
-    info = {"method": method, "support": support, "mode": "sequential (stages)"}
+    info = actsteer.SteeringInfo(method=method, support=support, mode="sequential (stages)")
     maps: dict[str, AffineMap] = {}
     for stage in sorted({unet_stage(n) for n in modules}):
         names = [n for n in modules if unet_stage(n) == stage]

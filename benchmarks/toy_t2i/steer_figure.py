@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     rows += sweep(pipe, styled, STRENGTHS, style, seed=EVAL_SEED, cfg="conditional", support=None)
     labels += [f"style: {p}" for p in styled]
     title = (
-        f"toy model, 20 DDIM steps, guidance 4; negation: {negation.info['support']} support, "
-        f"style: {style.info['support']}"
+        f"toy model, 20 DDIM steps, guidance 4; negation: {negation.info.support} support, "
+        f"style: {style.info.support}"
     )
     grid(rows, labels, [f"lambda={s:g}" for s in STRENGTHS], args.out, scale=2,
          label_width=260, title=title)  # fmt: skip

@@ -6,17 +6,17 @@ with steering.applied(model, strength=0.5):
     model.generate(...)
 """
 
-__version__ = "0.1.0"
-
-from actsteer.diffusion import load_pipeline  # noqa: E402
-from actsteer.errors import ActSteerError  # noqa: E402
-from actsteer.fit import fit  # noqa: E402
-from actsteer.models import load_model  # noqa: E402
-from actsteer.steer import Steering, steered  # noqa: E402
+from actsteer.diffusion import load_pipeline
+from actsteer.errors import ActSteerError
+from actsteer.fit import fit
+from actsteer.models import load_model
+from actsteer.steering import Steering, SteeringInfo, steered
+from actsteer.version import __version__
 
 __all__ = [
     "ActSteerError",
     "Steering",
+    "SteeringInfo",
     "__version__",
     "fit",
     "load_model",

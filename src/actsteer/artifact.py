@@ -1,4 +1,4 @@
-"""Steering artifacts: one .safetensors file, tensors per module plus JSON metadata.
+"""The steering file format: one .safetensors file, tensors per module plus JSON metadata.
 
 Tensors: `<module>.omega`, `<module>.beta`, `<module>.support.<name>.lo|hi`. The header's
 "actsteer" entry holds the JSON description (format version, method, model name and
@@ -11,79 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap
-from actsteer.steer import Steering
+from actsteer.version import __version__
 
 FORMAT_VERSION = 1
 _KEY = "actsteer"
 
 
-def model_fingerprint(model: nn.Module) -> list[str]:
-    """Every parameter's name and shape ("name:576x576"): identifies an architecture."""
-    return [f"{name}:{'x'.join(map(str, p.shape))}" for name, p in model.named_parameters()]
-
-
-def module_width(module: nn.Module) -> int | None:
-    """Number of output units of a module, when its parameters tell."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear layer
-        return module.weight.shape[1]
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.ndim == 1:
-        return weight.shape[0]
-    return None
-
-
-def check_compatible(steering: Steering, model: nn.Module) -> None:
-    """Refuse a steering fitted on another model, naming the first mismatch."""
-    origin = steering.info.get("model", {}).get("name", "another model")
-    lookup = dict(model.named_modules())
-    for name, amap in steering.maps.items():
-        if name not in lookup:
-            raise ActSteerError(
-                f"steering was fitted on {origin!r} and steers module {name!r}, "
-                "which this model does not have; fit a steering for this model"
-            )
-        width = module_width(lookup[name])
-        if width is not None and width != amap.dim:
-            raise ActSteerError(
-                f"steering was fitted on {origin!r}: module {name!r} has {amap.dim} units there "
-                f"but {width} in this model; fit a steering for this model"
-            )
-    expected = steering.info.get("model", {}).get("fingerprint")
-    if expected is None:
-        return
-    actual = model_fingerprint(model)
-    if expected != actual:
-        ours, theirs = (
-            dict(e.rsplit(":", 1) for e in expected),
-            dict(e.rsplit(":", 1) for e in actual),
-        )
-        for param, shape in ours.items():
-            if theirs.get(param) != shape:
-                found = theirs.get(param, "missing")
-                raise ActSteerError(
-                    f"steering was fitted on {origin!r}, whose parameter {param!r} has shape "
-                    f"{shape}; in this model it is {found}; fit a steering for this model"
-                )
-        extra = next(p for p in theirs if p not in ours)
-        raise ActSteerError(
-            f"steering was fitted on {origin!r}, which has no parameter {extra!r}; "
-            "fit a steering for this model"
-        )
-
-
-def _tensors(steering: Steering) -> dict[str, torch.Tensor]:
+def _tensors(maps: dict[str, AffineMap]) -> dict[str, torch.Tensor]:
     tensors = {}
-    for name, amap in steering.maps.items():
+    for name, amap in maps.items():
         tensors[f"{name}.omega"] = amap.omega
         tensors[f"{name}.beta"] = amap.beta
         for support, (lo, hi) in amap.bounds.items():
@@ -100,18 +44,16 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_steering(steering: Steering, path: str | Path) -> Path:
-    """Write `steering` to `path` (.safetensors); returns the path."""
-    from actsteer import __version__
-
+def write_steering(maps: dict[str, AffineMap], info: dict[str, Any], path: str | Path) -> Path:
+    """Write maps and their JSON description to `path` (.safetensors); returns the path."""
     path = Path(path)
-    tensors = _tensors(steering)
+    tensors = _tensors(maps)
     header = {
-        **steering.info,
+        **info,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "modules": steering.modules,
-        "supports": sorted(next(iter(steering.maps.values())).bounds) if steering.maps else [],
+        "modules": list(maps),
+        "supports": sorted(next(iter(maps.values())).bounds) if maps else [],
         "checksum": _checksum(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +61,9 @@ def save_steering(steering: Steering, path: str | Path) -> Path:
     return path
 
 
-def load_steering(path: str | Path) -> Steering:
-    """Read a steering file; anything missing, foreign or damaged is a clear error."""
+def read_steering(path: str | Path) -> tuple[dict[str, AffineMap], dict[str, Any]]:
+    """Maps and JSON description of a steering file; anything missing, foreign or damaged is a
+    clear error."""
     path = Path(path)
     if not path.is_file():
         raise ActSteerError(f"no steering file at {str(path)!r}")
@@ -158,4 +101,4 @@ def load_steering(path: str | Path) -> Steering:
         raise ActSteerError(f"{damaged}: it steers no module")
     for key in ("format_version", "library_version", "modules", "supports", "checksum"):
         info.pop(key, None)
-    return Steering(maps, info)
+    return maps, info

@@ -1,8 +1,8 @@
 """Which modules to steer, and recording their activations pooled into one sample per text.
 
-Modules are chosen by a named preset (resolved per architecture family), a regular expression
-(full match over `model.named_modules()`) or an explicit list of names. Recording runs batched
-forward passes with hooks; padding never reaches the statistics.
+Modules are chosen by a named preset (per architecture family: `actsteer.families`), a regular
+expression (full match over `model.named_modules()`) or an explicit list of names. Recording
+runs batched forward passes with hooks; padding never reaches the statistics.
 """
 
 from __future__ import annotations
@@ -16,50 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
+from actsteer.families import PRESET_NAMES, find_family, model_type
+from actsteer.tree import model_device
 
 POOLINGS = ("mean", "last", "max", "all")
-
-_BLOCK = r"(?:.*\.)?layers\.\d+\."
-#: Preset module patterns per architecture family (full-match regular expressions).
-PRESETS: dict[str, dict[str, str]] = {
-    "llama": {
-        "post-attn-ln": _BLOCK + r"post_attention_layernorm",
-        "layernorms": _BLOCK + r"(?:input_layernorm|post_attention_layernorm)|(?:.*\.)?norm",
-        "attn-out": _BLOCK + r"self_attn\.o_proj",
-        "mlp-out": _BLOCK + r"mlp\.down_proj",
-    },
-    "gemma": {
-        "post-attn-ln": _BLOCK + r"post_attention_layernorm",
-        "layernorms": _BLOCK
-        + r"(?:input|post_attention|pre_feedforward|post_feedforward)_layernorm|(?:.*\.)?norm",
-        "attn-out": _BLOCK + r"self_attn\.o_proj",
-        "mlp-out": _BLOCK + r"mlp\.down_proj",
-    },
-    "gpt2": {
-        "post-attn-ln": r"(?:.*\.)?h\.\d+\.ln_2",
-        "layernorms": r"(?:.*\.)?h\.\d+\.ln_[12]|(?:.*\.)?ln_f",
-        "attn-out": r"(?:.*\.)?h\.\d+\.attn\.c_proj",
-        "mlp-out": r"(?:.*\.)?h\.\d+\.mlp\.c_proj",
-    },
-    "diffusion": {
-        "unet-norms": r"unet\.(?:.*\.)?(?:norm\d*|conv_norm_out)",
-        "dit-blocks": r"transformer\.(?:transformer_blocks|single_transformer_blocks)\.\d+",
-        "text-encoder": r"text_encoder(?:_\d)?\.(?:.*\.)?(?:layers|block)\.\d+",
-    },
-}
-_FAMILY_OF_MODEL_TYPE = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3"), "llama"),
-    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"), "gemma"),
-    "gpt2": "gpt2",
-    "diffusers-pipeline": "diffusion",
-}
-PRESET_NAMES = tuple(dict.fromkeys(name for presets in PRESETS.values() for name in presets))
-
-
-def model_family(model: nn.Module) -> str | None:
-    """The preset family of a transformers model, from its config's model_type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return _FAMILY_OF_MODEL_TYPE.get(model_type or "")
 
 
 def _summarise_names(names: Sequence[str], limit: int = 12) -> str:
@@ -77,19 +37,19 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     """
     names = [name for name, _ in model.named_modules()]
     if isinstance(spec, str) and spec in PRESET_NAMES:
-        family = model_family(model)
+        family = find_family(model)
         if family is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise ActSteerError(
-                f"preset {spec!r} is not defined for model type {model_type!r}; pass a regular "
-                f"expression over module names instead, e.g. one of: {_summarise_names(names)}"
+                f"preset {spec!r} is not defined for model type {model_type(model)!r} (it is "
+                "not in actsteer/families.py); pass a regular expression over module names "
+                f"instead, e.g. one of: {_summarise_names(names)}"
             )
-        if spec not in PRESETS[family]:
+        if spec not in family.presets:
             raise ActSteerError(
                 f"preset {spec!r} does not apply to this model; its presets are: "
-                f"{', '.join(PRESETS[family])}"
+                f"{', '.join(family.presets)}"
             )
-        spec = PRESETS[family][spec]
+        spec = family.presets[spec]
     if isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -111,25 +71,6 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
         )
     order = {n: i for i, n in enumerate(names)}
     return sorted(wanted, key=order.__getitem__)
-
-
-#: diffusers transformer blocks that return (encoder_hidden_states, hidden_states): the image
-#: stream, the one "dit-blocks" steers, is their second output (the first is the text stream).
-TEXT_FIRST_BLOCKS = frozenset(
-    {
-        "JointTransformerBlock", "AuraFlowJointTransformerBlock", "FluxTransformerBlock",
-        "FluxSingleTransformerBlock", "Flux2TransformerBlock", "Flux2SingleTransformerBlock",
-        "Flux3SingleTransformerBlock", "ChromaTransformerBlock", "QwenImageTransformerBlock",
-        "BriaTransformerBlock", "BriaSingleTransformerBlock", "BriaFiboTransformerBlock",
-        "LongCatImageTransformerBlock", "LongCatImageSingleTransformerBlock",
-        "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock",
-    }
-)  # fmt: skip
-
-
-def stream_index(module: nn.Module) -> int:
-    """Which element of the module's tuple output carries its activations (usually the first)."""
-    return 1 if type(module).__name__ in TEXT_FIRST_BLOCKS else 0
 
 
 def output_tensor(output: object, index: int = 0) -> torch.Tensor:
@@ -289,10 +230,6 @@ def batches(
             yield {
                 k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")
             }
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def forward_body(model: nn.Module, modules: Sequence[str]) -> nn.Module:

@@ -24,14 +24,16 @@ from typer.core import TyperGroup
 from actsteer.capture import POOLINGS
 from actsteer.diffusion import generate_images, image_grid, load_pipeline
 from actsteer.errors import ActSteerError
+from actsteer.export import export as export_checkpoint
 from actsteer.fit import MODES
 from actsteer.fit import fit as fit_steering
-from actsteer.fold import export as export_checkpoint
 from actsteer.generation import generate_grid
+from actsteer.guidance import GUIDANCE_MODES as CFG_MODES
+from actsteer.hooks import POSITIONS
 from actsteer.maps import SUPPORTS
 from actsteer.methods import METHODS, get_method
 from actsteer.models import DEFAULT_MODEL, load_model
-from actsteer.steer import CFG_MODES, POSITIONS, Steering
+from actsteer.steering import Steering
 
 STRENGTH_FLAGS = ("--strength", "-s")
 DEMO_PROMPTS = (
@@ -255,7 +257,7 @@ def parse_strength_specs(specs: Sequence[str]) -> list[float]:
 def _steering_model(steering: Steering | None, model: str | None) -> str:
     """The model to load: the given one, else the steering's, else the default."""
     if model is None and steering is not None:
-        model = steering.info.get("model", {}).get("name")
+        model = steering.info.model_name
     return model or DEFAULT_MODEL
 
 
@@ -427,7 +429,7 @@ def fit(
     widths = sorted({amap.dim for amap in steering.maps.values()})
     typer.echo(f"Saved steering to {path}")
     typer.echo(
-        f"  {steering.method}, {steering.info.get('mode')}, pooling {steering.info['pooling']}, "
+        f"  {steering.method}, {steering.info.mode}, pooling {steering.info.pooling}, "
         f"support {steering.default_support}; {len(steering.maps)} modules "
         f"({', '.join(map(str, widths))} units); fitted in {elapsed:.1f} s"
     )
@@ -500,7 +502,7 @@ def generate(
     steering = swept[1] if swept else None
     origin = fixed[0][1] if fixed else steering
     if steering is not None:
-        strengths = list(strength or [float(steering.info.get("default_strength", 1.0))])
+        strengths = list(strength or [steering.info.default_strength])
         steering.check_strength(strengths)
         columns = [_format_strength(s) for s in strengths]
     else:
@@ -513,7 +515,7 @@ def generate(
             else ["plain"]
         )
     if origin is not None:
-        model = model or origin.info.get("model", {}).get("name")
+        model = model or origin.info.model_name
     model = model or DEFAULT_MODEL
     lm, tok = _load(model)
     _status(
@@ -563,7 +565,7 @@ def export(
     """
     steering = Steering.load(steering_path)
     steering.check_strength(strength)
-    model = model or steering.info.get("model", {}).get("name") or DEFAULT_MODEL
+    model = model or steering.info.model_name or DEFAULT_MODEL
     lm, tok = _load(model)
     probe = tok(["The weather today is"], return_tensors="pt")
     with torch.inference_mode(), steering.applied(lm, strength, support):
@@ -625,7 +627,7 @@ def generate_image(
     _status(f"Rendering {len(prompts)} prompt(s) × {len(strengths)} strength(s) in one call …")
     images = generate_images(
         pipe, prompts, strengths, steering, support=support, steps=steps,
-        guidance_scale=guidance_scale, seed=seed, cfg=cfg, **extra,
+        guidance_scale=guidance_scale, seed=seed, guidance=cfg, **extra,
     )  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, prompts, strengths).save(output)
@@ -686,13 +688,13 @@ def inspect(
     console = _console()
     console.print(f"[bold]{path}[/bold]")
     rows = [
-        ("method", steering.method + (" (inverted)" if info.get("inverted") else "")),
-        ("mode", info.get("mode", "?")),
-        ("model", info.get("model", {}).get("name", "?")),
-        ("pooling", info.get("pooling", "?")),
+        ("method", steering.method + (" (inverted)" if info.inverted else "")),
+        ("mode", info.mode),
+        ("model", info.model_name or "?"),
+        ("pooling", info.pooling or "?"),
         ("support", steering.default_support),
-        ("default strength", f"{info.get('default_strength', 1.0):g}"),
-        ("data", ", ".join(f"{k}={v}" for k, v in info.get("data", {}).items()) or "-"),
+        ("default strength", f"{info.default_strength:g}"),
+        ("data", ", ".join(f"{k}={v}" for k, v in info.data.items()) or "-"),
         ("modules", str(len(steering.maps))),
     ]
     for key, value in rows:

@@ -1,64 +1,37 @@
-"""diffusers text-to-image pipelines: loading, their modules as one tree, capture, image grids.
+"""diffusers text-to-image pipelines: loading, recording their activations, image grids.
 
-A pipeline's torch components (unet or transformer, text encoders, vae) are seen as one module
-tree (`unet.down_blocks.0.resnets.0.norm1`, `text_encoder.text_model…`), so module selection,
-artifacts and hooks work exactly as for language models. Differences handled here:
+A pipeline is steered through the same path as a language model: its components form one module
+tree (`actsteer.tree`), `actsteer.fit` estimates its maps with the same methods, and the same
+hooks apply them. What differs is handled here and in `actsteer.guidance`:
 
 - 4-D convolution outputs (B, C, H, W) are pooled over H×W; their maps act per channel.
 - Under classifier-free guidance the denoiser sees [unconditional; conditional] halves: only the
   conditional half is recorded, and by default only the conditional half is steered (and only
   the prompts' text encoding, not the negative prompts'), so guidance amplifies the transport;
-  `cfg="both"` steers both halves alike.
+  `guidance="both"` steers both halves alike. `actsteer.guidance` decides it for both.
 - Samples are recorded across denoising steps (every `every`-th step), with a fixed seed per
   prompt index so source and target runs start from the same noise.
-- Text encoders run once for the prompts and once for the negative prompts: only their first
-  call per pipeline run (the prompts) is recorded.
 - Dual-stream transformer blocks (Flux, SD3, …) return (text stream, image stream): the image
-  stream is recorded and steered (`capture.TEXT_FIRST_BLOCKS`).
+  stream is recorded and steered (`tree.TEXT_FIRST_BLOCKS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.capture import (
-    HookedBuffers,
-    check_texts,
-    output_tensor,
-    resolve_modules,
-    stream_index,
-)
+from actsteer.capture import HookedBuffers, check_texts, output_tensor
 from actsteer.errors import ActSteerError
-from actsteer.methods import get_method
-from actsteer.steer import Steering
+from actsteer.guidance import Guidance
+from actsteer.steering import Steering
+from actsteer.tree import DENOISERS, module_tree, stream_index
 
-PIPELINE_MODEL_TYPE = "diffusers-pipeline"
-
-
-def is_pipeline(obj: object) -> bool:
-    """A diffusers pipeline (checked by class name, so diffusers is imported only when used)."""
-    return any(cls.__name__ == "DiffusionPipeline" for cls in type(obj).__mro__)
-
-
-class PipelineModules(nn.ModuleDict):
-    """A pipeline's torch components as one module tree; hooks on it act on the pipeline."""
-
-    def __init__(self, pipe: Any) -> None:
-        components = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
-        super().__init__(components)
-        self.config = SimpleNamespace(model_type=PIPELINE_MODEL_TYPE)
-        self.name_or_path = getattr(pipe, "name_or_path", "") or type(pipe).__name__
-
-
-def module_tree(model: Any) -> nn.Module:
-    """The module tree to steer: the model itself, or a pipeline's components together."""
-    return PipelineModules(model) if is_pipeline(model) else model
+#: The denoising settings a pipeline fit records under, and their defaults.
+DENOISING = {"steps": 20, "guidance_scale": 5.0, "every": 2, "seed": 0, "batch_size": 8}
 
 
 def load_pipeline(
@@ -86,32 +59,36 @@ def _pool(a: torch.Tensor) -> torch.Tensor:
 
 
 class PipelineRecorder(HookedBuffers):
-    """Pools each module's output per prompt, conditional half only, every k-th call."""
+    """Pools each module's output per prompt, conditional half only, every k-th call.
 
-    def __init__(self, tree: nn.Module, modules: Sequence[str], every: int, seed: int = 0):
+    Which calls and rows are conditional comes from the pipeline's `Guidance`, as for hooks.
+    """
+
+    def __init__(self, pipe: Any, tree: nn.Module, modules: Sequence[str], every: int) -> None:
         self.every = every
-        self.rows = 0
         self.calls = dict.fromkeys(modules, 0)
+        self.guidance = Guidance(pipe)
         lookup = dict(tree.named_modules())
         self.streams = {name: stream_index(lookup[name]) for name in modules}
-        super().__init__(tree, modules, None, seed)
+        super().__init__(tree, modules, None)
+        self.handles += self.guidance.pre_hooks(tree)
 
-    def start_run(self, rows: int) -> None:
-        """Before each pipeline call: its number of prompts; resets the step counters."""
-        self.rows = rows
+    def start_run(self) -> None:
+        """Before each pipeline call: resets the step counters."""
         self.calls = dict.fromkeys(self.calls, 0)
 
     def _hook(self, name: str):
-        text_encoder = name.startswith("text_encoder")
+        component = name.split(".", 1)[0]
+        denoiser = component in DENOISERS
 
         def hook(module: nn.Module, args: object, output: object) -> None:
             call = self.calls[name]
             self.calls[name] += 1
-            if (text_encoder and call > 0) or call % self.every:
+            if self.guidance.negative_prompts(component) or call % self.every:
                 return
             a = output_tensor(output, self.streams[name])
-            if a.shape[0] == 2 * self.rows:  # classifier-free guidance: keep the conditional half
-                a = a[self.rows :]
+            if denoiser and self.guidance.split:  # a CFG batch: keep the conditional half
+                a = a[a.shape[0] // 2 :]
             self.buffers[name].add(_pool(a))
 
         return hook
@@ -139,7 +116,7 @@ def record_pipeline(
     """Pooled activations {module: (prompts × recorded steps, units)} over denoising runs."""
     prompts = check_texts(prompts, desc, minimum=1)
     tree = module_tree(pipe)
-    recorder = PipelineRecorder(tree, modules, every, seed)
+    recorder = PipelineRecorder(pipe, tree, modules, every)
     device = next(tree.parameters()).device
     pipe.set_progress_bar_config(disable=True)
     try:
@@ -147,7 +124,7 @@ def record_pipeline(
             range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False
         ):
             batch = list(prompts[start : start + batch_size])
-            recorder.start_run(len(batch))
+            recorder.start_run()
             with torch.inference_mode():
                 pipe(
                     prompt=batch,
@@ -162,68 +139,6 @@ def record_pipeline(
     return recorder.samples()
 
 
-def fit_pipeline(
-    pipe: Any,
-    source: Sequence[str],
-    target: Sequence[str],
-    *,
-    modules: str | Sequence[str] | None = None,
-    method: str = "linear-act",
-    support: str | None = None,
-    steps: int = 20,
-    guidance_scale: float = 5.0,
-    every: int = 2,
-    seed: int = 0,
-    batch_size: int = 8,
-    data: dict[str, Any] | None = None,
-    progress: bool = True,
-    **pipe_kwargs: Any,
-) -> Steering:
-    """Fit a steering of a text-to-image pipeline from source and target prompts.
-
-    pipe_kwargs (height, width, negative_prompt, …) go to every pipeline call.
-
-    modules defaults to every UNet norm ("unet-norms", as in the paper) or, for transformer
-    denoisers, every block output ("dit-blocks").
-    """
-    from actsteer.artifact import model_fingerprint
-
-    estimator = get_method(method)
-    source = check_texts(source, "source", estimator.min_samples)
-    target = check_texts(target, "target", estimator.min_samples)
-    tree = module_tree(pipe)
-    names = resolve_modules(tree, modules or ("unet-norms" if "unet" in tree else "dit-blocks"))
-    settings = dict(
-        steps=steps, guidance_scale=guidance_scale, every=every, seed=seed,
-        batch_size=batch_size, progress=progress, **pipe_kwargs,
-    )  # fmt: skip
-    target_samples = record_pipeline(pipe, target, names, desc="target", **settings)
-    source_samples = record_pipeline(pipe, source, names, desc="source", **settings)
-    maps = {
-        name: estimator.fit(
-            source_samples[name], target_samples[name], what=f"activations of {name!r}"
-        )
-        for name in names
-    }
-    info = {
-        "method": method,
-        "mode": "independent",
-        "pooling": "mean",
-        "support": support or estimator.default_support,
-        "default_strength": 1.0,
-        "model": {"name": tree.name_or_path, "fingerprint": model_fingerprint(tree)},
-        "denoising": {
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "every": every,
-            "seed": seed,
-            **pipe_kwargs,
-        },  # fmt: skip
-        "data": {**(data or {}), "source_texts": len(source), "target_texts": len(target)},
-    }
-    return Steering(maps, info)
-
-
 def generate_images(
     pipe: Any,
     prompts: Sequence[str],
@@ -234,13 +149,13 @@ def generate_images(
     steps: int = 20,
     guidance_scale: float = 5.0,
     seed: int = 0,
-    cfg: str = "conditional",
+    guidance: str = "conditional",
     **pipe_kwargs: Any,
 ) -> list[list[Any]]:
     """images[p][s]: prompt p at strength s, one pipeline call with a per-row strength.
 
     Every strength of a prompt starts from the same noise (seed + prompt index), so the columns
-    differ only by the steering. cfg: which classifier-free-guidance half is steered
+    differ only by the steering. guidance: which classifier-free-guidance half is steered
     (`Steering.applied`).
     """
     prompts, strengths = list(prompts), [float(s) for s in strengths]
@@ -258,7 +173,7 @@ def generate_images(
             images = pipe(prompt=rows, num_inference_steps=steps, guidance_scale=guidance_scale,
                           generator=generators, **pipe_kwargs).images  # fmt: skip
         else:
-            with steering.applied(pipe, lam, support, cfg=cfg):
+            with steering.applied(pipe, lam, support, guidance=guidance):
                 images = pipe(prompt=rows, num_inference_steps=steps, guidance_scale=guidance_scale,
                               generator=generators, **pipe_kwargs).images  # fmt: skip
     n = len(strengths)

@@ -1,4 +1,9 @@
-"""`fit`: prompts → recorded activations → one map per module → a Steering."""
+"""`fit`: prompts → recorded activations → one map per module → a Steering.
+
+Language models and diffusers pipelines take the same path: only the recording differs
+(`capture.record` over texts, `diffusion.record_pipeline` over denoising runs); the estimation
+and the description are shared.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.artifact import model_fingerprint
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap
-from actsteer.diffusion import fit_pipeline, is_pipeline
+from actsteer.compat import model_fingerprint
+from actsteer.diffusion import DENOISING, record_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.maps import SUPPORTS, AffineMap
-from actsteer.methods import get_method
+from actsteer.methods import Method, get_method
 from actsteer.sequential import SequentialFitter
-from actsteer.steer import Steering
+from actsteer.steering import Steering, SteeringInfo
+from actsteer.tree import is_pipeline, model_name, module_tree
 
 MODES = ("independent", "sequential")
 
 
 def fit(
-    model: nn.Module,
-    tokenizer=None,
+    model: Any,
+    tokenizer: Any = None,
     source: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     *,
@@ -52,77 +58,115 @@ def fit(
     support: the support the steering applies with by default (and, in sequential mode, the
       one upstream maps use while fitting); the method's default when None.
     data: a free description of the prompt sets, stored with the steering.
-    A diffusers pipeline takes no tokenizer; pipeline_options go to `diffusion.fit_pipeline`
-    (steps, guidance_scale, every, seed, batch_size) and `modules` defaults to its presets.
+    A diffusers pipeline takes no tokenizer; pipeline_options (steps, guidance_scale, every,
+    seed, batch_size, and any pipeline keyword such as height) go to its denoising runs, and
+    `modules` defaults to "unet-norms" or, for transformer denoisers, "dit-blocks".
     """
     if source is None or target is None:
         raise ActSteerError("fit needs both source= and target= texts")
-    if is_pipeline(model):
-        if mode != "independent" or tokenizer is not None:
-            raise ActSteerError(
-                "text-to-image pipelines are fitted in independent mode and bring their own "
-                "tokenizer: call fit(pipe, source=..., target=...)"
-            )
-        return fit_pipeline(
-            model, source, target, modules=modules, method=method, support=support,
-            data=data, progress=progress, **(pipeline_options or {}),
-        )  # fmt: skip
-    if tokenizer is None:
-        raise ActSteerError("fit needs the model's tokenizer: fit(model, tokenizer, source=...)")
     estimator = get_method(method)
     if mode not in MODES:
         raise ActSteerError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     support = support or estimator.default_support
-    pooling = pooling or estimator.default_pooling
     if support not in SUPPORTS:
         raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
+    pipeline = is_pipeline(model)
+    if pipeline and (mode != "independent" or tokenizer is not None):
+        raise ActSteerError(
+            "text-to-image pipelines are fitted in independent mode and bring their own "
+            "tokenizer: call fit(pipe, source=..., target=...)"
+        )
+    if not pipeline and tokenizer is None:
+        raise ActSteerError("fit needs the model's tokenizer: fit(model, tokenizer, source=...)")
     source = check_texts(source, "source", estimator.min_samples)
     target = check_texts(target, "target", estimator.min_samples)
-    names = resolve_modules(model, modules or "post-attn-ln")
-    settings = dict(
-        pooling=pooling,
+    info = SteeringInfo(
+        method=method,
+        mode=mode,
+        support=support,
+        data={**(data or {}), "source_texts": len(source), "target_texts": len(target)},
+    )
+    if pipeline:
+        tree = module_tree(model)
+        names = resolve_modules(tree, modules or ("unet-norms" if "unet" in tree else "dit-blocks"))
+        denoising = {**DENOISING, **(pipeline_options or {})}
+        recorded = {
+            what: record_pipeline(model, texts, names, desc=what, progress=progress, **denoising)
+            for what, texts in (("target", target), ("source", source))
+        }
+        maps = estimate(estimator, names, recorded["source"], recorded["target"], progress)
+        info.pooling = "mean"
+        info.denoising = {k: v for k, v in denoising.items() if k != "batch_size"}
+    else:
+        tree = model
+        names = resolve_modules(model, modules or "post-attn-ln")
+        info.pooling = pooling or estimator.default_pooling
+        info.max_length = max_length
+        maps = _fit_language_model(
+            model, tokenizer, source, target, names, estimator, info,
+            batch_size=batch_size, budget_mb=budget_mb, progress=progress,
+        )  # fmt: skip
+    info.model_name = model_name(tree)
+    info.fingerprint = model_fingerprint(tree)
+    return Steering(maps, info)
+
+
+def estimate(
+    estimator: Method,
+    names: Sequence[str],
+    source: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    progress: bool = True,
+) -> dict[str, AffineMap]:
+    """One map per module from its recorded source and target samples."""
+    return {
+        name: estimator.fit(source[name], target[name], what=f"activations of {name!r}")
+        for name in tqdm(names, desc="fitting", disable=not progress, leave=False)
+    }
+
+
+def _fit_language_model(
+    model: nn.Module,
+    tokenizer: Any,
+    source: list[str],
+    target: list[str],
+    names: list[str],
+    estimator: Method,
+    info: SteeringInfo,
+    *,
+    batch_size: int,
+    budget_mb: float,
+    progress: bool,
+) -> dict[str, AffineMap]:
+    """Record a causal LM's activations on both sets (or carry them through the upstream maps
+    in sequential mode) and estimate the maps."""
+    assert info.pooling is not None and info.max_length is not None and info.support is not None
+    settings: dict[str, Any] = dict(
+        pooling=info.pooling,
         batch_size=batch_size,
-        max_length=max_length,
+        max_length=info.max_length,
         budget_mb=budget_mb / 2,  # half for the source samples, half for the target's
         progress=progress,
     )
     target_samples = record(model, tokenizer, target, names, desc="target", **settings)
+    if info.mode == "independent":
+        source_samples = record(model, tokenizer, source, names, desc="source", **settings)
+        return estimate(estimator, names, source_samples, target_samples, progress)
 
     def fit_module(name: str, source_samples: torch.Tensor) -> AffineMap:
         return estimator.fit(source_samples, target_samples[name], what=f"activations of {name!r}")
 
-    if mode == "independent":
-        source_samples = record(model, tokenizer, source, names, desc="source", **settings)
-        maps = {
-            name: fit_module(name, source_samples[name])
-            for name in tqdm(names, desc="fitting", disable=not progress, leave=False)
-        }
-    else:
-        width = getattr(model.config, "hidden_size", 1024)
-        maps = SequentialFitter(
-            model,
-            tokenizer,
-            source,
-            fit_module,
-            method=method,
-            pooling=pooling,
-            support=support,
-            batch_size=batch_size,
-            max_length=max_length,
-            cap=sample_cap(pooling, len(names), width, budget_mb / 2),
-            progress=progress,
-        ).run(names)
-    info = {
-        "method": method,
-        "mode": mode,
-        "pooling": pooling,
-        "support": support,
-        "max_length": max_length,
-        "default_strength": 1.0,
-        "model": {
-            "name": getattr(model, "name_or_path", "") or type(model).__name__,
-            "fingerprint": model_fingerprint(model),
-        },
-        "data": {**(data or {}), "source_texts": len(source), "target_texts": len(target)},
-    }
-    return Steering(maps, info)
+    width = getattr(model.config, "hidden_size", 1024)
+    return SequentialFitter(
+        model,
+        tokenizer,
+        source,
+        fit_module,
+        method=info.method,
+        pooling=info.pooling,
+        support=info.support,
+        batch_size=batch_size,
+        max_length=info.max_length,
+        cap=sample_cap(info.pooling, len(names), width, budget_mb / 2),
+        progress=progress,
+    ).run(names)

@@ -1,204 +1,242 @@
-"""Folding a steering into the model's weights, and exporting the steered checkpoint.
+"""Folding maps into the weights of the modules that produce the activations they move.
 
-With support "all" and a fixed λ the map T_λ(a) = ω̃ ⊙ a + c (ω̃ = 1 + λ(ω − 1), c = λβ) is
+With support "all" and a fixed λ the map T_λ(a) = ω̃ ⊙ a + c (ω̃, c = AffineMap.at(λ)) is
 affine, so it folds into the module that produced `a`:
 
 - LayerNorm with bias, and GroupNorm (a diffusers UNet's norms, one map per channel):
   γ' = ω̃γ, δ' = ω̃δ + c.
-- Linear (or GPT-2's Conv1D) output: W' = diag(ω̃)W, b' = ω̃b + c.
-- RMSNorm: the scale takes ω̃ (γ' = ω̃γ, or for Gemma's (1 + γ) form γ' = ω̃(1 + γ) − 1); the
-  shift c moves into the biases of the Linear layers reading the norm, since W(h + c) = Wh + Wc.
-  Where those layers have no bias, the config flag that makes stock transformers create them
-  (attention_bias, mlp_bias) is set and zero biases are added wherever that flag adds them.
+- Linear (or a transposed linear such as GPT-2's Conv1D) output: W' = diag(ω̃)W, b' = ω̃b + c.
+- RMSNorm: the scale takes ω̃ (γ' = ω̃γ, or for a (1 + γ) norm γ' = ω̃(1 + γ) − 1); the shift c
+  moves into the biases of the Linear layers reading the norm, since W(h + c) = Wh + Wc. Where
+  those layers have no bias, the config flag that makes stock transformers create them is set
+  and zero biases are added wherever that flag adds them.
 
-The folded model runs at the plain model's speed; `export` writes it as a checkpoint that stock
-`transformers` (and any engine that reads its checkpoints) loads without actsteer. A diffusers
-pipeline folds too: its components are edited in place, so both halves of a classifier-free-
-guidance batch and the negative prompts' encoding are steered (hooks with `cfg="both"`).
+What each architecture needs (norm readers, (1 + γ) offset, bias flags, transposed layers)
+comes from `actsteer.families`. Every fold checks itself: the folded model must reproduce the
+hooked model's outputs on a probe input (an LM's logits on a few tokens; for a pipeline, each
+folded module on random input), or the weights are restored and the fold refused.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
 
-from actsteer.capture import model_family
 from actsteer.errors import ActSteerError
-from actsteer.steer import Steering
+from actsteer.families import Family, family_of
+from actsteer.maps import AffineMap
+from actsteer.tree import is_pipeline, module_tree
 
-_LAYER = r"(?:.*\.)?layers\.\d+\."
-#: Config flags that make transformers build biases, with the modules each flag gives one.
-BIAS_FLAGS = {
-    "attention_bias": _LAYER + r"self_attn\.[qkvo]_proj",
-    "mlp_bias": _LAYER + r"mlp\.(?:gate|up|down)_proj",
-}
-#: Per family: norms whose output is read by Linear layers (relative names in the same block).
-NORM_READERS = {
-    "llama": {
-        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-    },
-    "gemma": {
-        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-    },
-}
+#: Largest |folded − hooked| on the probe, relative to the largest |hooked| output (≥ 1).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+HALF_TOLERANCE = 5e-2  # float16, bfloat16
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
     return "rmsnorm" in type(module).__name__.lower()
 
 
-def _linear_weight_out_first(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in): Linear stores it so, GPT-2's Conv1D transposed."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+class _Edits:
+    """The weights, biases and config flags a fold changes, kept so it can be undone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.flags: dict[str, Any] = {}
+
+    def remember(self, module: nn.Module) -> None:
+        if module not in self.modules:
+            bias = getattr(module, "bias", None)
+            self.modules[module] = (
+                module.weight.data.clone(),
+                None if bias is None else bias.data.clone(),
+            )
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.setdefault(flag, getattr(self.model.config, flag))
+        setattr(self.model.config, flag, True)
+
+    def undo(self) -> None:
+        for module, (weight, bias) in self.modules.items():
+            module.weight.data = weight
+            if bias is None:
+                module.bias = None
+            else:
+                module.bias.data = bias
+        for flag, value in self.flags.items():
+            setattr(self.model.config, flag, value)
 
 
-def _enable_bias_flag(model: nn.Module, name: str) -> None:
-    """Give `name` a bias by setting the config flag that creates it (zero biases everywhere)."""
-    for flag, pattern in BIAS_FLAGS.items():
-        if re.fullmatch(pattern, name) and hasattr(model.config, flag):
-            setattr(model.config, flag, True)
-            for other, module in model.named_modules():
-                if re.fullmatch(pattern, other) and module.bias is None:
-                    weight = module.weight
-                    module.bias = nn.Parameter(
-                        torch.zeros(module.out_features, dtype=weight.dtype, device=weight.device)
-                    )
-            return
-    raise ActSteerError(
-        f"folding needs a bias on {name!r}, which this architecture builds without one and "
-        "offers no config flag for; steer other modules or keep the steering as hooks"
-    )
+class _Folder:
+    """Folds maps into one model's weights, recording every edit."""
 
+    def __init__(self, tree: nn.Module, family: Family) -> None:
+        self.tree, self.family = tree, family
+        self.lookup = dict(tree.named_modules())
+        self.edits = _Edits(tree)
 
-def _add_bias(model: nn.Module, name: str, module: nn.Module, shift: torch.Tensor) -> None:
-    if module.bias is None:
-        _enable_bias_flag(model, name)
-    module.bias.data += shift.to(module.bias.dtype)
+    def out_first(self, module: nn.Module) -> torch.Tensor:
+        """A linear layer's weight as (out, in), whichever way the layer stores it."""
+        transposed = type(module).__name__ in self.family.transposed_linears
+        return module.weight.T if transposed else module.weight
 
-
-def _norm_readers(model: nn.Module, name: str) -> list[str]:
-    family = model_family(model) or ""
-    block, _, leaf = name.rpartition(".")
-    readers = NORM_READERS.get(family, {}).get(leaf)
-    if readers is None:
-        raise ActSteerError(
-            f"the shift β of {name!r} cannot be folded: its output is not read only by Linear "
-            "layers that can take a bias (for example it is added to the residual stream or "
-            "feeds the LM head); steer other modules, or keep the steering as hooks"
+    def is_linear(self, module: nn.Module) -> bool:
+        return (
+            isinstance(module, nn.Linear) or type(module).__name__ in self.family.transposed_linears
         )
-    return [f"{block}.{reader}" for reader in readers]
 
-
-def fold(
-    steering: Steering, model: nn.Module, strength: float = 1.0, support: str | None = None
-) -> nn.Module:
-    """Edit the weights of `model` (a causal LM or a diffusers pipeline) in place so it computes
-    the steered model; returns it.
-
-    Only the unbounded support "all" is affine and folds exactly: pass support="all" when the
-    steering's default support is bounded.
-    """
-    support = support or steering.default_support
-    if support != "all":
-        raise ActSteerError(
-            f"support {support!r} only transports activations inside per-unit bounds, which is "
-            "not affine and cannot be folded into weights exactly; fold with support='all' "
-            "(every activation is transported) or keep the steering as hooks"
-        )
-    if not isinstance(strength, int | float):
-        raise ActSteerError("folding takes one number as strength, not a per-row tensor")
-    steering.check_strength(strength)
-    from actsteer.artifact import check_compatible
-    from actsteer.diffusion import is_pipeline, module_tree
-
-    tree = module_tree(model)
-    check_compatible(steering, tree)
-    lookup = dict(tree.named_modules())
-    gemma = not is_pipeline(model) and model_family(model) == "gemma"
-    # Norms first: their shifts land in reader biases that the readers' own maps then scale.
-    order = sorted(steering.maps, key=lambda n: not _is_rms_norm(lookup[n]))
-    with torch.no_grad():
-        for name in order:
-            module, amap = lookup[name], steering.maps[name]
-            if getattr(module, "weight", None) is None:
-                raise ActSteerError(
-                    f"cannot fold into {name!r} ({type(module).__name__}): it has no weights; "
-                    "keep the steering as hooks for this module"
-                )
-            scale = (1 + strength * (amap.omega - 1)).to(module.weight.device, torch.float64)
-            shift = (strength * amap.beta).to(module.weight.device, torch.float64)
-            _fold_one(tree, name, module, scale, shift, gemma)
-    return model
-
-
-def _fold_one(
-    model: nn.Module,
-    name: str,
-    module: nn.Module,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    gemma: bool,
-) -> None:
-    weight = module.weight
-    if isinstance(module, nn.LayerNorm | nn.GroupNorm):
-        weight.data = (scale * weight.double()).to(weight.dtype)
-        if module.bias is None:
-            if shift.any():
-                raise ActSteerError(f"{name!r} has no bias to fold the shift β into")
-            return
-        module.bias.data = (scale * module.bias.double() + shift).to(weight.dtype)
-    elif _is_rms_norm(module):
-        if gemma:  # Gemma computes x̂ · (1 + γ)
-            weight.data = (scale * (1 + weight.double()) - 1).to(weight.dtype)
-        else:
+    def fold(self, name: str, amap: AffineMap, strength: float) -> None:
+        module = self.lookup[name]
+        if getattr(module, "weight", None) is None:
+            raise ActSteerError(
+                f"cannot fold into {name!r} ({type(module).__name__}): it has no weights; "
+                "keep the steering as hooks for this module"
+            )
+        self.edits.remember(module)
+        weight = module.weight
+        scale, shift = (t.to(weight.device, torch.float64) for t in amap.at(strength))
+        if isinstance(module, nn.LayerNorm | nn.GroupNorm):
             weight.data = (scale * weight.double()).to(weight.dtype)
-        if shift.any():
-            lookup = dict(model.named_modules())
-            for reader in _norm_readers(model, name):
-                linear = lookup[reader]
-                _add_bias(model, reader, linear, _linear_weight_out_first(linear).double() @ shift)
-    elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-        out_first = _linear_weight_out_first(module)
-        out_first.data.copy_((scale.unsqueeze(1) * out_first.double()).to(weight.dtype))
-        if module.bias is not None:
-            module.bias.data = (scale * module.bias.double()).to(weight.dtype)
-        if shift.any():
-            _add_bias(model, name, module, shift)
-    else:
+            if module.bias is None:
+                if shift.any():
+                    raise ActSteerError(f"{name!r} has no bias to fold the shift β into")
+                return
+            module.bias.data = (scale * module.bias.double() + shift).to(weight.dtype)
+        elif _is_rms_norm(module):
+            offset = self.family.norm_offset  # the norm computes x̂ · (offset + γ)
+            weight.data = (scale * (offset + weight.double()) - offset).to(weight.dtype)
+            if shift.any():
+                for reader in self.readers(name):
+                    linear = self.lookup[reader]
+                    self.add_bias(reader, linear, self.out_first(linear).double() @ shift)
+        elif self.is_linear(module):
+            out_first = self.out_first(module)
+            out_first.data.copy_((scale.unsqueeze(1) * out_first.double()).to(weight.dtype))
+            if module.bias is not None:
+                module.bias.data = (scale * module.bias.double()).to(weight.dtype)
+            if shift.any():
+                self.add_bias(name, module, shift)
+        else:
+            raise ActSteerError(
+                f"cannot fold into {name!r} ({type(module).__name__}): folding covers LayerNorm, "
+                "GroupNorm, RMSNorm and Linear outputs; keep the steering as hooks for other "
+                "modules"
+            )
+
+    def readers(self, name: str) -> list[str]:
+        block, _, leaf = name.rpartition(".")
+        readers = self.family.norm_readers.get(leaf)
+        if readers is None:
+            raise ActSteerError(
+                f"the shift β of {name!r} cannot be folded: its output is not read only by "
+                "Linear layers that can take a bias (for example it is added to the residual "
+                "stream or feeds the LM head); steer other modules, or keep the steering as hooks"
+            )
+        return [f"{block}.{reader}" for reader in readers]
+
+    def add_bias(self, name: str, module: nn.Module, shift: torch.Tensor) -> None:
+        self.edits.remember(module)
+        if module.bias is None:
+            self.enable_bias_flag(name)
+        module.bias.data += shift.to(module.bias.dtype)
+
+    def enable_bias_flag(self, name: str) -> None:
+        """Give `name` a bias by setting the config flag that creates it (zero biases
+        everywhere the flag adds one)."""
+        config = getattr(self.tree, "config", None)
+        for flag, pattern in self.family.bias_flags.items():
+            if re.fullmatch(pattern, name) and hasattr(config, flag):
+                self.edits.set_flag(flag)
+                for other, module in self.lookup.items():
+                    if re.fullmatch(pattern, other) and module.bias is None:
+                        self.edits.remember(module)
+                        weight = module.weight
+                        module.bias = nn.Parameter(
+                            torch.zeros(
+                                module.out_features, dtype=weight.dtype, device=weight.device
+                            )
+                        )
+                return
         raise ActSteerError(
-            f"cannot fold into {name!r} ({type(module).__name__}): folding covers LayerNorm, "
-            "GroupNorm, RMSNorm and Linear outputs; keep the steering as hooks for other modules"
+            f"folding needs a bias on {name!r}, which this architecture builds without one and "
+            "offers no config flag for; steer other modules or keep the steering as hooks"
         )
 
 
-def export(
-    steering: Steering,
-    model: nn.Module,
-    tokenizer,
-    directory: str | Path,
-    strength: float = 1.0,
-    support: str | None = None,
-) -> Path:
-    """Fold the steering into `model` and save a stock transformers checkpoint to `directory`."""
-    directory = Path(directory)
-    fold(steering, model, strength, support)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    note = {
-        "folded_by": "actsteer",
-        "method": steering.method,
-        "strength": strength,
-        "support": "all",
-        "modules": steering.modules,
-        "model": steering.info.get("model", {}).get("name"),
-        "data": steering.info.get("data"),
-    }
-    (directory / "actsteer_fold.json").write_text(json.dumps(note, indent=2))
-    return directory
+def _probe(model: Any, tree: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    """Outputs to compare hooked and folded: an LM's logits on a few fixed tokens, or each named
+    module of a pipeline run on fixed random input of its width."""
+    with torch.no_grad():
+        if not is_pipeline(model):
+            device = next(tree.parameters()).device
+            vocab = getattr(tree.config, "vocab_size", 2)
+            ids = (torch.arange(1, 9, device=device) % vocab).unsqueeze(0)
+            return [tree(input_ids=ids).logits.float()]
+        generator = torch.Generator().manual_seed(0)
+        lookup = dict(tree.named_modules())
+        outputs = []
+        for name in names:
+            module = lookup[name]
+            weight = module.weight
+            if isinstance(module, nn.GroupNorm):
+                shape: tuple[int, ...] = (2, module.num_channels, 3, 3)
+            elif isinstance(module, nn.Linear):
+                shape = (2, module.in_features)
+            else:
+                shape = (2, weight.shape[0])
+            x = torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
+            outputs.append(module(x).float())
+        return outputs
+
+
+def _agree(hooked: list[torch.Tensor], folded: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """The worst relative gap between hooked and folded probe outputs, or 0 within tolerance."""
+    tolerance = TOLERANCE.get(dtype, HALF_TOLERANCE)
+    worst = 0.0
+    for a, b in zip(hooked, folded, strict=True):
+        gap = ((a - b).abs().max() / a.abs().max().clamp(min=1)).item()
+        if not gap <= tolerance:  # NaN too
+            worst = max(worst, gap) if gap == gap else float("inf")
+    return worst
+
+
+def fold_maps(
+    maps: Mapping[str, AffineMap],
+    model: Any,
+    strength: float,
+    hooked: Callable[[], AbstractContextManager[Any]],
+) -> None:
+    """Fold `maps` at `strength` (support "all") into the weights of `model` in place.
+
+    `hooked()` is a context in which the model runs with the same maps as hooks: the probe's
+    reference. When the folded model disagrees with it the weights are restored and the fold
+    refused, naming the gap.
+    """
+    tree = module_tree(model)
+    family = family_of(tree, "folding")
+    names = list(maps)
+    with hooked():
+        expected = _probe(model, tree, names)
+    folder = _Folder(tree, family)
+    # Norms first: their shifts land in reader biases that the readers' own maps then scale.
+    order = sorted(names, key=lambda n: not _is_rms_norm(folder.lookup[n]))
+    try:
+        with torch.no_grad():
+            for name in order:
+                folder.fold(name, maps[name], strength)
+        dtype = next(tree.parameters()).dtype
+        gap = _agree(expected, _probe(model, tree, names), dtype)
+        if gap:
+            raise ActSteerError(
+                f"the folded weights do not reproduce the hooked model on a probe input "
+                f"(relative gap {gap:.2g}, family {family.name!r}): the weights are left "
+                "unchanged; keep the steering as hooks, and report this model type"
+            )
+    except BaseException:
+        folder.edits.undo()
+        raise

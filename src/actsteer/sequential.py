@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.capture import Recorder, batches, forward_body, model_device, output_tensor
+from actsteer.capture import Recorder, batches, forward_body, output_tensor
 from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap
-from actsteer.steer import Steering
+from actsteer.steering import Steering, SteeringInfo
+from actsteer.tree import model_device
 
 
 class _Stop(Exception):
@@ -123,7 +124,8 @@ class SequentialFitter:
         self.maps: dict[str, AffineMap] = {}
 
     def _steering(self, names: Sequence[str]) -> Steering:
-        return Steering({n: self.maps[n] for n in names if n in self.maps}, {"method": self.method})
+        maps = {n: self.maps[n] for n in names if n in self.maps}
+        return Steering(maps, SteeringInfo(method=self.method))
 
     def _batches(self) -> list[dict[str, torch.Tensor]]:
         return list(

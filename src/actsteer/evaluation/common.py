@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 
 class TaskResult(Protocol):
@@ -41,7 +41,7 @@ def resolve_strengths(
     None means the steering's default strength.
     """
     if strengths is None:
-        strengths = [0.0] if steering is None else [steering.info.get("default_strength", 1.0)]
+        strengths = [0.0] if steering is None else [steering.info.default_strength]
     elif isinstance(strengths, int | float):
         strengths = [strengths]
     strengths = [float(s) for s in strengths]
@@ -74,7 +74,7 @@ def describe_steering(steering: Steering | None) -> dict[str, Any] | None:
     """A small JSON-able description of a steering for result settings."""
     if steering is None:
         return None
-    info = steering.info
+    info = steering.info.to_json()
     keys = ("method", "mode", "pooling", "support", "inverted", "data")
     return {
         "modules": len(steering.maps),

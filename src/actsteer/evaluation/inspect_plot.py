@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 #: The quantiles (in [0, 1]) drawn as the band around the median of ω and β per module.
 BAND = (0.05, 0.95)

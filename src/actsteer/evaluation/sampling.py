@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.generation import generate_grid
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 
 @dataclass(frozen=True)

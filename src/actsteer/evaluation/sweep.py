@@ -27,7 +27,7 @@ from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, jsonable
 from actsteer.evaluation.plots import plot_sweep
 from actsteer.evaluation.registry import TASKS, get_task
-from actsteer.steer import Steering
+from actsteer.steering import Steering
 
 if TYPE_CHECKING:
     from actsteer.evaluation.concept import ConceptJudge

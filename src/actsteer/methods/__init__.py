@@ -1,11 +1,17 @@
 """Steering estimators: each turns pooled (source, target) samples into an AffineMap.
 
-Every method is one module here that registers itself; `get_method` and `METHODS` are the
-registry that `actsteer.fit(method=...)` and `actsteer fit --method` read.
+Every method is one module in this package that registers itself (`register(Method(...))`);
+the package imports all its modules, so adding an estimator is adding one file here. `METHODS`
+and `get_method` are the registry that `actsteer.fit(method=...)` and `actsteer fit --method`
+read.
 """
 
-# Importing the method modules fills the registry.
-from actsteer.methods import actadd, aura, gaussian_act, iti_c, linear_act, mean_act  # noqa: E402, F401, I001
+import importlib
+import pkgutil
+
 from actsteer.methods.registry import METHODS, Method, get_method, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Method", "get_method", "register"]

@@ -5,8 +5,8 @@ Per unit, AUROC of its activation as a detector of source (positive) vs target s
 """
 
 import torch
-from scipy.stats import rankdata
 
+from actsteer.extras import require
 from actsteer.methods.registry import Method, register
 
 
@@ -14,7 +14,8 @@ def unit_auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """AUROC of every unit as a detector of `positive` samples (Mann–Whitney U, ties averaged)."""
     n_pos, n_neg = positive.shape[0], negative.shape[0]
     values = torch.cat([positive, negative]).double().numpy()
-    ranks = torch.from_numpy(rankdata(values, axis=0))
+    stats = require("scipy.stats", "eval", "AurA (per-unit AUROC)")
+    ranks = torch.from_numpy(stats.rankdata(values, axis=0))
     u = ranks[:n_pos].sum(0) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
 

@@ -9,16 +9,16 @@ unbounded (the paper tunes it).
 import numpy as np
 import torch
 
+from actsteer.extras import require
 from actsteer.methods.registry import Method, register
 
 
 def probe_direction(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Unit normal of a logistic-regression probe, pointing from source to target."""
-    from sklearn.linear_model import LogisticRegression
-
+    linear_model = require("sklearn.linear_model", "eval", "ITI-c (a logistic-regression probe)")
     x = torch.cat([source, target]).double().numpy()
     y = np.r_[np.zeros(len(source)), np.ones(len(target))]
-    probe = LogisticRegression(max_iter=2000).fit(x, y)
+    probe = linear_model.LogisticRegression(max_iter=2000).fit(x, y)
     normal = torch.from_numpy(probe.coef_[0])
     return normal / normal.norm()
 

@@ -2,7 +2,7 @@
 
 With a bounded support (the default q0-100) the hook computes ω̃·a + λβ inside per-unit bounds
 and keeps a outside them. As separate torch ops that is six passes and as many dispatches,
-several times the cost of the unbounded map at decoding sizes; csrc/transport.cpp does it in
+several times the cost of the unbounded map at decoding sizes; transport.cpp does it in
 one pass, bit for bit the same result. It also applies per-channel maps to (B, C, H, W) outputs
 without broadcasting and leaves the unconditional half of a classifier-free-guidance batch
 untouched without a concatenation. A norm's fresh output that no other hook has seen is
@@ -37,9 +37,9 @@ from types import ModuleType
 
 import torch
 
-from actsteer.models import cache_dir
+from actsteer.cache import cache_dir
 
-SOURCE = Path(__file__).parent / "csrc" / "transport.cpp"
+SOURCE = Path(__file__).parent / "transport.cpp"
 #: OpenMP, for ATen's parallel_for to use threads (torch's own libgomp serves): on Linux, where
 #: the compiler has it; elsewhere (Apple's clang lacks it) the kernel runs on one thread
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []

@@ -1,0 +1,238 @@
+"""The Steering value object: the fitted maps of named modules and what describes them.
+
+A Steering is applied with hooks (`applied`, `attach`), composed with others (`steered`),
+folded into weights (`fold`), inverted (`inverse`) and saved as one file (`save`, `load`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from actsteer.artifact import read_steering, write_steering
+from actsteer.compat import check_compatible
+from actsteer.errors import ActSteerError
+from actsteer.fold import fold_maps
+from actsteer.guidance import GUIDANCE_MODES
+from actsteer.hooks import SteeringHandle, Strength
+from actsteer.maps import AffineMap
+from actsteer.methods import get_method
+from actsteer.tree import module_tree
+
+
+def renamed_cfg(guidance: str, cfg: str | None) -> str:
+    """`guidance`, or the value of its deprecated old name `cfg` (with a warning)."""
+    if cfg is None:
+        return guidance
+    if cfg not in GUIDANCE_MODES:
+        raise ActSteerError(
+            f"unknown cfg {cfg!r} (now called guidance=); choose one of {', '.join(GUIDANCE_MODES)}"
+        )
+    warnings.warn(
+        "the cfg= argument is now called guidance=; cfg= goes away in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return cfg
+
+
+@dataclass
+class SteeringInfo:
+    """The description that travels with a steering's maps (and its artifact).
+
+    support: the support it applies with unless told otherwise (None: the method's default).
+    model_name, fingerprint: the model it was fitted on, and every parameter's name and shape.
+    data: a free description of the prompt sets (files, counts).
+    denoising: for a pipeline, the settings its samples were recorded under.
+    """
+
+    method: str = "linear-act"
+    mode: str = "independent"
+    pooling: str | None = None
+    support: str | None = None
+    max_length: int | None = None
+    default_strength: float = 1.0
+    model_name: str = ""
+    fingerprint: list[str] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    denoising: dict[str, Any] | None = None
+    inverted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The artifact's JSON header entries (the model as {"name", "fingerprint"})."""
+        entries = dataclasses.asdict(self)
+        model = {"name": entries.pop("model_name"), "fingerprint": entries.pop("fingerprint")}
+        return {**{k: v for k, v in entries.items() if v is not None}, "model": model}
+
+    @classmethod
+    def from_json(cls, entries: dict[str, Any]) -> SteeringInfo:
+        """Read the header entries `to_json` writes; entries this version does not know are
+        dropped."""
+        entries = dict(entries)
+        model = entries.pop("model", None) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: v for k, v in entries.items() if k in known},
+            model_name=model.get("name") or "",
+            fingerprint=model.get("fingerprint"),
+        )
+
+
+@dataclass
+class Steering:
+    """Per-module affine maps plus their description.
+
+    max_strength (not saved) raises the method's upper λ bound: see `extrapolated`.
+    """
+
+    maps: dict[str, AffineMap]
+    info: SteeringInfo = field(default_factory=SteeringInfo)
+    max_strength: float | None = None
+
+    @property
+    def method(self) -> str:
+        return self.info.method
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.maps)
+
+    @property
+    def default_support(self) -> str:
+        return self.info.support or get_method(self.method).default_support
+
+    def check_strength(self, strength: Strength) -> None:
+        """Raise a clear error for a λ outside the method's range."""
+        get_method(self.method).check_strength(strength, self.max_strength)
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Refuse a model other than the one this steering was fitted on (first mismatch)."""
+        check_compatible(self.maps, model, self.info.model_name, self.info.fingerprint)
+
+    def extrapolated(self, upper: float) -> Steering:
+        """The same steering, accepting λ up to `upper` beyond its method's range.
+
+        AcT's λ interpolates between the untouched model (0) and the full transport (1);
+        λ > 1 pushes past the target distribution, which the estimate says nothing about.
+        Useful to chart where an induction saturates; not saved with the artifact.
+        """
+        if not math.isfinite(upper) or upper <= 0:
+            raise ActSteerError(f"extrapolate to a finite λ > 0, got {upper}")
+        return replace(self, max_strength=upper)
+
+    def attach(
+        self,
+        model: nn.Module,
+        strength: Strength = 1.0,
+        support: str | None = None,
+        positions: str = "all",
+        guidance: str = "conditional",
+        cfg: str | None = None,
+    ) -> SteeringHandle:
+        """Register the hooks; the handle sets the strength and removes them."""
+        support = support or self.default_support
+        guidance = renamed_cfg(guidance, cfg)
+        return SteeringHandle(self, model, strength, support, positions, guidance)
+
+    @contextmanager
+    def applied(
+        self,
+        model: nn.Module,
+        strength: Strength = 1.0,
+        support: str | None = None,
+        positions: str = "all",
+        guidance: str = "conditional",
+        cfg: str | None = None,
+    ) -> Iterator[SteeringHandle]:
+        """Steer `model` inside the block; hooks are removed on exit, even on error.
+
+        strength: λ as a number, or a (batch,) tensor giving each batch row its own λ.
+        support: "q0-100" (default for mitigation), "q1-99", "q5-95" or "all" (induction).
+        positions: "all" tokens, only the "prompt", only "generated" tokens (these two rely on
+          generate's KV cache to tell the passes apart), or the "last" token of each pass.
+        guidance: for diffusers pipelines under classifier-free guidance, steer only the
+          "conditional" half (default; guidance then amplifies the transport) or "both" halves.
+        cfg: the old name of `guidance`, deprecated.
+        """
+        handle = self.attach(model, strength, support, positions, guidance, cfg)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+    def inverse(self) -> Steering:
+        """The inverse maps: a steering that removes a concept becomes one that adds it."""
+        info = replace(self.info, inverted=not self.info.inverted)
+        return Steering({name: m.inverse() for name, m in self.maps.items()}, info)
+
+    def fold(self, model: Any, strength: float = 1.0, support: str | None = None) -> Any:
+        """Edit the weights of `model` (a causal LM or a diffusers pipeline) in place so it
+        computes the steered model with no hooks; returns it.
+
+        Only the unbounded support "all" is affine and folds exactly: pass support="all" when
+        the steering's default support is bounded.
+        """
+        support = support or self.default_support
+        if support != "all":
+            raise ActSteerError(
+                f"support {support!r} only transports activations inside per-unit bounds, which "
+                "is not affine and cannot be folded into weights exactly; fold with "
+                "support='all' (every activation is transported) or keep the steering as hooks"
+            )
+        if not isinstance(strength, int | float):
+            raise ActSteerError("folding takes one number as strength, not a per-row tensor")
+        self.check_strength(strength)
+        self.check_compatible(module_tree(model))
+        fold_maps(
+            self.maps,
+            model,
+            strength,
+            lambda: self.applied(model, strength, "all", guidance="both"),
+        )
+        return model
+
+    def __repr__(self) -> str:
+        return (
+            f"Steering({self.method}, {len(self.maps)} modules, fitted on "
+            f"{self.info.model_name or '?'}, support {self.default_support})"
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the steering to one .safetensors file (tensors + JSON metadata)."""
+        return write_steering(self.maps, self.info.to_json(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Steering:
+        """Read a steering saved with `save`; a damaged or foreign file is a clear error."""
+        maps, entries = read_steering(path)
+        return cls(maps, SteeringInfo.from_json(entries))
+
+
+@contextmanager
+def steered(
+    model: nn.Module,
+    *steerings: tuple[Steering, Strength],
+    support: str | None = None,
+    positions: str = "all",
+    guidance: str = "conditional",
+    cfg: str | None = None,
+) -> Iterator[list[SteeringHandle]]:
+    """Apply several steerings at once, each with its own strength: `steered(m, (a, 1), (b, .5))`.
+
+    Where two steer the same module they compose in the given order: b's map acts on the output
+    of a's (and b's support is tested on those transported values).
+    """
+    guidance = renamed_cfg(guidance, cfg)
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(steering.applied(model, strength, support, positions, guidance))
+            for steering, strength in steerings
+        ]
