@@ -4,14 +4,14 @@ One module per task, each with `evaluate(model, tok, steering=None, strength=Non
 returning a typed result, and `evaluate_grid(..., strengths=[...])` returning one per λ:
 
     toxicity    % toxic RealToxicityPrompts continuations (alt-profanity-check), per stratum
-    perplexity  teacher-forced perplexity on WikiText-2 test text
+    perplexity  teacher-forced perplexity on held-out text (WikiText-2 test by default)
     truthfulqa  TruthfulQA MC1 / MC2 by answer log-likelihood
     mmlu        MMLU accuracy by answer-letter likelihood
     concept     fraction of generations about a concept (MiniLM judge) + their perplexity
 
 `run_sweep` runs tasks × steerings × a λ grid into a resumable JSON file with PNG plots.
-Data files default to the project's shared/data folder ($ACTSTEER_DATA overrides it); every
-task takes `data=PATH` (or "hf:ID[:CONFIG[:SPLIT]]" with the optional `datasets` package).
+Each task reads `data=PATH` (or "hf:ID[:CONFIG[:SPLIT]]"), else its default file under
+$ACTSTEER_DATA, else its hub dataset (`datasets`, in the `actsteer[eval]` extra).
 """
 
 from actsteer.evaluation import concept, mmlu, perplexity, toxicity, truthfulqa

@@ -39,7 +39,7 @@ TASKS: dict[str, Task] = {
             perplexity.evaluate_grid,
             perplexity.PerplexityResult,
             False,
-            "teacher-forced perplexity on WikiText-2 test text",
+            "teacher-forced perplexity on held-out text (WikiText-2 test by default)",
         ),
         Task(
             "truthfulqa",

@@ -28,30 +28,13 @@ from actsteer.evaluation.common import describe_steering, jsonable
 from actsteer.evaluation.plots import plot_sweep
 from actsteer.evaluation.registry import TASKS, get_task
 from actsteer.steering import Steering
+from actsteer.strengths import parse_strengths as parse_strengths  # the grammar, re-exported
 
 if TYPE_CHECKING:
     from actsteer.evaluation.concept import ConceptJudge
 
 FORMAT = "actsteer-sweep/1"
 GROUP_SIZE = 4
-
-
-def parse_strengths(spec: str) -> list[float]:
-    """λ values from "START:STOP:STEP" (STOP included), "a,b,c", or one number."""
-    text = spec.strip()
-    try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ActSteerError(f"strength range {spec!r} needs STEP > 0 and STOP ≥ START")
-            count = int((stop - start) / step + 1e-9) + 1
-            return [round(start + i * step, 10) for i in range(count)]
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ActSteerError(
-            f"cannot read strengths {spec!r}: use START:STOP:STEP (e.g. 0:1:0.1), "
-            "a comma-separated list, or one number"
-        ) from None
 
 
 def parse_task_options(pairs: Sequence[str], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -252,11 +235,13 @@ def run_sweep(
 
 def _calibrated_judge(options: Mapping[str, Any]) -> ConceptJudge:
     """The concept judge a concept task would calibrate, built once for the whole sweep."""
-    from actsteer.evaluation.concept import ConceptJudge, load_concept_sentences
+    from actsteer.evaluation.concept import ConceptJudge, data_source, load_concept_sentences
 
     concept = options.get("concept", "football")
     if options.get("calibration") is not None:
-        on, off = options["calibration"]
+        (on, off), source = options["calibration"], "given sentences"
     else:
-        on, off = load_concept_sentences(concept, options.get("data"))
-    return ConceptJudge.calibrate(concept, on, off, options.get("description"))
+        resolved = data_source(options.get("data"))
+        on, off = load_concept_sentences(concept, resolved)
+        source = str(resolved)
+    return ConceptJudge.calibrate(concept, on, off, options.get("description"), source=source)
