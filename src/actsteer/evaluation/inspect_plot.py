@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
 
 from actsteer.errors import ActSteerError
+from actsteer.extras import require
 from actsteer.maps import AffineMap
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: The quantiles (in [0, 1]) drawn as the band around the median of ω and β per module.
 BAND = (0.05, 0.95)
@@ -116,7 +120,8 @@ def steering_figure(
     if not steering.maps:
         raise ActSteerError("the steering has no modules to plot")
     has_units = source is not None
-    fig = Figure(figsize=(14, 9.5 if has_units else 5), layout="constrained")
+    figure = require("matplotlib.figure", "eval", "drawing a steering (inspect --plot)")
+    fig = figure.Figure(figsize=(14, 9.5 if has_units else 5), layout="constrained")
     grid = fig.add_gridspec(2 if has_units else 1, 4, height_ratios=[1.3, 1] if has_units else None)
     _draw_spread(fig.add_subplot(grid[0, :2]), steering, "omega", 1.0)
     _draw_spread(fig.add_subplot(grid[0, 2:]), steering, "beta", 0.0)

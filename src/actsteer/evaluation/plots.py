@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actsteer.errors import ActSteerError
+from actsteer.extras import require
 
 
 def _latest_options(entries: list[dict[str, Any]], task: str) -> str:
@@ -31,8 +32,7 @@ def plot_sweep(
     results: the sweep JSON content, or the path of the JSON file (then out_dir and stem
     default to its folder and name).
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval", "plotting sweep results")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -32,6 +32,7 @@ from actsteer.evaluation.common import describe_steering, resolve_strengths
 from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.extras import require
 from actsteer.steering import Steering
 
 RTP_FILE = "rtp/rtp_eval_prompts.jsonl"
@@ -93,13 +94,7 @@ class ToxicityResult:
 
 def score_toxicity(texts: Sequence[str]) -> np.ndarray:
     """Offline toxicity probability in [0, 1] per text (alt-profanity-check)."""
-    try:
-        from profanity_check import predict_prob
-    except ImportError:
-        raise ActSteerError(
-            "toxicity scoring needs the package alt-profanity-check: "
-            "pip install alt-profanity-check"
-        ) from None
+    predict_prob = require("profanity_check", "eval", "toxicity scoring").predict_prob
     texts = list(texts)
     if not texts:
         return np.zeros(0)
