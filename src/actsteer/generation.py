@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 
 from actsteer.errors import ActSteerError
 from actsteer.steering import Steering, steered
+from actsteer.strengths import resolve_strengths
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @contextmanager
-def left_padding(tokenizer) -> Iterator[None]:
+def left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
     """Left padding (and a pad token) for batched generation; the tokenizer is restored after."""
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -40,8 +43,8 @@ def grid_strengths(n_prompts: int, strengths: Sequence[float]) -> torch.Tensor:
 
 
 def generate_grid(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     strengths: Sequence[float] | None = None,
     steering: Steering | None = None,
@@ -65,17 +68,7 @@ def generate_grid(
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) or not p for p in prompts):
         raise ActSteerError("give at least one prompt, and no empty prompt")
-    if steering is None:
-        if strengths is not None and any(float(s) != 0.0 for s in strengths):
-            raise ActSteerError("strengths other than 0 need a steering to apply")
-        strengths = [0.0]
-    elif strengths is None:
-        strengths = [steering.info.default_strength]
-    strengths = [float(s) for s in strengths]
-    if not strengths:
-        raise ActSteerError("give at least one strength")
-    if steering is not None:
-        steering.check_strength(strengths)
+    strengths = resolve_strengths(steering, strengths)
 
     for key in ("num_beams", "num_return_sequences"):
         if generate_kwargs.get(key, 1) != 1:
@@ -97,7 +90,7 @@ def generate_grid(
             else steering.applied(model, lam, support, positions=positions)
         )
         with steered(model, *fixed, positions=positions), swept, torch.inference_mode():
-            output = model.generate(
+            output = cast("GenerationMixin", model).generate(  # a causal LM's generate
                 input_ids=encoded["input_ids"],
                 attention_mask=encoded["attention_mask"],
                 **generate_kwargs,

@@ -13,6 +13,7 @@ import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -20,7 +21,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from actsteer.cache import cache_dir
 from actsteer.errors import ActSteerError
 
+if TYPE_CHECKING:
+    from actsteer.steering import Steering
+
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def model_for(steering: Steering | None, name: str | None = None) -> str:
+    """The model to load: `name` when given, else the one the steering was fitted on, else
+    DEFAULT_MODEL."""
+    if name:
+        return name
+    if steering is not None and steering.info.model_name:
+        return steering.info.model_name
+    return DEFAULT_MODEL
 
 
 def cache_keyword(model: torch.nn.Module) -> str:

@@ -1,10 +1,11 @@
-"""What every task shares: resolving strengths, steering a block of code, the result contract."""
+"""What every task shares: resolving strengths (actsteer.strengths), steering a block of code,
+the result contract."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar, Protocol
 
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsteer.errors import ActSteerError
 from actsteer.steering import Steering
+from actsteer.strengths import resolve_strengths as resolve_strengths  # the tasks' import
 
 
 class TaskResult(Protocol):
@@ -31,30 +32,6 @@ class TaskResult(Protocol):
     def metrics(self) -> dict[str, float]: ...
 
     def intervals(self) -> dict[str, tuple[float, float]]: ...
-
-
-def resolve_strengths(
-    steering: Steering | None, strengths: Sequence[float] | float | None
-) -> list[float]:
-    """The strengths to evaluate: [0] without a steering, else the given ones (range-checked).
-
-    None means the steering's default strength.
-    """
-    if strengths is None:
-        strengths = [0.0] if steering is None else [steering.info.default_strength]
-    elif isinstance(strengths, int | float):
-        strengths = [strengths]
-    strengths = [float(s) for s in strengths]
-    if not strengths:
-        raise ActSteerError("give at least one strength")
-    if any(not math.isfinite(s) for s in strengths):
-        raise ActSteerError(f"strengths must be finite numbers, got {strengths}")
-    if steering is None:
-        if any(s != 0.0 for s in strengths):
-            raise ActSteerError("strengths other than 0 need a steering to apply")
-    else:
-        steering.check_strength(strengths)
-    return strengths
 
 
 @contextmanager
