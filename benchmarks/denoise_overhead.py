@@ -45,8 +45,9 @@ from _common import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import actsteer  # noqa: E402
-from benchmarks.toy_t2i import dataset as ds  # noqa: E402
-from benchmarks.toy_t2i.sample import GUIDANCE, load  # noqa: E402
+from benchmarks.toy_t2i.sample import GUIDANCE  # noqa: E402
+from tests.toy_t2i_world import dataset as ds  # noqa: E402
+from tests.toy_t2i_world.pipeline import load  # noqa: E402
 
 VARIANTS = ("unsteered", "empty hooks", "q0-100", "all")
 SUPPORTS = ("q0-100", "all")  # the variants the target applies to

@@ -12,6 +12,16 @@ import actsteer
 from actsteer.models import _cached_alias
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that loads the real SmolLM2: it needs the `smol` fixture, directly
+    or through another fixture (`fixturenames` is the whole closure). Tests that load it
+    otherwise carry the mark themselves (`pytestmark = pytest.mark.slow`)."""
+    for item in items:
+        if "smol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def package_texts(name: str) -> list[str]:
     """Sentences shipped with the package (src/actsteer/data/<name>.txt)."""
     return files("actsteer").joinpath(f"data/{name}.txt").read_text().splitlines()

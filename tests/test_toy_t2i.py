@@ -1,5 +1,6 @@
 """The toy text-to-image world: deterministic data, captions that say what is drawn, detectors
-that agree with the ground truth. No training here (see benchmarks/toy_t2i/README.md)."""
+that agree with the ground truth (tests/toy_t2i_world). No training here (see
+benchmarks/toy_t2i/README.md)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.toy_t2i import dataset as ds
-from benchmarks.toy_t2i import measure
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +125,7 @@ def test_kept():
 
 
 def test_tokenizer_covers_every_caption(samples):
-    pytest.importorskip("diffusers")
-    from benchmarks.toy_t2i.train import MAX_TOKENS, build_tokenizer
+    from tests.toy_t2i_world.pipeline import MAX_TOKENS, build_tokenizer
 
     tok = build_tokenizer()
     longest = (
@@ -141,7 +141,7 @@ def test_tokenizer_covers_every_caption(samples):
 
 
 def test_grid_png(tmp_path):
-    from benchmarks.toy_t2i.sample import grid
+    from tests.toy_t2i_world.figure import grid
 
     imgs = [s.image for s in ds.make_dataset(6, seed=2)[2]]
     path = grid([imgs[:3], imgs[3:]], ["row one", "row two"], ["a", "b", "c"], tmp_path / "g.png")

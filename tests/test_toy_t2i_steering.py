@@ -15,14 +15,14 @@ import torch
 
 import actsteer
 from actsteer.diffusion import generate_images
-from benchmarks.toy_t2i import dataset as ds
-from benchmarks.toy_t2i import measure
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
 
 MODEL = Path(os.environ.get("ACTSTEER_TOY_T2I") or Path(__file__).parent / "assets" / "toy_t2i")
 
 
 def test_negation_removes_the_pink_square_and_keeps_the_rest():
-    from benchmarks.toy_t2i.sample import load
+    from tests.toy_t2i_world.pipeline import load
 
     torch.manual_seed(0)
     pipe = load(MODEL)

@@ -1,7 +1,8 @@
-"""A toy text-to-image world for actsteer's diffusion experiments.
+"""Scripts around a toy text-to-image world for actsteer's diffusion experiments.
 
-`dataset` draws captioned 32x32 images of coloured shapes (with a "striped style" and a pink
-square as the concept to negate), `measure` detects what is drawn from pixel statistics,
-`train` trains a small Stable-Diffusion-shaped pipeline on CPU, `sample` renders labelled
-grids and `evaluate` measures how well the trained model follows its captions.
+The world itself (dataset, detectors, tokenizer, loading a trained pipeline, labelled grids)
+lives in tests/toy_t2i_world, shared with the tests, which do not import `benchmarks`. Here:
+`train` trains a small Stable-Diffusion-shaped pipeline on CPU, `sample` renders sample grids,
+`evaluate` measures how well the trained model follows its captions, `act_check`,
+`steer_eval` and `steer_figure` steer it.
 """

@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from actsteer.maps import fit_linear
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
+from tests.toy_t2i_world.figure import grid
+from tests.toy_t2i_world.pipeline import load
 
-from . import dataset as ds
-from . import measure
-from .sample import STEPS, generate, grid, load
+from .sample import STEPS, generate
 
 
 def norm_modules(unet: nn.Module) -> dict[str, nn.Module]:

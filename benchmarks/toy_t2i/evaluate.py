@@ -28,9 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dataset as ds
-from . import measure
-from .sample import GUIDANCE, STEPS, generate, grid, load
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
+from tests.toy_t2i_world.figure import grid
+from tests.toy_t2i_world.pipeline import load
+
+from .sample import GUIDANCE, STEPS, generate
 
 SEED0 = 1000
 

@@ -4,6 +4,7 @@
         [--prompt "a red circle on a blue background" ...] [--seeds 0 1 2 3]
 
 MODEL_DIR defaults to the training default ($ACTSTEER_CACHE/toy_t2i or ~/.cache/actsteer/toy_t2i).
+`load` and `grid` live in tests/toy_t2i_world (pipeline.py, figure.py), shared with the tests.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from .train import default_out_dir
+from tests.toy_t2i_world.figure import grid
+from tests.toy_t2i_world.pipeline import load
 
 STEPS = 20
 GUIDANCE = 4.0
@@ -30,15 +31,6 @@ DEFAULT_PROMPTS = [
     "a red circle on a blue background, no pink square",
     "a green triangle and a yellow circle on a black background",
 ]
-
-
-def load(model_dir: str | Path | None = None):
-    """The saved pipeline (CPU, float32, progress bar off)."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir or default_out_dir()))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()
@@ -71,64 +63,6 @@ def generate(
         )
         out.extend((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
     return out
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, width: int, font: ImageFont.ImageFont, draw: ImageDraw.ImageDraw) -> str:
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
-    lines.append(line)
-    return "\n".join(lines)
-
-
-def grid(
-    rows: Sequence[Sequence[np.ndarray]],
-    row_labels: Sequence[str],
-    col_labels: Sequence[str],
-    path: str | Path,
-    *,
-    scale: int = 3,
-    label_width: int = 220,
-    title: str | None = None,
-) -> Path:
-    """Write a labelled grid PNG: rows[i][j] is the image of row i, column j."""
-    cell = rows[0][0].shape[0] * scale
-    pad = 4
-    font = _font(12)
-    top = 20 + (18 if title else 0)
-    width = label_width + len(col_labels) * (cell + pad) + pad
-    height = top + len(rows) * (cell + pad) + pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, 2), title, fill=(0, 0, 0), font=font)
-    for j, label in enumerate(col_labels):
-        draw.text(
-            (label_width + pad + j * (cell + pad), top - 16), label, fill=(0, 0, 0), font=font
-        )
-    for i, (row, label) in enumerate(zip(rows, row_labels, strict=True)):
-        y = top + pad + i * (cell + pad)
-        text = _wrap(label, label_width - 2 * pad, font, draw)
-        draw.multiline_text((pad, y + 2), text, fill=(0, 0, 0), font=font, spacing=2)
-        for j, img in enumerate(row):
-            tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (label_width + pad + j * (cell + pad), y))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
 
 
 def sample_grid(

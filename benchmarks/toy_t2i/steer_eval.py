@@ -39,10 +39,12 @@ from actsteer.diffusion import generate_images, record_pipeline
 from actsteer.maps import AffineMap
 from actsteer.methods import get_method
 from actsteer.tree import module_tree
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
+from tests.toy_t2i_world.figure import grid
+from tests.toy_t2i_world.pipeline import load
 
-from . import dataset as ds
-from . import measure
-from .sample import GUIDANCE, STEPS, grid, load
+from .sample import GUIDANCE, STEPS
 
 FIT_SEED = 10_000
 EVAL_SEED = 20_000

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 import actsteer
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
+from tests.toy_t2i_world.figure import grid
+from tests.toy_t2i_world.pipeline import load
 
-from . import dataset as ds
-from . import measure
-from .sample import grid, load
 from .steer_eval import EVAL_SEED, STRENGTHS, sweep
 
 

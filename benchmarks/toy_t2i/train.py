@@ -4,7 +4,8 @@ The model has Stable Diffusion 1.x's shape, only tiny, so that `StableDiffusionP
 unchanged and `DiffusionPipeline.from_pretrained(folder)` loads it back:
 
 - tokenizer: a word-level `tokenizers` model over the caption vocabulary, wrapped as a
-  `PreTrainedTokenizerFast` ([BOS] caption [EOS], padded to 24 tokens, lower-cased);
+  `PreTrainedTokenizerFast` ([BOS] caption [EOS], padded to 24 tokens, lower-cased; built by
+  `build_tokenizer` of tests/toy_t2i_world/pipeline.py, beside the dataset and detectors);
 - text encoder: a 2-layer `CLIPTextModel` (hidden size 64), trained jointly with the UNet;
 - VAE: an `AutoencoderKL` 32x32x3 -> 16x16x4, blocks (16, 32), no attention (trained first,
   mostly on 16x16 crops since it is convolutional, then frozen);
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -40,14 +40,12 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from . import dataset as ds
-from . import measure
+from tests.toy_t2i_world import dataset as ds
+from tests.toy_t2i_world import measure
+from tests.toy_t2i_world.pipeline import MAX_TOKENS, build_tokenizer, default_out_dir
 
-MAX_TOKENS = 24
-SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # ids 0..3; EOS != 2 avoids CLIP's legacy path
 SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -55,31 +53,6 @@ SCHEDULE = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
-
-
-def default_out_dir() -> Path:
-    """$ACTSTEER_CACHE/toy_t2i, or ~/.cache/actsteer/toy_t2i."""
-    root = os.environ.get("ACTSTEER_CACHE") or Path.home() / ".cache" / "actsteer"
-    return Path(root) / "toy_t2i"
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the caption vocabulary: '[BOS] words [EOS]', lower-cased."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + ds.vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        model_max_length=MAX_TOKENS,
-    )
 
 
 def build_text_encoder(vocab_size: int) -> CLIPTextModel:
