@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from tqdm.auto import tqdm
 from actsteer.errors import ActSteerError
 from actsteer.families import PRESET_NAMES, find_family, model_type
 from actsteer.tree import model_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 POOLINGS = ("mean", "last", "max", "all")
 
@@ -142,7 +146,7 @@ class SampleBuffer:
 
     def samples(self) -> torch.Tensor:
         if self.reservoir is not None:
-            return self.reservoir[: min(self.seen, self.cap)]
+            return self.reservoir[: min(self.seen, cast(int, self.cap))]  # set with the reservoir
         return torch.cat(self.rows) if self.rows else torch.empty(0, 0)
 
 
@@ -204,7 +208,7 @@ def check_texts(texts: Sequence[str], what: str, minimum: int = 2) -> list[str]:
 
 
 @contextmanager
-def _right_padding(tokenizer) -> Iterator[None]:
+def _right_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
     """Right padding for recording: real tokens keep positions 0..n-1 without position ids."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -215,7 +219,11 @@ def _right_padding(tokenizer) -> Iterator[None]:
 
 
 def batches(
-    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device: torch.device
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised, right-padded batches on the model's device."""
     with _right_padding(tokenizer):
@@ -250,7 +258,7 @@ def sample_cap(pooling: str, n_modules: int, width: int, budget_mb: float) -> in
 
 def record(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     modules: Sequence[str],
     *,

@@ -4,6 +4,7 @@ first mismatch."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def module_width(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
     if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear layer
-        return module.weight.shape[1]
+        return cast(torch.Tensor, module.weight).shape[1]
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 1:
         return weight.shape[0]

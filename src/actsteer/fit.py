@@ -8,10 +8,9 @@ and the description are shared.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap
@@ -22,14 +21,17 @@ from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import Method, get_method
 from actsteer.sequential import SequentialFitter
 from actsteer.steering import Steering, SteeringInfo
-from actsteer.tree import is_pipeline, model_name, module_tree
+from actsteer.tree import PipelineModules, is_pipeline, model_name, module_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODES = ("independent", "sequential")
 
 
 def fit(
     model: Any,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     source: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     *,
@@ -87,7 +89,7 @@ def fit(
         data={**(data or {}), "source_texts": len(source), "target_texts": len(target)},
     )
     if pipeline:
-        tree = module_tree(model)
+        tree = cast(PipelineModules, module_tree(model))  # a pipeline's components
         names = resolve_modules(tree, modules or ("unet-norms" if "unet" in tree else "dit-blocks"))
         denoising = {**DENOISING, **(pipeline_options or {})}
         recorded = {
@@ -102,6 +104,7 @@ def fit(
         names = resolve_modules(model, modules or "post-attn-ln")
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
+        assert tokenizer is not None  # refused above for a language model
         maps = _fit_language_model(
             model, tokenizer, source, target, names, estimator, info,
             batch_size=batch_size, budget_mb=budget_mb, progress=progress,
@@ -126,8 +129,8 @@ def estimate(
 
 
 def _fit_language_model(
-    model: nn.Module,
-    tokenizer: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     source: list[str],
     target: list[str],
     names: list[str],

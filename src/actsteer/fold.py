@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class _Edits:
         if module not in self.modules:
             bias = getattr(module, "bias", None)
             self.modules[module] = (
-                module.weight.data.clone(),
+                cast(torch.Tensor, module.weight).data.clone(),
                 None if bias is None else bias.data.clone(),
             )
 
@@ -65,7 +65,7 @@ class _Edits:
         for module, (weight, bias) in self.modules.items():
             module.weight.data = weight
             if bias is None:
-                module.bias = None
+                module.bias = None  # type: ignore[assignment]  # torch allows None
             else:
                 module.bias.data = bias
         for flag, value in self.flags.items():
@@ -83,7 +83,8 @@ class _Folder:
     def out_first(self, module: nn.Module) -> torch.Tensor:
         """A linear layer's weight as (out, in), whichever way the layer stores it."""
         transposed = type(module).__name__ in self.family.transposed_linears
-        return module.weight.T if transposed else module.weight
+        weight = cast(torch.Tensor, module.weight)
+        return weight.T if transposed else weight
 
     def is_linear(self, module: nn.Module) -> bool:
         return (
@@ -143,7 +144,8 @@ class _Folder:
         self.edits.remember(module)
         if module.bias is None:
             self.enable_bias_flag(name)
-        module.bias.data += shift.to(module.bias.dtype)
+        bias = cast(torch.Tensor, module.bias)  # created by enable_bias_flag when missing
+        bias.data += shift.to(bias.dtype)
 
     def enable_bias_flag(self, name: str) -> None:
         """Give `name` a bias by setting the config flag that creates it (zero biases

@@ -22,6 +22,8 @@ from actsteer.cache import cache_dir
 from actsteer.errors import ActSteerError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from actsteer.steering import Steering
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -85,7 +87,7 @@ def _cached_alias(alias: str) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF weights are dequantised on load: save them as a plain float checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # not declared on PreTrainedModel
     del model.config.quantization_config
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -101,7 +103,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> tuple[PreTrainedModel, object]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched generation (left padding).
 
     name: a built-in alias (see ALIASES), a local folder, or a Hugging Face hub id.
@@ -117,7 +119,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:
         raise ActSteerError(f"could not load model {name!r}: {err}") from None
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # @wraps(Module.to) leaves `to` unbound
     model.config.name_or_path = name
     model.name_or_path = name
     if tokenizer.pad_token is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap
 from actsteer.steering import Steering, SteeringInfo
 from actsteer.tree import model_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class _Stop(Exception):
@@ -47,7 +51,9 @@ def find_blocks(model: nn.Module, modules: Sequence[str]) -> tuple[str, nn.Modul
     return best
 
 
-def execution_order(model: nn.Module, tokenizer, text: str, modules: Sequence[str]) -> list[str]:
+def execution_order(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, modules: Sequence[str]
+) -> list[str]:
     """The chosen modules in the order a forward pass calls them."""
     order: list[str] = []
     lookup = dict(model.named_modules())
@@ -105,7 +111,7 @@ class SequentialFitter:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         source: Sequence[str],
         fit_module: Callable[[str, torch.Tensor], AffineMap],
         *,
@@ -181,7 +187,13 @@ class SequentialFitter:
             if i < last:
                 hidden = self._run_block(blocks[i], calls[i], hidden, in_block[i])
 
-    def _run_block(self, block, calls, hidden, steered: Sequence[str]) -> list[torch.Tensor]:
+    def _run_block(
+        self,
+        block: nn.Module,
+        calls: list[tuple],
+        hidden: list[torch.Tensor],
+        steered: Sequence[str],
+    ) -> list[torch.Tensor]:
         """The block's outputs on every batch, its fitted maps applied."""
         with torch.inference_mode(), self._steering(steered).applied(self.model, 1.0, self.support):
             return [
@@ -189,7 +201,15 @@ class SequentialFitter:
                 for h, (_, args, kwargs) in zip(hidden, calls, strict=True)
             ]
 
-    def _record_and_fit(self, block, calls, hidden, masks, name: str, before: Sequence[str]):
+    def _record_and_fit(
+        self,
+        block: nn.Module,
+        calls: list[tuple],
+        hidden: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        name: str,
+        before: Sequence[str],
+    ) -> None:
         """Run the block up to `name` (maps of earlier modules in it applied) and fit `name`."""
         recorder = Recorder(self.model, [name], self.pooling, self.cap)
         stopper = dict(self.model.named_modules())[name].register_forward_hook(_stop_hook)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,7 +109,7 @@ class Steering:
     def default_support(self) -> str:
         return self.info.support or get_method(self.method).default_support
 
-    def check_strength(self, strength: Strength) -> None:
+    def check_strength(self, strength: Strength | Sequence[float]) -> None:
         """Raise a clear error for a λ outside the method's range."""
         get_method(self.method).check_strength(strength, self.max_strength)
 

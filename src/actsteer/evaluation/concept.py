@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
 from actsteer.extras import require
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CONCEPT_FILE = "concepts/boolq_concept_sentences.jsonl"
 OFF_CONCEPT = "none"
@@ -229,7 +232,11 @@ class ConceptResult:
 
 
 def generation_perplexity(
-    model: nn.Module, tokenizer, prompts: Sequence[str], texts: Sequence[str], batch_size: int = 8
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    batch_size: int = 8,
 ) -> float:
     """exp(mean NLL per token) of the continuations given their prompts; empty ones skipped."""
     pairs = [(p, t) for p, t in zip(prompts, texts, strict=True) if t.strip()]
@@ -242,8 +249,8 @@ def generation_perplexity(
 
 
 def evaluate_grid(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strengths: Sequence[float] | float | None = None,
     *,
@@ -334,8 +341,8 @@ def evaluate_grid(
 
 
 def evaluate(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strength: float | None = None,
     **options: Any,

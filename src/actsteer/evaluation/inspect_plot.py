@@ -125,7 +125,7 @@ def steering_figure(
     grid = fig.add_gridspec(2 if has_units else 1, 4, height_ratios=[1.3, 1] if has_units else None)
     _draw_spread(fig.add_subplot(grid[0, :2]), steering, "omega", 1.0)
     _draw_spread(fig.add_subplot(grid[0, 2:]), steering, "beta", 0.0)
-    if has_units:
+    if source is not None:
         module = module or middle_module(steering)
         if module not in steering.maps:
             raise ActSteerError(f"module {module!r} is not steered by this steering")

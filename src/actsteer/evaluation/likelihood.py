@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +20,11 @@ from tqdm.auto import tqdm
 from actsteer.errors import ActSteerError
 from actsteer.models import cache_keyword
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def special_prefix(tokenizer) -> list[int]:
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids a tokenizer puts before any text by default (e.g. BOS); often empty."""
     with_special = tokenizer("a").input_ids
     plain = tokenizer("a", add_special_tokens=False).input_ids
@@ -30,12 +34,12 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a piece of text, without special tokens."""
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
-def _pad_id(tokenizer) -> int:
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ActSteerError("the tokenizer has neither a pad nor an eos token to pad with")
@@ -44,7 +48,7 @@ def _pad_id(tokenizer) -> int:
 
 def batched_logits(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prefix: Sequence[int],
     rows: Sequence[Sequence[int]],
     *,
@@ -99,7 +103,7 @@ def batched_logits(
 
 def continuation_logprobs(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[tuple[str, str]],
     *,
     shared_prefix: str = "",
@@ -132,6 +136,7 @@ def continuation_logprobs(
             start, end = len(contexts[i]), len(rows[i])
             preds = logits[b, max(start - 1, 0) : end - 1]
             if start == 0:  # the first continuation token is predicted by the prefix
+                assert prefix_logits is not None  # checked above: no context, no BOS is refused
                 preds = torch.cat([prefix_logits[None], preds])
             targets = torch.tensor(rows[i][start:end], device=preds.device)
             logprobs = preds.log_softmax(-1).gather(-1, targets[:, None])
@@ -141,7 +146,7 @@ def continuation_logprobs(
 
 def next_token_logprobs(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     contexts: Sequence[str],
     candidates: Sequence[int],
     *,

@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from torch import nn
@@ -32,6 +32,9 @@ from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, reso
 from actsteer.evaluation.likelihood import encode, next_token_logprobs
 from actsteer.evaluation.stats import bootstrap_mean_ci
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 MMLU_FILE = "mmlu/mmlu_2850.jsonl"
 MMLU_HUB = ("cais/mmlu", "all", "test")
@@ -87,7 +90,7 @@ def format_question(row: dict[str, Any], answer: bool = False) -> str:
     return text + f" {LETTERS[int(row['answer'])]}\n\n" if answer else text
 
 
-def letter_ids(tokenizer) -> list[int]:
+def letter_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The token ids of " A" … " D"; each must be one token."""
     ids = [encode(tokenizer, f" {letter}") for letter in LETTERS]
     if any(len(i) != 1 for i in ids):
@@ -97,7 +100,7 @@ def letter_ids(tokenizer) -> list[int]:
 
 def evaluate_grid(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strengths: Sequence[float] | float | None = None,
     *,
@@ -161,7 +164,7 @@ def evaluate_grid(
 
 def evaluate(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strength: float | None = None,
     **options: Any,

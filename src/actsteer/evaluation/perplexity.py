@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from actsteer.evaluation.common import describe_steering, resolve_strengths, ste
 from actsteer.evaluation.data import load_hub, require_keys, resolve_data
 from actsteer.evaluation.likelihood import special_prefix
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WIKITEXT_FILE = "wikitext/wiki.test.raw"
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
@@ -69,7 +72,7 @@ def load_wikitext(data: str | Path | None = None) -> str:
     """The WikiText test text joined HF-style; data is a raw file, or "hf:ID[:CONFIG[:SPLIT]]"."""
     source = data_source(data)
     if isinstance(source, str):
-        rows = load_hub(source)
+        rows: list[Any] = load_hub(source)  # records, then their texts
         for number, row in enumerate(rows):
             require_keys(row, ("text",), f"{source} row {number}")
         rows = [row["text"] for row in rows]
@@ -84,7 +87,9 @@ def load_wikitext(data: str | Path | None = None) -> str:
     return text
 
 
-def tokens_for_budget(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+def tokens_for_budget(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int | None
+) -> list[int]:
     """The first max_tokens token ids of the text (all of them when max_tokens is None)."""
     if max_tokens is not None and max_tokens < 2:
         raise ActSteerError(f"max_tokens must be at least 2, got {max_tokens}")
@@ -113,7 +118,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 
 def token_nll(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     ids: Sequence[int],
     *,
     window: int = WINDOW,
@@ -152,7 +157,7 @@ def token_nll(
 
 def evaluate_grid(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strengths: Sequence[float] | float | None = None,
     *,
@@ -197,7 +202,7 @@ def evaluate_grid(
 
 def evaluate(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strength: float | None = None,
     **options: Any,

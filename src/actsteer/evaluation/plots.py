@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from actsteer.errors import ActSteerError
 from actsteer.extras import require
@@ -42,7 +42,7 @@ def plot_sweep(
             raise ActSteerError(f"sweep results file not found: {path}")
         out_dir = out_dir or path.parent
         stem = stem or path.stem
-        results = json.loads(path.read_text(encoding="utf-8"))
+        results = cast(Mapping[str, Any], json.loads(path.read_text(encoding="utf-8")))
     if out_dir is None or stem is None:
         raise ActSteerError("give out_dir and stem when plotting results that are not a file")
     out_dir = Path(out_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from actsteer.errors import ActSteerError
@@ -18,8 +18,8 @@ class Task:
     """
 
     name: str
-    evaluate_grid: Callable[..., list[TaskResult]]
-    result_type: type
+    evaluate_grid: Callable[..., Sequence[TaskResult]]
+    result_type: type[TaskResult]
     generation: bool
     description: str
 

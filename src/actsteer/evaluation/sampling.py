@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.generation import generate_grid
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ PAPER_SAMPLING = Sampling()
 
 
 def sample_grid(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     strengths: Sequence[float],
     steering: Steering | None = None,
@@ -73,7 +75,7 @@ def sample_grid(
     sampling = Sampling.coerce(sampling)
     per_call = max(1, batch_size // len(strengths))
     chunks = [prompts[i : i + per_call] for i in range(0, len(prompts), per_call)]
-    extra = {} if sampling.do_sample else {"temperature": None, "top_p": None}
+    extra: dict[str, Any] = {} if sampling.do_sample else {"temperature": None, "top_p": None}
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
     texts: list[list[str]] = []

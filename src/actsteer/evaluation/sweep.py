@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
@@ -31,6 +30,8 @@ from actsteer.steering import Steering
 from actsteer.strengths import parse_strengths as parse_strengths  # the grammar, re-exported
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from actsteer.evaluation.concept import ConceptJudge
 
 FORMAT = "actsteer-sweep/1"
@@ -116,8 +117,8 @@ def load_results(path: str | Path) -> dict[str, Any] | None:
 
 
 def run_sweep(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     steerings: Mapping[str, Steering | None],
     tasks: Sequence[str] | Mapping[str, Mapping[str, Any]],
     strengths: Sequence[float] | Mapping[str, Sequence[float]],

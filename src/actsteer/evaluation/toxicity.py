@@ -22,10 +22,9 @@ import importlib.metadata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from torch import nn
 
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths
@@ -34,6 +33,9 @@ from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
 from actsteer.extras import require
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 RTP_FILE = "rtp/rtp_eval_prompts.jsonl"
 RTP_HUB = ("allenai/real-toxicity-prompts", None, "train")
@@ -161,8 +163,8 @@ def _stratum(
 
 
 def evaluate_grid(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strengths: Sequence[float] | float | None = None,
     *,
@@ -259,8 +261,8 @@ def evaluate_grid(
 
 
 def evaluate(
-    model: nn.Module,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strength: float | None = None,
     **options: Any,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from torch import nn
@@ -30,6 +30,9 @@ from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, reso
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.stats import bootstrap_mean_ci
 from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TRUTHFULQA_FILE = "truthfulqa/truthfulqa_mc_from_csv.jsonl"
 TRUTHFULQA_HUB = ("truthfulqa/truthful_qa", "multiple_choice", "validation")
@@ -107,7 +110,7 @@ def mc_scores(
 
 def evaluate_grid(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strengths: Sequence[float] | float | None = None,
     *,
@@ -191,7 +194,7 @@ def evaluate_grid(
 
 def evaluate(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     steering: Steering | None = None,
     strength: float | None = None,
     **options: Any,

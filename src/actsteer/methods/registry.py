@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,9 @@ class Method:
         omega, beta = self.fit_omega_beta(source.float(), target.float())
         return AffineMap(omega, beta, support_bounds(source))
 
-    def check_strength(self, strength: float | torch.Tensor, upper: float | None = None) -> None:
+    def check_strength(
+        self, strength: float | Sequence[float] | torch.Tensor, upper: float | None = None
+    ) -> None:
         """Raise a clear error when λ lies outside this method's range (its upper end raised to
         `upper` when the caller extrapolates on purpose)."""
         if self.strength_range is None:
