@@ -8,7 +8,8 @@ redesign of issue 13). The parent runs them in turn, never both at once, for --r
   decode step  one cached decode step (batch 1 and 8), unsteered / support q0-100 / all (λ = 1,
                Linear-AcT on all 61 norm outputs of SmolLM2-135M)
   generate     greedy `model.generate` of --new-tokens tokens, the same variants, plus the
-               folded copy (support all, λ = 1) and the time `Steering.fold` takes
+               folded copy (support all, λ = 1; the 60 maps other than the final norm's,
+               whose shift would need a bias on the LM head) and the time `Steering.fold` takes
 
 Each worker round gives one throughput ratio per variant (÷ its own unsteered run in the same
 round): the hook overhead of each revision, measured under the same conditions as the other's.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -73,7 +75,9 @@ def worker(args: argparse.Namespace) -> None:
     )  # fmt: skip
     prompts = {b: dict(tok(data_lines("source", 1000, b), return_tensors="pt", padding=True))
                for b in BATCHES}  # fmt: skip
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keyword = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                     do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
 
@@ -95,8 +99,12 @@ def worker(args: argparse.Namespace) -> None:
             cache.crop(-1)
 
         decoders[b] = decode
+    # the final norm's shift feeds the LM head, which has no bias: fold the other 60 maps
+    foldable = dataclasses.replace(
+        steering, maps={n: m for n, m in steering.maps.items() if n != "model.norm"}
+    )
     start = time.perf_counter()
-    folded = steering.fold(copy.deepcopy(model), 1.0, support="all")
+    folded = foldable.fold(copy.deepcopy(model), 1.0, support="all")
     fold_seconds = time.perf_counter() - start
     variants = (None, *SUPPORTS)
     print(json.dumps({"ready": True}), flush=True)
@@ -127,7 +135,7 @@ def worker(args: argparse.Namespace) -> None:
                 for name in (*SUPPORTS, "folded"):
                     result[f"generate, batch {b}, {name}"] = seconds["None"] / seconds[name]
         start = time.perf_counter()
-        steering.fold(copy.deepcopy(model), 1.0, support="all")
+        foldable.fold(copy.deepcopy(model), 1.0, support="all")
         result["fold, seconds"] = min(fold_seconds, time.perf_counter() - start)
         print(json.dumps(result), flush=True)
 
@@ -138,8 +146,10 @@ def worker(args: argparse.Namespace) -> None:
 
 def spawn(src: Path, args: argparse.Namespace) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    command = [sys.executable, __file__, "--worker", str(src), "--threads", str(args.threads),
-               "--new-tokens", str(args.new_tokens), "--decode-reps", str(args.decode_reps)]  # fmt: skip
+    command = [
+        sys.executable, __file__, "--worker", str(src), "--threads", str(args.threads),
+        "--new-tokens", str(args.new_tokens), "--decode-reps", str(args.decode_reps),
+    ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, cwd=tempfile.gettempdir())  # fmt: skip
     ready = json.loads(process.stdout.readline())

@@ -42,32 +42,31 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 
 class _Edits:
-    """The weights, biases and config flags a fold changes, kept so it can be undone."""
+    """The weights, biases and config flags a fold changes, kept so it can be undone (only what
+    changes: a reader's bias, not its weight)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.modules: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.tensors: dict[tuple[nn.Module, str], torch.Tensor | None] = {}
         self.flags: dict[str, Any] = {}
 
-    def remember(self, module: nn.Module) -> None:
-        if module not in self.modules:
-            bias = getattr(module, "bias", None)
-            self.modules[module] = (
-                cast(torch.Tensor, module.weight).data.clone(),
-                None if bias is None else bias.data.clone(),
-            )
+    def remember(self, module: nn.Module, *names: str) -> None:
+        """Keep the current value of the module's parameters `names` (None: it has none)."""
+        for name in names:
+            if (module, name) not in self.tensors:
+                value = getattr(module, name, None)
+                self.tensors[module, name] = None if value is None else value.data.clone()
 
     def set_flag(self, flag: str) -> None:
         self.flags.setdefault(flag, getattr(self.model.config, flag))
         setattr(self.model.config, flag, True)
 
     def undo(self) -> None:
-        for module, (weight, bias) in self.modules.items():
-            module.weight.data = weight
-            if bias is None:
-                module.bias = None  # type: ignore[assignment]  # torch allows None
+        for (module, name), value in self.tensors.items():
+            if value is None:
+                setattr(module, name, None)
             else:
-                module.bias.data = bias
+                getattr(module, name).data = value
         for flag, value in self.flags.items():
             setattr(self.model.config, flag, value)
 
@@ -98,7 +97,7 @@ class _Folder:
                 f"cannot fold into {name!r} ({type(module).__name__}): it has no weights; "
                 "keep the steering as hooks for this module"
             )
-        self.edits.remember(module)
+        self.edits.remember(module, "weight", "bias")
         weight = module.weight
         scale, shift = (t.to(weight.device, torch.float64) for t in amap.at(strength))
         if isinstance(module, nn.LayerNorm | nn.GroupNorm):
@@ -141,7 +140,7 @@ class _Folder:
         return [f"{block}.{reader}" for reader in readers]
 
     def add_bias(self, name: str, module: nn.Module, shift: torch.Tensor) -> None:
-        self.edits.remember(module)
+        self.edits.remember(module, "bias")
         if module.bias is None:
             self.enable_bias_flag(name)
         bias = cast(torch.Tensor, module.bias)  # created by enable_bias_flag when missing
@@ -156,7 +155,7 @@ class _Folder:
                 self.edits.set_flag(flag)
                 for other, module in self.lookup.items():
                     if re.fullmatch(pattern, other) and module.bias is None:
-                        self.edits.remember(module)
+                        self.edits.remember(module, "bias")
                         weight = module.weight
                         module.bias = nn.Parameter(
                             torch.zeros(
