@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -13,7 +16,10 @@ from transformers import (
 )
 
 import actsteer
+from actsteer import fold
 from actsteer.capture import resolve_modules
+from actsteer.families import family_of, find_family
+from actsteer.maps import AffineMap
 
 LAYERS = 2
 SHAPE = dict(
@@ -71,3 +77,76 @@ def test_fit_and_steer_on_each_family(family_model, tokenizer, neutral, football
             full = model(**enc).logits
     assert torch.equal(zero, plain)
     assert not torch.allclose(full, plain, atol=1e-3)
+
+
+def test_every_family_names_its_presets_and_known_types_resolve(family_model):
+    model, _ = family_model
+    family = find_family(model)
+    assert family is not None and family.default_preset in family.presets
+    assert family is family_of(model, "a test")
+
+
+def test_a_model_type_missing_from_the_table_is_a_clear_error(tiny_llama):
+    unknown = copy.deepcopy(tiny_llama)
+    unknown.config.model_type = "brand-new-arch"
+    with pytest.raises(actsteer.ActSteerError, match="'brand-new-arch' is not in actsteer's"):
+        family_of(unknown, "folding")
+    with pytest.raises(actsteer.ActSteerError, match="preset 'post-attn-ln' is not defined"):
+        resolve_modules(unknown, "post-attn-ln")
+    steering = actsteer.Steering(
+        {"model.layers.0.post_attention_layernorm": AffineMap(torch.ones(32), torch.ones(32))}
+    )
+    with pytest.raises(actsteer.ActSteerError, match="folding needs to know the architecture"):
+        steering.fold(unknown, 1.0, support="all")
+
+
+def test_a_fold_the_hooks_disagree_with_is_refused_and_undone(family_model, monkeypatch):
+    """With a wrong family entry (the (1 + γ) offset of Gemma's norms dropped, or a norm's
+    readers forgotten), the probe catches the folded model computing something else; the
+    weights are restored."""
+    model, _ = family_model
+    family = find_family(model)
+    assert family is not None
+    g = torch.Generator().manual_seed(0)
+    maps = {
+        f"model.layers.{i}.input_layernorm": AffineMap(
+            1 + 0.3 * torch.rand(32, generator=g), 0.2 * torch.randn(32, generator=g)
+        )
+        for i in range(LAYERS)
+    }  # their shifts fold into q, k, v biases (the attention_bias flag) in every family here
+    steering = actsteer.Steering(maps)
+    before = copy.deepcopy(model.state_dict())
+    wrong = dataclasses.replace(
+        family,
+        norm_offset=1.0 - family.norm_offset,  # Gemma's (1 + γ) taken for γ, or the reverse
+    )
+    monkeypatch.setattr(fold, "family_of", lambda tree, needed_for: wrong)
+    target = copy.deepcopy(model)
+    with pytest.raises(actsteer.ActSteerError, match="do not reproduce the hooked model"):
+        steering.fold(target, 1.0, support="all")
+    after = target.state_dict()
+    assert after.keys() == before.keys(), "biases added by the fold are gone again"
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert getattr(target.config, "attention_bias", None) == getattr(
+        model.config, "attention_bias", None
+    )
+    monkeypatch.undo()
+    folded = steering.fold(copy.deepcopy(model), 1.0, support="all")  # the right entry folds
+    assert any(not torch.equal(folded.state_dict()[k], before[k]) for k in before)
+
+
+def test_a_fold_that_fails_half_way_leaves_the_weights_unchanged(family_model):
+    """Shifts after the post-attention norm need MLP biases; where the architecture has no flag
+    for them the fold stops, after it had already edited earlier modules: all undone."""
+    model, _ = family_model
+    family = find_family(model)
+    assert family is not None
+    names = [n for n in resolve_modules(model, "layernorms") if not n.endswith("model.norm")]
+    maps = {n: AffineMap(torch.full((32,), 1.1), torch.full((32,), 0.1)) for n in names}
+    target = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(actsteer.ActSteerError, match="cannot be folded|needs a bias"):
+        actsteer.Steering(maps).fold(target, 1.0, support="all")
+    after = target.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
