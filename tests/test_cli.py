@@ -60,7 +60,7 @@ def runner() -> CliRunner:
 @pytest.fixture(autouse=True)
 def shared_model(smol, monkeypatch):
     """Every command gets the session's model instead of loading its own."""
-    monkeypatch.setattr(cli, "load_model", lambda name: smol)
+    monkeypatch.setattr(cli.core, "load_model", lambda name: smol)
     return smol
 
 
@@ -79,7 +79,7 @@ def steering_file(smol, text_files, tmp_path_factory) -> tuple[Path, str]:
     source, target = text_files
     out = tmp_path_factory.mktemp("steer") / "s.safetensors"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "load_model", lambda name: smol)
+        mp.setattr(cli.core, "load_model", lambda name: smol)
         result = CliRunner().invoke(
             cli.app,
             ["fit", "--source", str(source), "--target", str(target), "-o", str(out)]
@@ -150,7 +150,7 @@ def test_generate_composes_fixed_and_swept_steerings(runner, steering_file):
 
 def test_export_writes_a_stock_checkpoint(runner, steering_file, smol, monkeypatch, tmp_path):
     model, tok = smol
-    monkeypatch.setattr(cli, "load_model", lambda name: (copy.deepcopy(model), tok))
+    monkeypatch.setattr(cli.core, "load_model", lambda name: (copy.deepcopy(model), tok))
     path, _ = steering_file
     out = tmp_path / "steered"
     result = runner.invoke(
@@ -192,8 +192,8 @@ def test_methods_lists_linear_act(runner):
 
 def test_demo_runs(runner, monkeypatch):
     # The full demo fits on 2 × 120 sentences; a few of each keep this smoke test fast.
-    few = {name: cli.package_texts(name)[:4] for name in ("neutral.txt", "football.txt")}
-    monkeypatch.setattr(cli, "package_texts", few.__getitem__)
+    few = {name: cli.lm.package_texts(name)[:4] for name in ("neutral.txt", "football.txt")}
+    monkeypatch.setattr(cli.lm, "package_texts", few.__getitem__)
     result = runner.invoke(cli.app, ["demo", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
     assert "λ = 0.5" in result.stdout and "Sundays" in result.stdout

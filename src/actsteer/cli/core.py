@@ -1,0 +1,169 @@
+"""The one Typer app, its argv normaliser and error handling, and what every command shares.
+
+Every user error (bad option, missing file, ActSteerError) ends in one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from actsteer.errors import ActSteerError
+from actsteer.models import load_model
+
+STRENGTH_FLAGS = ("--strength", "-s")
+
+# the help panels grouping the commands by topic
+LM_PANEL = "Language models"
+IMAGE_PANEL = "Text-to-image pipelines"
+EVAL_PANEL = "Evaluation"
+FILES_PANEL = "Steering files"
+
+
+# ---------------------------------------------------------------------------------------------
+# argv normalisation and one-line errors
+
+
+def is_number(token: str) -> bool:
+    """Whether a token reads as a float (a λ value rather than the next option or a prompt)."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def normalise_argv(args: Sequence[str]) -> list[str]:
+    """Let one --strength flag take several numbers: `--strength 0 0.5 1`.
+
+    Tokens right after --strength (or -s, or --strength=X) that parse as floats become repeated
+    `--strength X` options. `--` ends options, so a prompt that looks like a number goes after it.
+    """
+    args = list(args)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            out.extend(args[i:])
+            break
+        out.append(token)
+        i += 1
+        if token in STRENGTH_FLAGS:
+            if i < len(args):  # the flag's own value, whatever it is (typer checks it)
+                out.append(args[i])
+                i += 1
+        elif not token.startswith("--strength="):
+            continue
+        while i < len(args) and is_number(args[i]):
+            out += ["--strength", args[i]]
+            i += 1
+    return out
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `error: message` as one line on stderr; return the Exit to raise."""
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    return typer.Exit(code)
+
+
+class _Group(TyperGroup):
+    """The app's group: normalises argv and turns every user error into one stderr line."""
+
+    def main(self, args: Sequence[str] | None = None, *pargs: Any, **kwargs: Any) -> Any:
+        args = sys.argv[1:] if args is None else args
+        return super().main(normalise_argv(args), *pargs, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except typer.TyperException as err:
+            raise self._usage_error(err) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as err:
+            raise self._usage_error(err) from None
+        except ActSteerError as err:  # also from an option's check, while parsing
+            raise fail(str(err)) from None
+        except FileNotFoundError as err:
+            name = err.filename if err.filename is not None else str(err)
+            raise fail(f"file not found: {name}") from None
+
+    @staticmethod
+    def _usage_error(err: typer.TyperException) -> Exception:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `actsteer`: show the help
+            return err
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        return fail(err.format_message() + hint, getattr(err, "exit_code", 2))
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="actsteer",
+    help=(
+        "Steer Hugging Face causal LMs by transporting activations (AcT). "
+        "Fit a steering from a source and a target text file, then generate with a strength "
+        "λ in [0, 1]: 0 is the untouched model, 1 the full transport. "
+        "Try `actsteer demo` first."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the commands share
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console; wide when not a terminal, so piped tables don't wrap at 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(file=stream, width=width, highlight=False)
+
+
+def status(message: str) -> None:
+    """A progress line on stderr (stdout keeps the results)."""
+    typer.echo(message, err=True)
+
+
+def check_choice(value: str | None, choices: Sequence[str], option: str) -> None:
+    """A clear error when an option's value is not one of its choices (None passes)."""
+    if value is not None and value not in choices:
+        raise ActSteerError(f"{option} {value!r} is not one of: {', '.join(choices)}")
+
+
+def read_texts(path: str | Path, what: str = "texts") -> list[str]:
+    """One text per line of a UTF-8 file, blank lines skipped; a missing file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ActSteerError(f"{what} file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ActSteerError(f"{what} file {path} is not UTF-8 text: {err}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise ActSteerError(f"{what} file {path} has no text (one text per line expected)")
+    return texts
+
+
+def load_lm(name: str) -> tuple[Any, Any]:
+    """The model and tokenizer called `name` (see actsteer.models.model_for), with a status line."""
+    status(f"Loading model {name} …")
+    return load_model(name)

@@ -1,0 +1,166 @@
+"""Commands on a steering file: inspect (describe, plot) and export (a folded checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from actsteer.cli.core import FILES_PANEL, app, console, load_lm, read_texts, status
+from actsteer.cli.options import MaxLengthOption, ModelOption, StrengthOption, SupportOption
+from actsteer.errors import ActSteerError
+from actsteer.export import export as export_checkpoint
+from actsteer.models import model_for
+from actsteer.steering import Steering
+from actsteer.strengths import parse_strength_specs, resolve_strengths
+
+
+@app.command(rich_help_panel=FILES_PANEL)
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A steering file (.safetensors).")],
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw a PNG: ω and β per module (median, 5–95% band); with --data, "
+            "histograms of one module's most-moved units.",
+            metavar="PNG",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="With --plot: source texts (one per line) whose activations are drawn before "
+            "and after transport (λ = 1).",
+            metavar="FILE",
+        ),
+    ] = None,
+    model: ModelOption = None,
+    module: Annotated[
+        str | None,
+        typer.Option(help="For --data: the module to show (default: the middle one)."),
+    ] = None,
+    support: SupportOption = None,
+    max_length: MaxLengthOption = 64,
+) -> None:
+    """Describe a steering file: method, model, data and per-module map statistics.
+
+    With --plot, also a figure of what it does at a glance (see --data for unit histograms;
+    --model, --module, --support and --max-length apply to --data).
+    """
+    if plot is None and data is not None:
+        raise ActSteerError("--data is drawn in the figure: give --plot PNG as well")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ActSteerError(f"--plot should end in .png, got {plot}")
+    steering = Steering.load(path)
+    if module is not None and module not in steering.maps:
+        raise ActSteerError(
+            f"--module {module!r} is not steered by {path}; it steers {len(steering.maps)} "
+            f"modules, e.g. {next(iter(steering.maps), '-')}"
+        )
+    info = steering.info
+    out = console()
+    out.print(f"[bold]{path}[/bold]")
+    rows = [
+        ("method", steering.method + (" (inverted)" if info.inverted else "")),
+        ("mode", info.mode),
+        ("model", info.model_name or "?"),
+        ("pooling", info.pooling or "?"),
+        ("support", steering.default_support),
+        ("default strength", f"{info.default_strength:g}"),
+        ("data", ", ".join(f"{k}={v}" for k, v in info.data.items()) or "-"),
+        ("modules", str(len(steering.maps))),
+    ]
+    for key, value in rows:
+        out.print(Text(f"{key:>16}: {value}"))
+    table = Table(title="maps T(a) = ω ⊙ a + β per module", show_edge=False)
+    table.add_column("module", overflow="fold")
+    for name in ("D", "ω mean", "ω min", "ω max", "β mean", "max |β|"):
+        table.add_column(name, justify="right")
+    for name, amap in steering.maps.items():
+        omega, beta = amap.omega.float(), amap.beta.float()
+        table.add_row(
+            name,
+            str(amap.dim),
+            *(f"{v:.3f}" for v in (omega.mean(), omega.min(), omega.max())),
+            *(f"{v:.3f}" for v in (beta.mean(), beta.abs().max())),
+        )
+    out.print(table)
+    if plot is not None:
+        _inspect_plot(steering, path, plot, data, model, module, support, max_length)
+
+
+def _inspect_plot(
+    steering: Steering,
+    path: Path,
+    plot: Path,
+    data: Path | None,
+    model: str | None,
+    module: str | None,
+    support: str | None,
+    max_length: int,
+) -> None:
+    """Draw `inspect --plot`: record the --data texts at one module when given, then save."""
+    from actsteer.capture import record
+    from actsteer.evaluation.inspect_plot import middle_module, steering_figure
+
+    source = None
+    module = module or middle_module(steering)
+    if data is not None:
+        texts = read_texts(data, "--data")
+        lm, tok = load_lm(model_for(steering, model))
+        status(f"Recording {len(texts)} text(s) at {module} …")
+        source = record(
+            lm, tok, texts, [module], pooling="all", max_length=max_length, progress=False
+        )[module]
+    figure = steering_figure(
+        steering, source, module, support=support, title=f"{path.name}: {steering.method}, "
+        f"{len(steering.maps)} steered modules",
+    )  # fmt: skip
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(plot, dpi=100, bbox_inches="tight")
+    typer.echo(f"Saved the figure to {plot}")
+
+
+@app.command(rich_help_panel=FILES_PANEL)
+def export(
+    steering_path: Annotated[
+        Path, typer.Option("--steering", help="A steering file from `actsteer fit`.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the steered checkpoint.")
+    ],
+    strength: StrengthOption = None,
+    support: SupportOption = "all",
+    model: ModelOption = None,
+) -> None:
+    """Fold a steering into the weights at one λ and save a checkpoint stock transformers loads.
+
+    The result runs at the plain model's speed with no actsteer import:
+    AutoModelForCausalLM.from_pretrained(OUTPUT). Serving engines that read transformers
+    checkpoints can serve it.
+    """
+    steering = Steering.load(steering_path)
+    strengths = resolve_strengths(steering, parse_strength_specs(strength) if strength else None)
+    if len(strengths) != 1:
+        raise ActSteerError(
+            "export folds one fixed strength: give one λ with --strength, got "
+            f"{len(strengths)} ({', '.join(f'{s:g}' for s in strengths)})"
+        )
+    lam = strengths[0]
+    model = model_for(steering, model)
+    lm, tok = load_lm(model)
+    probe = tok(["The weather today is"], return_tensors="pt")
+    with torch.inference_mode(), steering.applied(lm, lam, support):
+        hooked = lm(**probe).logits
+    export_checkpoint(steering, lm, tok, output, lam, support)
+    with torch.inference_mode():
+        folded = lm(**probe).logits
+    typer.echo(f"Saved the steered checkpoint (λ = {lam:g}, support {support}) to {output}")
+    gap = (folded - hooked).abs().max().item()
+    typer.echo(f"  folded vs hooked logits on a probe prompt: max |Δ| = {gap:.2e}")

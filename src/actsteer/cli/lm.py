@@ -1,0 +1,382 @@
+"""Language-model commands: fit, generate, demo, methods."""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from actsteer.capture import POOLINGS
+from actsteer.cli.core import (
+    LM_PANEL,
+    app,
+    check_choice,
+    console,
+    is_number,
+    load_lm,
+    read_texts,
+    status,
+)
+from actsteer.cli.options import (
+    GuidanceScaleOption,
+    MaxLengthOption,
+    MaxNewTokensOption,
+    ModelOption,
+    SizeOption,
+    StepsOption,
+    StrengthOption,
+    SupportOption,
+)
+from actsteer.diffusion import load_pipeline
+from actsteer.errors import ActSteerError
+from actsteer.fit import MODES
+from actsteer.fit import fit as fit_steering
+from actsteer.generation import generate_grid
+from actsteer.hooks import POSITIONS
+from actsteer.methods import METHODS, get_method
+from actsteer.models import model_for
+from actsteer.steering import Steering
+from actsteer.strengths import parse_strength_specs, resolve_strengths
+
+DEMO_PROMPTS = (
+    "I went to the park and",
+    "My favourite thing about Sundays is",
+    "Yesterday the news said that",
+)
+DEMO_STRENGTHS = (0.0, 0.5, 1.0)
+
+
+def package_texts(name: str) -> list[str]:
+    """The sentences of one of the package's own data files (src/actsteer/data/NAME)."""
+    text = importlib.resources.files("actsteer").joinpath("data", name).read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def format_strength(strength: float) -> str:
+    return f"λ = {strength:g}"
+
+
+def grid_table(
+    prompts: Sequence[str], columns: Sequence[str], texts: Sequence[Sequence[str]], title: str
+) -> Table:
+    """Rows = prompts, one column per strength; texts are shown literally (no rich markup)."""
+    table = Table(title=title, show_lines=True, expand=True)
+    width = min(30, max(len(p) for p in prompts))
+    table.add_column("prompt", style="bold", ratio=1, min_width=width)
+    for column in columns:
+        table.add_column(column, ratio=2)
+    for prompt, row in zip(prompts, texts, strict=True):
+        table.add_row(Text(prompt), *(Text(t.strip()) for t in row))
+    return table
+
+
+def _generate_kwargs(
+    max_new_tokens: int, sample: bool, temperature: float, top_p: float, repetition_penalty: float
+) -> dict[str, Any]:
+    if repetition_penalty <= 0:
+        raise ActSteerError(f"--repetition-penalty must be > 0, got {repetition_penalty}")
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample}
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = repetition_penalty
+    if sample:
+        if temperature <= 0:
+            raise ActSteerError(f"--temperature must be > 0 when sampling, got {temperature}")
+        kwargs.update(temperature=temperature, top_p=top_p)
+    return kwargs
+
+
+def parse_steerings(
+    specs: Sequence[str],
+) -> tuple[list[tuple[str, Steering, float]], tuple[str, Steering] | None]:
+    """Split `--steering FILE[:λ]` values into fixed (file, steering, λ) and the swept one."""
+    fixed: list[tuple[str, Steering, float]] = []
+    swept: tuple[str, Steering] | None = None
+    for spec in specs:
+        path, _, lam = spec.rpartition(":")
+        if path and is_number(lam):
+            steering = Steering.load(path)
+            steering.check_strength(float(lam))
+            fixed.append((path, steering, float(lam)))
+        elif swept is not None:
+            raise ActSteerError(
+                f"only one --steering can be swept over --strength; give {spec} a fixed "
+                f"strength as {spec}:λ"
+            )
+        else:
+            swept = (spec, Steering.load(spec))
+    return fixed, swept
+
+
+@app.command(rich_help_panel=LM_PANEL)
+def fit(
+    source: Annotated[
+        Path,
+        typer.Option(
+            "--source", help="Text file, one text per line: what to move away from.", metavar="FILE"
+        ),
+    ],
+    target: Annotated[
+        Path,
+        typer.Option(
+            "--target", help="Text file, one text per line: what to move toward.", metavar="FILE"
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Where to write the steering (.safetensors)."),
+    ],
+    model: ModelOption = None,
+    modules: Annotated[
+        str | None,
+        typer.Option(
+            help="Preset (post-attn-ln (default), layernorms, attn-out, mlp-out; for pipelines "
+            "unet-norms (default), dit-blocks, text-encoder) or a regex fully matching module "
+            "names.",
+            metavar="PRESET|REGEX",
+        ),
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="Estimator; see `actsteer methods`.", metavar="NAME")
+    ] = "linear-act",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="independent: each module fitted on the plain model; sequential: on activations "
+            "already moved by upstream maps.",
+            metavar="|".join(MODES),
+        ),
+    ] = "independent",
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            help="How token activations become one sample per text. Default: the method's "
+            "(mean for the AcT methods).",
+            metavar="|".join(POOLINGS),
+        ),
+    ] = None,
+    support: SupportOption = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.", min=1)] = 16,
+    max_length: MaxLengthOption = 128,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            help="A diffusers text-to-image pipeline (folder or hub id) to steer instead of a "
+            "language model; presets unet-norms, dit-blocks, text-encoder.",
+            metavar="DIR",
+        ),
+    ] = None,
+    steps: StepsOption = 20,
+    guidance_scale: GuidanceScaleOption = 5.0,
+    size: SizeOption = None,
+) -> None:
+    """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
+    get_method(method)
+    check_choice(mode, MODES, "--mode")
+    check_choice(pooling, POOLINGS, "--pooling")
+    if output.suffix != ".safetensors":
+        raise ActSteerError(f"--output should end in .safetensors, got {output}")
+    source_texts = read_texts(source, "source")
+    target_texts = read_texts(target, "target")
+    data = {"source_file": str(source), "target_file": str(target)}
+    if pipeline is not None:
+        status(f"Loading pipeline {pipeline} …")
+        pipe = load_pipeline(pipeline)
+        status(f"Fitting {method} on {pipeline}: {len(source_texts)} → {len(target_texts)} prompts")
+        options: dict[str, Any] = {"steps": steps, "guidance_scale": guidance_scale}
+        if size is not None:
+            options.update(height=size, width=size)
+        steering = fit_steering(
+            pipe, source=source_texts, target=target_texts, modules=modules, method=method,
+            support=support, data=data, pipeline_options=options,
+        )  # fmt: skip
+        typer.echo(f"Saved steering to {steering.save(output)} ({len(steering.maps)} modules)")
+        return
+    model = model_for(None, model)
+    lm, tok = load_lm(model)
+    status(
+        f"Fitting {method} ({mode}) on {model}: {len(source_texts)} source → "
+        f"{len(target_texts)} target texts, modules {modules or 'post-attn-ln'!r} …"
+    )
+    start = time.perf_counter()
+    steering = fit_steering(
+        lm,
+        tok,
+        source=source_texts,
+        target=target_texts,
+        modules=modules,
+        method=method,
+        mode=mode,
+        pooling=pooling,
+        support=support,
+        batch_size=batch_size,
+        max_length=max_length,
+        data=data,
+    )
+    elapsed = time.perf_counter() - start
+    path = steering.save(output)
+    widths = sorted({amap.dim for amap in steering.maps.values()})
+    typer.echo(f"Saved steering to {path}")
+    typer.echo(
+        f"  {steering.method}, {steering.info.mode}, pooling {steering.info.pooling}, "
+        f"support {steering.default_support}; {len(steering.maps)} modules "
+        f"({', '.join(map(str, widths))} units); fitted in {elapsed:.1f} s"
+    )
+
+
+@app.command(rich_help_panel=LM_PANEL)
+def generate(
+    prompts: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more prompts. Put `--` before the prompts if one starts with - or "
+            "looks like a number right after --strength.",
+            metavar="PROMPT",
+        ),
+    ],
+    steering_specs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--steering",
+            help="A steering file from `actsteer fit`; omit for plain. Repeat to compose: "
+            "FILE:λ applies FILE at a fixed λ (in the given order) before the one FILE without "
+            "a λ, which is swept over --strength.",
+            metavar="FILE[:λ]",
+        ),
+    ] = None,
+    strength: StrengthOption = None,
+    model: ModelOption = None,
+    support: SupportOption = None,
+    positions: Annotated[
+        str,
+        typer.Option(help="Token positions steered.", metavar="|".join(POSITIONS)),
+    ] = "all",
+    max_new_tokens: MaxNewTokensOption = 40,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample (seeded) or decode greedily.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="Penalty > 1 discourages repeating tokens (1 = off).")
+    ] = 1.3,
+) -> None:
+    """Generate from PROMPTs at several strengths in ONE batched call; print a table.
+
+    Rows are prompts, columns strengths λ (of the one --steering FILE without ':λ'). Example:
+    actsteer generate --steering s.safetensors --strength 0 0.5 1 -- "I went to the park and"
+    """
+    kwargs = _generate_kwargs(max_new_tokens, sample, temperature, top_p, repetition_penalty)
+    check_choice(positions, POSITIONS, "--positions")
+    fixed, swept = parse_steerings(steering_specs or [])
+    steering = swept[1] if swept else None
+    strengths = resolve_strengths(
+        steering,
+        parse_strength_specs(strength) if strength else None,
+        support=support,
+        needs="a --steering FILE without ':λ'",
+    )
+    if steering is not None:
+        columns = [format_strength(s) for s in strengths]
+    elif fixed:
+        columns = ["composed: " + ", ".join(f"{p}:{lam:g}" for p, _, lam in fixed)]
+    else:
+        columns = ["plain"]
+    model = model_for(fixed[0][1] if fixed else steering, model)
+    lm, tok = load_lm(model)
+    status(
+        f"Generating {len(prompts)} prompt(s) × {len(columns)} strength(s) in one batched call …"
+    )
+    if sample:
+        torch.manual_seed(seed)
+    texts = generate_grid(
+        lm,
+        tok,
+        prompts,
+        strengths,
+        steering,
+        support,
+        positions,
+        fixed=[(st, lam) for _, st, lam in fixed],
+        **kwargs,
+    )
+    names = [p for p, *_ in fixed] + ([swept[0]] if swept else [])
+    title = f"{model}" + (f" steered by {' then '.join(names)}" if names else "")
+    console().print(grid_table(prompts, columns, texts, title))
+
+
+@app.command(rich_help_panel=LM_PANEL)
+def demo(
+    model: ModelOption = None,
+    max_new_tokens: MaxNewTokensOption = 40,
+) -> None:
+    """Induce the concept "football": fit neutral → football sentences, generate at λ = 0, ½, 1.
+
+    Uses the package's own sentence files, Linear-AcT on all layer norms with support "all",
+    then one batched greedy generation (repetition penalty 1.3) for three neutral prompts.
+    """
+    model = model_for(None, model)
+    source, target = package_texts("neutral.txt"), package_texts("football.txt")
+    lm, tok = load_lm(model)
+    status(
+        f"Fitting a 'football' steering on {model}: Linear-AcT on every layer norm, "
+        f"{len(source)} neutral → {len(target)} football sentences …"
+    )
+    start = time.perf_counter()
+    steering = fit_steering(
+        lm,
+        tok,
+        source=source,
+        target=target,
+        modules="layernorms",
+        method="linear-act",
+        mode="independent",
+        support="all",
+        data={
+            "source_file": "actsteer/data/neutral.txt",
+            "target_file": "actsteer/data/football.txt",
+        },
+    )
+    status(f"Fitted {len(steering.maps)} modules in {time.perf_counter() - start:.1f} s.")
+    status(
+        f"Generating {len(DEMO_PROMPTS)} prompts × λ = 0, 0.5, 1 in one batched call "
+        f"({max_new_tokens} new tokens, greedy) …"
+    )
+    texts = generate_grid(
+        lm,
+        tok,
+        DEMO_PROMPTS,
+        DEMO_STRENGTHS,
+        steering,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        repetition_penalty=1.3,
+    )
+    columns = [format_strength(s) for s in DEMO_STRENGTHS]
+    title = f"{model}: λ = 0 is the untouched model, λ = 1 talks football"
+    console().print(grid_table(DEMO_PROMPTS, columns, texts, title))
+
+
+@app.command(rich_help_panel=LM_PANEL)
+def methods() -> None:
+    """List the registered steering methods."""
+    table = Table(title="steering methods")
+    table.add_column("method", style="bold")
+    table.add_column("description")
+    table.add_column("strength λ")
+    table.add_column("default support")
+    table.add_column("default pooling")
+    for name, method in sorted(METHODS.items()):
+        lo_hi = method.strength_range
+        span = "any" if lo_hi is None else f"[{lo_hi[0]:g}, {lo_hi[1]:g}]"
+        table.add_row(
+            name, method.description, span, method.default_support, method.default_pooling
+        )
+    console().print(table)

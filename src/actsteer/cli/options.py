@@ -1,0 +1,69 @@
+"""The options several commands take, each declared once (as `Annotated` types).
+
+A command gives its own default in its signature: `model: ModelOption = None`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from actsteer.cli.core import check_choice
+from actsteer.maps import SUPPORTS
+from actsteer.models import DEFAULT_MODEL
+
+
+def _support_choice(value: str | None) -> str | None:
+    check_choice(value, SUPPORTS, "--support")
+    return value
+
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Built-in alias, local folder or hub id. Default: the model the steering was "
+        f"fitted on, else {DEFAULT_MODEL}.",
+        metavar="MODEL",
+    ),
+]
+
+SupportOption = Annotated[
+    str | None,
+    typer.Option(
+        "--support",
+        help="Where maps apply: quantile ranges of the source activations, or all (use all to "
+        "induce a concept). Default: the steering's (fit: the method's; export: all, the one "
+        "support that folds exactly).",
+        metavar="|".join(SUPPORTS),
+        callback=_support_choice,
+    ),
+]
+
+StrengthOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--strength",
+        "-s",
+        help="λ values: numbers, START:STOP:STEP (STOP included) or a,b,c; several numbers "
+        "after one flag (-s 0 0.5 1) or the flag repeated. `--` ends options. Default: the "
+        "steering's default strength.",
+        metavar="λ|START:STOP:STEP",
+    ),
+]
+
+MaxNewTokensOption = Annotated[int, typer.Option(help="Tokens to generate per row.", min=1)]
+
+MaxLengthOption = Annotated[int, typer.Option(help="Tokens kept per text.", min=1)]
+
+StepsOption = Annotated[int, typer.Option(help="Pipelines: denoising steps.", min=1)]
+
+GuidanceScaleOption = Annotated[
+    float, typer.Option(help="Pipelines: classifier-free guidance scale.")
+]
+
+SizeOption = Annotated[
+    int | None, typer.Option(help="Pipelines: image height and width (default: its own).")
+]
