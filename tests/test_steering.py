@@ -63,9 +63,14 @@ def _stats(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return samples.mean(0), samples.std(0)
 
 
-def _transported_matches_target(model, tok, steering, source, target, modules):
-    """Mean-pooled source activations under λ=1 (support all) against the target's."""
-    wanted = record(model, tok, target, modules, progress=False)
+def _transported_matches_target(model, tok, steering, source, target, modules, target_under=None):
+    """Mean-pooled source activations under λ=1 (support all) against the target's (on the plain
+    model, or under the steering `target_under`)."""
+    if target_under is None:
+        wanted = record(model, tok, target, modules, progress=False)
+    else:
+        with target_under.applied(model, strength=1.0, support="all"):
+            wanted = record(model, tok, target, modules, progress=False)
     with steering.applied(model, strength=1.0, support="all"):
         moved = record(model, tok, source, modules, progress=False)
     for name in modules:
@@ -88,8 +93,16 @@ def test_independent_fit_moves_the_first_module_onto_the_target(
 
 
 def test_sequential_fit_moves_every_module_onto_the_target(smol, sequential, neutral, football):
+    """The causal estimator's promise at module k: with the maps of modules up to k applied, the
+    source at k lands on the target at k as the maps of the modules before k leave it."""
     model, tok = smol
-    _transported_matches_target(model, tok, sequential, neutral, football, sequential.modules)
+    modules = sequential.modules
+    for k in (0, len(modules) // 2, len(modules) - 1):
+        upstream = actsteer.Steering({n: sequential.maps[n] for n in modules[:k]})
+        with_k = actsteer.Steering({n: sequential.maps[n] for n in modules[: k + 1]})
+        _transported_matches_target(
+            model, tok, with_k, neutral, football, modules[k : k + 1], target_under=upstream
+        )
 
 
 def test_sequential_differs_from_independent_downstream(smol, independent, sequential):

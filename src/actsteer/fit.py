@@ -141,8 +141,8 @@ def _fit_language_model(
     budget_mb: float,
     progress: bool,
 ) -> dict[str, AffineMap]:
-    """Record a causal LM's activations on both sets (or carry them through the upstream maps
-    in sequential mode) and estimate the maps."""
+    """Record a causal LM's activations on both sets (in sequential mode: carried through the
+    maps of the upstream modules) and estimate the maps."""
     assert info.pooling is not None and info.max_length is not None and info.support is not None
     settings: dict[str, Any] = dict(
         pooling=info.pooling,
@@ -151,19 +151,20 @@ def _fit_language_model(
         budget_mb=budget_mb / 2,  # half for the source samples, half for the target's
         progress=progress,
     )
-    target_samples = record(model, tokenizer, target, names, desc="target", **settings)
     if info.mode == "independent":
+        target_samples = record(model, tokenizer, target, names, desc="target", **settings)
         source_samples = record(model, tokenizer, source, names, desc="source", **settings)
         return estimate(estimator, names, source_samples, target_samples, progress)
 
-    def fit_module(name: str, source_samples: torch.Tensor) -> AffineMap:
-        return estimator.fit(source_samples, target_samples[name], what=f"activations of {name!r}")
+    def fit_module(name: str, source: torch.Tensor, target: torch.Tensor) -> AffineMap:
+        return estimator.fit(source, target, what=f"activations of {name!r}")
 
     width = getattr(model.config, "hidden_size", 1024)
     return SequentialFitter(
         model,
         tokenizer,
         source,
+        target,
         fit_module,
         method=info.method,
         pooling=info.pooling,

@@ -1,12 +1,14 @@
-"""Sequential ("causal") estimation: each module's map is fitted on source activations that
-already went through the maps of every upstream module.
+"""Sequential ("causal") estimation, the paper's default: each module's map is fitted on the
+activations of both the source and the target texts recorded with the maps of every upstream
+module applied (λ = 1, the fit's support), in execution order, earlier modules of the same block
+included.
 
-Instead of one truncated forward pass per module, the source texts are carried through the
-decoder blocks one block at a time on cached hidden states (the calibration pattern of
-GPTQ-style quantisers): the inputs each block receives (hidden states plus its own keyword
-arguments: masks, rotary embeddings) are captured once, then every block runs on the
-transported outputs of the block before it. Cost: about one forward pass for propagation plus
-the parts of blocks up to each steered module, whatever the number of layers.
+Instead of one truncated forward pass per module, both sets are carried through the decoder
+blocks one block at a time on cached hidden states (the calibration pattern of GPTQ-style
+quantisers): the inputs each block receives (hidden states plus its own keyword arguments:
+masks, rotary embeddings) are captured once, then every block runs on the transported outputs
+of the block before it. Cost: about one forward pass per set for propagation plus the parts of
+blocks up to each steered module, whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -105,15 +107,32 @@ def _capturing_block_inputs(blocks: nn.ModuleList, calls: list[list[tuple]]):
             del block.forward
 
 
+#: The two text sets carried through the model, in the order they are recorded.
+SETS = ("source", "target")
+Estimate = Callable[[str, torch.Tensor, torch.Tensor], AffineMap]
+
+
+class _Carried:
+    """One text set stepped through the blocks: its batches, each block's captured inputs
+    (positional and keyword arguments per batch) and the hidden states entering the next block."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], blocks: int) -> None:
+        self.batches = batches
+        self.masks = [batch["attention_mask"].bool() for batch in batches]
+        self.calls: list[list[tuple]] = [[] for _ in range(blocks)]
+        self.hidden: list[torch.Tensor] = []
+
+
 class SequentialFitter:
-    """Fits maps module by module, upstream maps applied, for one model and source set."""
+    """Fits maps module by module, upstream maps applied to both sets, for one model."""
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         source: Sequence[str],
-        fit_module: Callable[[str, torch.Tensor], AffineMap],
+        target: Sequence[str],
+        estimate: Estimate,
         *,
         method: str,
         pooling: str,
@@ -123,8 +142,9 @@ class SequentialFitter:
         cap: int | None,
         progress: bool,
     ) -> None:
-        self.model, self.tokenizer, self.source = model, tokenizer, source
-        self.fit_module, self.method = fit_module, method
+        self.model, self.tokenizer = model, tokenizer
+        self.texts = {"source": source, "target": target}
+        self.estimate, self.method = estimate, method
         self.pooling, self.support, self.cap = pooling, support, cap
         self.batch_size, self.max_length, self.progress = batch_size, max_length, progress
         self.maps: dict[str, AffineMap] = {}
@@ -133,48 +153,46 @@ class SequentialFitter:
         maps = {n: self.maps[n] for n in names if n in self.maps}
         return Steering(maps, SteeringInfo(method=self.method))
 
-    def _batches(self) -> list[dict[str, torch.Tensor]]:
-        return list(
-            batches(
-                self.tokenizer,
-                self.source,
-                self.batch_size,
-                self.max_length,
-                model_device(self.model),
-            )
-        )
+    def _batches(self, texts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        device = model_device(self.model)
+        return list(batches(self.tokenizer, texts, self.batch_size, self.max_length, device))
+
+    def _fit(self, name: str, samples: dict[str, torch.Tensor]) -> None:
+        self.maps[name] = self.estimate(name, samples["source"], samples["target"])
 
     def fit_by_full_passes(self, modules: Sequence[str], body: nn.Module) -> None:
-        """One forward pass per module, all maps fitted so far applied (for modules outside
-        the blocks, such as a final norm)."""
+        """One forward pass of both sets per module, all maps fitted so far applied (for modules
+        outside the blocks, such as a final norm)."""
         for name in modules:
-            recorder = Recorder(self.model, [name], self.pooling, self.cap)
+            samples = {}
             steering = self._steering(list(self.maps))
-            try:
-                with torch.inference_mode(), steering.applied(self.model, 1.0, self.support):
-                    for batch in self._batches():
-                        recorder.mask = batch["attention_mask"].bool()
-                        body(**batch, use_cache=False)
-            finally:
-                recorder.remove()
-            self.maps[name] = self.fit_module(name, recorder.samples()[name])
+            for what in SETS:
+                recorder = Recorder(self.model, [name], self.pooling, self.cap)
+                try:
+                    with torch.inference_mode(), steering.applied(self.model, 1.0, self.support):
+                        for batch in self._batches(self.texts[what]):
+                            recorder.mask = batch["attention_mask"].bool()
+                            body(**batch, use_cache=False)
+                finally:
+                    recorder.remove()
+                samples[what] = recorder.samples()[name]
+            self._fit(name, samples)
 
     def fit_blocks(self, blocks: nn.ModuleList, prefix: str, order: Sequence[str]) -> None:
-        """Carry the source through the blocks, fitting the chosen modules of each in turn."""
+        """Carry both sets through the blocks, fitting the chosen modules of each in turn."""
         body = forward_body(self.model, order)
-        source_batches = self._batches()
-        calls: list[list[tuple]] = [[] for _ in blocks]
         upstream = self._steering(list(self.maps))
-        with (
-            torch.inference_mode(),
-            upstream.applied(self.model, 1.0, self.support),
-            _capturing_block_inputs(blocks, calls),
-        ):
-            for batch in source_batches:
-                with suppress(_Stop):
-                    body(**batch, use_cache=False)
-        hidden = [call[0] for call in calls[0]]
-        masks = [batch["attention_mask"].bool() for batch in source_batches]
+        carried = {what: _Carried(self._batches(self.texts[what]), len(blocks)) for what in SETS}
+        for state in carried.values():
+            with (
+                torch.inference_mode(),
+                upstream.applied(self.model, 1.0, self.support),
+                _capturing_block_inputs(blocks, state.calls),
+            ):
+                for batch in state.batches:
+                    with suppress(_Stop):
+                        body(**batch, use_cache=False)
+            state.hidden = [call[0] for call in state.calls[0]]
         in_block = {
             i: [m for m in order if m.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))
         }
@@ -183,34 +201,29 @@ class SequentialFitter:
             range(last + 1), desc="sequential fit", disable=not self.progress, leave=False
         ):
             for j, name in enumerate(in_block[i]):
-                self._record_and_fit(blocks[i], calls[i], hidden, masks, name, in_block[i][:j])
+                samples = {
+                    what: self._record(blocks[i], i, state, name, in_block[i][:j])
+                    for what, state in carried.items()
+                }
+                self._fit(name, samples)
             if i < last:
-                hidden = self._run_block(blocks[i], calls[i], hidden, in_block[i])
+                for state in carried.values():
+                    state.hidden = self._run_block(blocks[i], i, state, in_block[i])
 
     def _run_block(
-        self,
-        block: nn.Module,
-        calls: list[tuple],
-        hidden: list[torch.Tensor],
-        steered: Sequence[str],
+        self, block: nn.Module, index: int, state: _Carried, steered: Sequence[str]
     ) -> list[torch.Tensor]:
-        """The block's outputs on every batch, its fitted maps applied."""
+        """The block's outputs on every batch of a set, its fitted maps applied."""
         with torch.inference_mode(), self._steering(steered).applied(self.model, 1.0, self.support):
             return [
                 output_tensor(block(h, *args, **kwargs))
-                for h, (_, args, kwargs) in zip(hidden, calls, strict=True)
+                for h, (_, args, kwargs) in zip(state.hidden, state.calls[index], strict=True)
             ]
 
-    def _record_and_fit(
-        self,
-        block: nn.Module,
-        calls: list[tuple],
-        hidden: list[torch.Tensor],
-        masks: list[torch.Tensor],
-        name: str,
-        before: Sequence[str],
-    ) -> None:
-        """Run the block up to `name` (maps of earlier modules in it applied) and fit `name`."""
+    def _record(
+        self, block: nn.Module, index: int, state: _Carried, name: str, before: Sequence[str]
+    ) -> torch.Tensor:
+        """A set's samples at `name`: the block run up to it, earlier modules' maps applied."""
         recorder = Recorder(self.model, [name], self.pooling, self.cap)
         stopper = dict(self.model.named_modules())[name].register_forward_hook(_stop_hook)
         try:
@@ -218,18 +231,19 @@ class SequentialFitter:
                 torch.inference_mode(),
                 self._steering(before).applied(self.model, 1.0, self.support),
             ):
-                for h, (_, args, kwargs), mask in zip(hidden, calls, masks, strict=True):
+                batches_in = zip(state.hidden, state.calls[index], state.masks, strict=True)
+                for h, (_, args, kwargs), mask in batches_in:
                     recorder.mask = mask
                     with suppress(_Stop):
                         block(h, *args, **kwargs)
         finally:
             stopper.remove()
             recorder.remove()
-        self.maps[name] = self.fit_module(name, recorder.samples()[name])
+        return recorder.samples()[name]
 
     def run(self, modules: Sequence[str]) -> dict[str, AffineMap]:
         """Fit every module; returns the maps in the given module order."""
-        order = execution_order(self.model, self.tokenizer, self.source[0], modules)
+        order = execution_order(self.model, self.tokenizer, self.texts["source"][0], modules)
         found = find_blocks(self.model, order)
         body = forward_body(self.model, order)
         if found is None:
