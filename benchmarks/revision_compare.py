@@ -7,7 +7,8 @@ redesign of issue 13). The parent runs them in turn, never both at once, for --r
 
   decode step  one cached decode step (batch 1 and 8), unsteered / support q0-100 / all (λ = 1,
                Linear-AcT on all 61 norm outputs of SmolLM2-135M)
-  generate     greedy `model.generate` of --new-tokens tokens, the same variants, plus the
+  generate     greedy `model.generate` of --new-tokens tokens (--generate-reps interleaved
+               repetitions, their median), the same variants, plus the
                folded copy (support all, λ = 1; the 60 maps other than the final norm's,
                whose shift would need a bias on the LM head) and the time `Steering.fold` takes
 
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--decode-reps", type=int, default=30)
+    parser.add_argument("--decode-reps", type=int, default=20)
+    parser.add_argument("--generate-reps", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -103,9 +105,7 @@ def worker(args: argparse.Namespace) -> None:
     foldable = dataclasses.replace(
         steering, maps={n: m for n, m in steering.maps.items() if n != "model.norm"}
     )
-    start = time.perf_counter()
     folded = foldable.fold(copy.deepcopy(model), 1.0, support="all")
-    fold_seconds = time.perf_counter() - start
     variants = (None, *SUPPORTS)
     print(json.dumps({"ready": True}), flush=True)
     for round_index, _ in enumerate(sys.stdin):
@@ -125,18 +125,21 @@ def worker(args: argparse.Namespace) -> None:
                     result[f"decode step, batch {b}, {support}"] = base / statistics.median(
                         times[support]
                     )
-                seconds: dict[str, float] = {}
-                for name in (*order, "folded"):
-                    runner = folded if name == "folded" else model
-                    with steered(None if name in (None, "folded") else name):
-                        t0 = time.perf_counter()
-                        runner.generate(**prompts[b], **settings)
-                        seconds[str(name)] = time.perf_counter() - t0
+                seconds: dict[str, list[float]] = {str(n): [] for n in (*order, "folded")}
+                for _ in range(args.generate_reps):
+                    for name in (*order, "folded"):
+                        runner = folded if name == "folded" else model
+                        with steered(None if name in (None, "folded") else name):
+                            t0 = time.perf_counter()
+                            runner.generate(**prompts[b], **settings)
+                            seconds[str(name)].append(time.perf_counter() - t0)
+                base = statistics.median(seconds["None"])
                 for name in (*SUPPORTS, "folded"):
-                    result[f"generate, batch {b}, {name}"] = seconds["None"] / seconds[name]
+                    result[f"generate, batch {b}, {name}"] = base / statistics.median(seconds[name])
+        fresh = copy.deepcopy(model)
         start = time.perf_counter()
-        foldable.fold(copy.deepcopy(model), 1.0, support="all")
-        result["fold, seconds"] = min(fold_seconds, time.perf_counter() - start)
+        foldable.fold(fresh, 1.0, support="all")
+        result["fold, seconds"] = time.perf_counter() - start
         print(json.dumps(result), flush=True)
 
 
@@ -149,6 +152,7 @@ def spawn(src: Path, args: argparse.Namespace) -> subprocess.Popen:
     command = [
         sys.executable, __file__, "--worker", str(src), "--threads", str(args.threads),
         "--new-tokens", str(args.new_tokens), "--decode-reps", str(args.decode_reps),
+        "--generate-reps", str(args.generate_reps),
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True, cwd=tempfile.gettempdir())  # fmt: skip
