@@ -4,8 +4,10 @@ model, tok = actsteer.load_model("smollm2-135m")
 steering = actsteer.fit(model, tok, source=..., target=..., modules="post-attn-ln")
 with steering.applied(model, strength=0.5):
     model.generate(...)
+steering = actsteer.calibrate(steering, model, tok, budget=1.0).steering  # λ: ΔPPL ≤ +1
 """
 
+from actsteer.calibration import CalibrationResult, calibrate
 from actsteer.diffusion import load_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.fit import fit
@@ -15,9 +17,11 @@ from actsteer.version import __version__
 
 __all__ = [
     "ActSteerError",
+    "CalibrationResult",
     "Steering",
     "SteeringInfo",
     "__version__",
+    "calibrate",
     "fit",
     "load_model",
     "load_pipeline",

@@ -52,6 +52,8 @@ class SteeringInfo:
     model_name, fingerprint: the model it was fitted on, and every parameter's name and shape.
     data: a free description of the prompt sets (files, counts).
     denoising: for a pipeline, the settings its samples were recorded under.
+    calibration: how default_strength was chosen, when `actsteer.calibrate` chose it (the
+      cost, budget and curve of (λ, cost)).
     """
 
     method: str = "linear-act"
@@ -65,6 +67,7 @@ class SteeringInfo:
     data: dict[str, Any] = field(default_factory=dict)
     denoising: dict[str, Any] | None = None
     inverted: bool = False
+    calibration: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The artifact's JSON header entries (the model as {"name", "fingerprint"})."""
@@ -91,6 +94,11 @@ class Steering:
     """Per-module affine maps plus their description.
 
     max_strength (not saved) raises the method's upper λ bound: see `extrapolated`.
+
+    Which λ? `actsteer.calibrate(steering, model, tok, budget=1.0)` finds the largest within a
+    quality budget and returns a copy with it as default strength. It is a function rather than
+    a method because it needs the evaluation code, which sits above this module (a method
+    would be an import circle).
     """
 
     maps: dict[str, AffineMap]
@@ -170,7 +178,7 @@ class Steering:
 
     def inverse(self) -> Steering:
         """The inverse maps: a steering that removes a concept becomes one that adds it."""
-        info = replace(self.info, inverted=not self.info.inverted)
+        info = replace(self.info, inverted=not self.info.inverted, calibration=None)
         return Steering({name: m.inverse() for name, m in self.maps.items()}, info)
 
     def fold(self, model: Any, strength: float = 1.0, support: str | None = None) -> Any:

@@ -3,6 +3,7 @@
     lm        fit, generate, demo, methods
     image     generate-image
     evaluate  eval, sweep, plot
+    calibrate calibrate
     inspect   inspect, export
 
 `options` declares the options several commands share (--model, --support, --strength, …);
@@ -20,9 +21,22 @@ from actsteer.cli import image, inspect
 
 # isort: split
 from actsteer.cli import evaluate
+
+# isort: split
+from actsteer.cli import calibrate
 from actsteer.cli.core import app, normalise_argv
 
-__all__ = ["app", "core", "evaluate", "image", "inspect", "lm", "main", "normalise_argv"]
+__all__ = [
+    "app",
+    "calibrate",
+    "core",
+    "evaluate",
+    "image",
+    "inspect",
+    "lm",
+    "main",
+    "normalise_argv",
+]
 
 
 def main() -> None:

@@ -1,0 +1,344 @@
+"""The calibrate command: the largest λ within a quality budget, stored as default strength."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from actsteer.calibration import (
+    CAP,
+    OFFSET,
+    PASSAGE_TOKENS,
+    PASSAGES,
+    CalibrationResult,
+    ModulesCalibration,
+    calibrate,
+    calibrate_modules,
+    check_budget,
+)
+from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, read_texts, status
+from actsteer.cli.options import ModelOption, SupportOption
+from actsteer.errors import ActSteerError
+from actsteer.evaluation.common import jsonable
+from actsteer.models import model_for
+from actsteer.steering import Steering
+
+
+def curve_table(result: CalibrationResult, title: str) -> Table:
+    """Rows = the evaluated λ (sorted), their cost, and whether it is within the budget."""
+    table = Table(title=title, min_width=min(len(title) + 4, 120))
+    table.add_column("λ", justify="right", style="bold")
+    table.add_column(result.label, justify="right")
+    if result.cost_name == "ppl":
+        table.add_column("PPL", justify="right")
+    table.add_column(f"≤ {result.budget:g}", justify="center")
+    for point in result.curve:
+        row = [f"{point.strength:.4g}", f"{point.cost:+.4f}" if point.strength else "0 (plain)"]
+        if result.cost_name == "ppl":
+            row.append(f"{result.reference + point.cost:.3f}")
+        mark = "yes" if point.within else "no"
+        row.append(f"{mark}  ← chosen" if point.strength == result.strength else mark)
+        table.add_row(*row)
+    return table
+
+
+def write_atomically(steering: Steering, path: Path) -> Path:
+    """Save to a temporary file beside `path`, then rename it over `path` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors"
+    )
+    os.close(handle)
+    try:
+        steering.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return path
+
+
+def _budget(budget_ppl: float | None, budget_kl: float | None) -> tuple[str, float]:
+    if budget_ppl is not None and budget_kl is not None:
+        raise ActSteerError("give one budget: --budget-ppl or --budget-kl, not both")
+    cost, budget = ("kl", budget_kl) if budget_kl is not None else ("ppl", budget_ppl)
+    budget = 1.0 if budget is None else budget
+    check_budget(budget, cost)
+    return cost, budget
+
+
+def _output(steering_path: Path, output: Path | None, in_place: bool) -> Path | None:
+    if in_place and output is not None and output.resolve() != steering_path.resolve():
+        raise ActSteerError("--in-place overwrites STEERING; drop -o, or drop --in-place")
+    output = steering_path if in_place else output
+    if output is None:
+        return None
+    if output.suffix != ".safetensors":
+        raise ActSteerError(f"--output should end in .safetensors, got {output}")
+    if not in_place and output.resolve() == steering_path.resolve():
+        raise ActSteerError(f"-o {output} is the input steering; pass --in-place to overwrite it")
+    return output
+
+
+def _candidates(
+    spec: str | None,
+    source: Path | None,
+    target: Path | None,
+    held_source: Path | None,
+    held_target: Path | None,
+) -> dict[str, Any] | None:
+    """The module candidates and their text files, checked (None without --modules-candidates)."""
+    files = {"--source": source, "--target": target, "--held-out-source": held_source}
+    files["--held-out-target"] = held_target
+    if spec is None:
+        given = [name for name, value in files.items() if value is not None]
+        if given:
+            raise ActSteerError(f"{', '.join(given)} go with --modules-candidates")
+        return None
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise ActSteerError("--modules-candidates needs presets or regexes, e.g. a,b")
+    if (held_source is None) != (held_target is None):
+        raise ActSteerError("give both --held-out-source and --held-out-target, or neither")
+    return {"names": names, "files": files}
+
+
+def _calibrate_candidates(
+    steering: Steering,
+    lm: Any,
+    tok: Any,
+    budget: float,
+    candidates: dict[str, Any],
+    options: dict[str, Any],
+) -> ModulesCalibration:
+    """Refit STEERING's method on each candidate and calibrate each; print the comparison."""
+    files, info = candidates["files"], steering.info
+    for option, key in (("--source", "source_file"), ("--target", "target_file")):
+        recorded = info.data.get(key)
+        if files[option] is None:
+            if recorded is None:
+                raise ActSteerError(f"STEERING records no {key}: give {option} FILE")
+            files[option] = Path(str(recorded))
+    held_out = None
+    if files["--held-out-source"] is not None:
+        held_out = (
+            read_texts(files["--held-out-source"], "held-out source"),
+            read_texts(files["--held-out-target"], "held-out target"),
+        )
+    fit_options = {
+        "method": info.method, "mode": info.mode, "pooling": info.pooling,
+        "support": info.support, "max_length": info.max_length or 128,
+        "data": {"source_file": str(files["--source"]), "target_file": str(files["--target"])},
+    }  # fmt: skip
+    status(f"Fitting {info.method} on {len(candidates['names'])} module candidates …")
+    chosen = calibrate_modules(
+        lm, tok, read_texts(files["--source"], "source"), read_texts(files["--target"], "target"),
+        candidates["names"], budget, held_out=held_out, fit_options=fit_options,
+        on_candidate=lambda c: status(
+            f"  {c.modules}: λ = {c.calibration.strength:.4g}, effect {c.effect:+.4f}"
+        ),
+        **options,
+    )  # fmt: skip
+    table = Table(title=f"module candidates at {chosen.best.calibration.label} ≤ {budget:g}")
+    for column in ("modules", "maps", "λ", chosen.best.calibration.label, "effect (nats)"):
+        table.add_column(column, justify="left" if column == "modules" else "right")
+    for c in chosen.candidates:
+        mark = "  ← best" if c is chosen.best else ""
+        table.add_row(
+            c.modules, str(len(c.calibration.steering.maps)), f"{c.calibration.strength:.4g}",
+            f"{c.calibration.cost:+.4f}", f"{c.effect:+.4f}{mark}",
+        )  # fmt: skip
+    console().print(table)
+    return chosen
+
+
+def _candidates_json(chosen: ModulesCalibration) -> dict[str, Any]:
+    rows = [
+        {"modules": c.modules, "maps": len(c.calibration.steering.maps), "effect": c.effect,
+         "strength": c.calibration.strength, "cost": c.calibration.cost}
+        for c in chosen.candidates
+    ]  # fmt: skip
+    return {"best": chosen.best.modules, "held_out": chosen.held_out, "candidates": rows}
+
+
+@app.command("calibrate", rich_help_panel=EVAL_PANEL)
+def calibrate_command(
+    steering_path: Annotated[
+        Path, typer.Argument(help="A steering file from `actsteer fit`.", metavar="STEERING")
+    ],
+    model: ModelOption = None,
+    budget_ppl: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-ppl",
+            help="Perplexity points the steering may add on held-out WikiText (the paper's "
+            "rule: 1.0, the default).",
+            metavar="ΔPPL",
+        ),
+    ] = None,
+    budget_kl: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-kl",
+            help="Instead: mean KL(plain ‖ steered) of next-token distributions on neutral "
+            "prompts, in nats.",
+            metavar="NATS",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="The perplexity text: a raw text file, or hf:ID[:CONFIG[:SPLIT]]. Default: "
+            "WikiText-2 test ($ACTSTEER_DATA/wikitext/wiki.test.raw, else the hub).",
+            metavar="PATH",
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="--budget-kl: the prompts, one per line. Default: the last 32 of the "
+            "package's neutral sentences.",
+            metavar="FILE",
+        ),
+    ] = None,
+    passages: Annotated[int, typer.Option(help="Perplexity windows scored.", min=1)] = PASSAGES,
+    passage_tokens: Annotated[
+        int, typer.Option(help="Tokens per perplexity window.", min=2)
+    ] = PASSAGE_TOKENS,
+    offset: Annotated[
+        int,
+        typer.Option(
+            help="Tokens of the text skipped first (default: the 4096 `actsteer eval "
+            "perplexity` scores).",
+            min=0,
+        ),
+    ] = OFFSET,
+    support: SupportOption = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop bisecting when the λ within and over budget are this close (default: "
+            "1/64 of the λ over budget).",
+            metavar="Δλ",
+        ),
+    ] = None,
+    cap: Annotated[
+        float,
+        typer.Option(help="Methods with unbounded λ (ActAdd, ITI-c): the largest λ tried."),
+    ] = CAP,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write the steering with the chosen default strength here."
+        ),
+    ] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Overwrite STEERING with the calibrated steering.")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the curve as JSON.", metavar="FILE")
+    ] = None,
+    modules_candidates: Annotated[
+        str | None,
+        typer.Option(
+            "--modules-candidates",
+            help="Instead of STEERING's modules: refit its method on each of these presets "
+            "(or regexes), comma-separated, calibrate each, and keep the one with the largest "
+            "held-out effect (the NLL gap of source vs target lines) at the same budget.",
+            metavar="A,B,…",
+        ),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="--modules-candidates: the source texts (default: STEERING's source file).",
+            metavar="FILE",
+        ),
+    ] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option(
+            help="--modules-candidates: the target texts (default: STEERING's target file).",
+            metavar="FILE",
+        ),
+    ] = None,
+    held_out_source: Annotated[
+        Path | None,
+        typer.Option(
+            help="--modules-candidates: held-out source texts for the effect (default: the "
+            "last quarter of the source texts, left out of the fits).",
+            metavar="FILE",
+        ),
+    ] = None,
+    held_out_target: Annotated[
+        Path | None,
+        typer.Option(help="--modules-candidates: held-out target texts.", metavar="FILE"),
+    ] = None,
+) -> None:
+    """Find the largest λ whose cost stays within a budget; store it as the default strength.
+
+    Bisects the method's λ range (doubling first when it is unbounded) with a handful of
+    forward passes over held-out text, never the evaluation prompts, and prints the curve of
+    (λ, cost). Example: actsteer calibrate s.safetensors --budget-ppl 1 -o s.calibrated.safetensors
+    """
+    cost, budget = _budget(budget_ppl, budget_kl)
+    if cost == "ppl" and prompts is not None:
+        raise ActSteerError("--prompts goes with --budget-kl; --budget-ppl reads --data")
+    if cost == "kl" and data is not None:
+        raise ActSteerError("--data goes with --budget-ppl; --budget-kl reads --prompts FILE")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise ActSteerError(f"--tolerance must be a number > 0, got {tolerance}")
+    out = _output(steering_path, output, in_place)
+    if json_out is not None and json_out.suffix.lower() != ".json":
+        raise ActSteerError(f"--json should end in .json, got {json_out}")
+    steering = Steering.load(steering_path)
+    texts = read_texts(prompts, "prompts") if prompts is not None else None
+    candidates = _candidates(modules_candidates, source, target, held_out_source, held_out_target)
+    model = model_for(steering, model)
+    lm, tok = load_lm(model)
+    status(
+        f"Calibrating {steering_path} on {model}: largest λ with "
+        f"{'ΔPPL' if cost == 'ppl' else 'KL'} ≤ {budget:g} …"
+    )
+    options: dict[str, Any] = dict(
+        cost=cost, data=data, passages=passages, passage_tokens=passage_tokens, offset=offset,
+        prompts=texts, support=support, tolerance=tolerance, cap=cap,
+        on_point=lambda lam, value: status(f"  λ = {lam:.4g}: {value:+.4f}"),
+    )  # fmt: skip
+    chosen = None
+    if candidates is None:
+        result = calibrate(steering, lm, tok, budget, **options)
+        title = f"{result.label} of {steering_path} on {model}"
+    else:
+        chosen = _calibrate_candidates(steering, lm, tok, budget, candidates, options)
+        result = chosen.best.calibration
+        title = f"{result.label} of the best candidate, {chosen.best.modules}, on {model}"
+    console().print(curve_table(result, title))
+    if result.stopped_by == "tolerance":
+        why = f"λ = {result.rejected:.4g} is over it"
+    else:
+        why = "the top of the method's range" if result.stopped_by == "range" else "--cap"
+    typer.echo(
+        f"Chosen λ = {result.strength:.4g} ({result.label} {result.cost:+.4f} ≤ {budget:g}; "
+        f"{why}): {result.evaluations} evaluations, {result.forward_passes} forward passes, "
+        f"{result.seconds:.1f} s"
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        content: dict[str, Any] = {"format": "actsteer-calibration/1"}
+        content.update(steering=str(steering_path), model=model, **result.to_json())
+        if chosen is not None:
+            content["modules_candidates"] = _candidates_json(chosen)
+        json_out.write_text(json.dumps(jsonable(content), indent=1), encoding="utf-8")
+        typer.echo(f"Wrote the curve to {json_out}")
+    if out is None:
+        typer.echo("Not saved: pass -o OUT.safetensors, or --in-place to update STEERING.")
+        return
+    path = write_atomically(result.steering, out)
+    typer.echo(f"Saved {path} (default strength λ = {result.strength:.4g})")
