@@ -36,6 +36,7 @@ from actsteer.cli.options import (
 )
 from actsteer.diffusion import load_pipeline
 from actsteer.errors import ActSteerError
+from actsteer.families import presets_help
 from actsteer.fit import MODES
 from actsteer.fit import fit as fit_steering
 from actsteer.generation import generate_grid
@@ -136,9 +137,8 @@ def fit(
     modules: Annotated[
         str | None,
         typer.Option(
-            help="Preset (post-attn-ln (default), layernorms, attn-out, mlp-out; for pipelines "
-            "unet-norms (default), dit-blocks, text-encoder) or a regex fully matching module "
-            "names.",
+            help="A preset of the model's family (the first is the default; "
+            f"{presets_help()}) or a regex fully matching module names.",
             metavar="PRESET|REGEX",
         ),
     ] = None,
