@@ -4,10 +4,12 @@
 ΔPPL ≤ +1 on held-out text, or with a KL budget on neutral prompts (cost="kl"):
 
 - cost "ppl": PPL(steered at λ) − PPL(plain), teacher-forced on `passages` blocked windows of
-  `passage_tokens` tokens of WikiText-2 test, starting `offset` tokens in. The default offset
-  skips the first 4096 tokens, which `actsteer eval perplexity` reads by default, so the λ is
-  chosen on text the perplexity evaluation does not score. The text follows the evaluation
-  data rules (`data`, else wikitext/wiki.test.raw under $ACTSTEER_DATA, else the hub).
+  `passage_tokens` tokens of WikiText-2 test (default 8 × 512: the perplexity task's window, as
+  perplexity, and so ΔPPL, depends on the window length), starting `offset` tokens in. The
+  default offset skips the first 4096 tokens, which `actsteer eval perplexity` reads by
+  default, so the λ is chosen on text that evaluation does not score. The text follows the
+  evaluation data rules (`data`, else wikitext/wiki.test.raw under $ACTSTEER_DATA, else the
+  hub).
 - cost "kl": the mean over token positions of KL(plain ‖ steered) of the next-token
   distributions (nats) on neutral prompts: `prompts`, else the last 32 sentences of the
   package's own data/neutral.txt.
@@ -53,6 +55,7 @@ from actsteer.evaluation.likelihood import (
 )
 from actsteer.evaluation.perplexity import (
     MAX_TOKENS,
+    WINDOW,
     data_source,
     load_wikitext,
     token_nll,
@@ -67,9 +70,10 @@ if TYPE_CHECKING:
 
 COSTS = ("ppl", "kl")
 COST_LABELS = {"ppl": "ΔPPL", "kl": "KL"}
-#: Defaults: 32 passages of 128 tokens after the perplexity task's default slice.
-PASSAGES = 32
-PASSAGE_TOKENS = 128
+#: Defaults: 8 passages of 512 tokens (the perplexity task's window, so ΔPPL is on the scale
+#: `actsteer eval perplexity` reports) after the task's default slice of 4096 tokens.
+PASSAGES = 8
+PASSAGE_TOKENS = WINDOW
 OFFSET = MAX_TOKENS
 #: Defaults of the KL cost: the last 32 of the package's neutral sentences.
 NEUTRAL_FILE = "neutral.txt"
