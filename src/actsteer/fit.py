@@ -17,6 +17,7 @@ from actsteer.capture import check_texts, record, resolve_modules, sample_cap
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import DENOISING, record_pipeline
 from actsteer.errors import ActSteerError
+from actsteer.lineas import Settings, fit_end_to_end
 from actsteer.maps import SUPPORTS, AffineMap
 from actsteer.methods import Method, get_method
 from actsteer.sequential import SequentialFitter
@@ -46,6 +47,11 @@ def fit(
     data: dict[str, Any] | None = None,
     progress: bool = True,
     pipeline_options: dict[str, Any] | None = None,
+    steps: int | None = None,
+    learning_rate: float | None = None,
+    sparsity: float | None = None,
+    seed: int | None = None,
+    init: str | None = None,
 ) -> Steering:
     """Fit a steering that moves the model's activations on `source` texts onto `target`'s.
 
@@ -63,16 +69,38 @@ def fit(
     A diffusers pipeline takes no tokenizer; pipeline_options (steps, guidance_scale, every,
     seed, batch_size, and any pipeline keyword such as height) go to its denoising runs, and
     `modules` defaults to "unet-norms" or, for transformer denoisers, "dit-blocks".
+    method="lineas" trains the maps of all modules jointly through the model (mode
+    "end-to-end"; language models only; see actsteer.lineas), 32 source texts per step, and
+    these settings (None: its defaults, stored with the steering as
+    info.data["training"]): steps (100), learning_rate (Adam, 0.02), sparsity (0 = no
+    sparse-group-lasso penalty), seed (0), init ("identity" or "linear-act").
     """
     if source is None or target is None:
         raise ActSteerError("fit needs both source= and target= texts")
     estimator = get_method(method)
-    if mode not in MODES:
+    training: dict[str, Any] = dict(
+        steps=steps, learning_rate=learning_rate, sparsity=sparsity, seed=seed, init=init
+    )
+    given = [f"{key}=" for key, value in training.items() if value is not None]
+    if given and not estimator.trained:
+        raise ActSteerError(
+            f"{', '.join(given)} only apply to methods trained end to end (lineas); method "
+            f"{method!r} is estimated in closed form: drop them or use method='lineas'"
+        )
+    if estimator.trained and mode not in ("independent", "end-to-end"):
+        raise ActSteerError(
+            f"method {method!r} trains all maps jointly (mode 'end-to-end'); mode {mode!r} does "
+            "not apply to it"
+        )
+    if not estimator.trained and mode not in MODES:
         raise ActSteerError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    settings = Settings.resolve(**training) if estimator.trained else None
     support = support or estimator.default_support
     if support not in SUPPORTS:
         raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     pipeline = is_pipeline(model)
+    if pipeline and settings is not None:
+        raise ActSteerError(f"method {method!r} is for language models, not pipelines")
     if pipeline and (mode != "independent" or tokenizer is not None):
         raise ActSteerError(
             "text-to-image pipelines are fitted in independent mode and bring their own "
@@ -84,7 +112,7 @@ def fit(
     target = check_texts(target, "target", estimator.min_samples)
     info = SteeringInfo(
         method=method,
-        mode=mode,
+        mode="end-to-end" if settings is not None else mode,
         support=support,
         data={**(data or {}), "source_texts": len(source), "target_texts": len(target)},
     )
@@ -105,10 +133,16 @@ def fit(
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
         assert tokenizer is not None  # refused above for a language model
-        maps = _fit_language_model(
-            model, tokenizer, source, target, names, estimator, info,
-            batch_size=batch_size, budget_mb=budget_mb, progress=progress,
-        )  # fmt: skip
+        if settings is not None:
+            maps = fit_end_to_end(
+                model, tokenizer, source, target, names, info, settings,
+                batch_size=batch_size, budget_mb=budget_mb, progress=progress,
+            )  # fmt: skip
+        else:
+            maps = _fit_language_model(
+                model, tokenizer, source, target, names, estimator, info,
+                batch_size=batch_size, budget_mb=budget_mb, progress=progress,
+            )  # fmt: skip
     info.model_name = model_name(tree)
     info.fingerprint = model_fingerprint(tree)
     return Steering(maps, info)

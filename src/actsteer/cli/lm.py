@@ -30,7 +30,6 @@ from actsteer.cli.options import (
     MaxNewTokensOption,
     ModelOption,
     SizeOption,
-    StepsOption,
     StrengthOption,
     SupportOption,
 )
@@ -172,9 +171,28 @@ def fit(
             metavar="DIR",
         ),
     ] = None,
-    steps: StepsOption = 20,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Pipelines: denoising steps (default 20). --method lineas: training steps "
+            "(default 100).",
+            min=1,
+        ),
+    ] = None,
     guidance_scale: GuidanceScaleOption = 5.0,
     size: SizeOption = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(help="--method lineas: Adam's learning rate (default 0.02).", metavar="LR"),
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(
+            help="--method lineas: sparse-group-lasso strength; 0 (default) = no penalty, "
+            "larger leaves more units exactly untouched.",
+            metavar="S",
+        ),
+    ] = None,
 ) -> None:
     """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
     get_method(method)
@@ -189,12 +207,13 @@ def fit(
         status(f"Loading pipeline {pipeline} …")
         pipe = load_pipeline(pipeline)
         status(f"Fitting {method} on {pipeline}: {len(source_texts)} → {len(target_texts)} prompts")
-        options: dict[str, Any] = {"steps": steps, "guidance_scale": guidance_scale}
+        options: dict[str, Any] = {"steps": steps or 20, "guidance_scale": guidance_scale}
         if size is not None:
             options.update(height=size, width=size)
         steering = fit_steering(
             pipe, source=source_texts, target=target_texts, modules=modules, method=method,
             support=support, data=data, pipeline_options=options,
+            learning_rate=learning_rate, sparsity=sparsity,
         )  # fmt: skip
         typer.echo(f"Saved steering to {steering.save(output)} ({len(steering.maps)} modules)")
         return
@@ -218,6 +237,9 @@ def fit(
         batch_size=batch_size,
         max_length=max_length,
         data=data,
+        steps=steps,
+        learning_rate=learning_rate,
+        sparsity=sparsity,
     )
     elapsed = time.perf_counter() - start
     path = steering.save(output)

@@ -19,7 +19,9 @@ class Method:
 
     strength_range bounds λ at apply time (None: unbounded); default_support and
     default_pooling are used unless the user chooses; min_samples is the fewest texts per set
-    the estimator accepts (1 for a single prompt pair).
+    the estimator accepts (1 for a single prompt pair). trained: the maps of all modules are
+    trained jointly through the model by `fit` (end to end: actsteer.lineas) instead of being
+    estimated module by module; fit_omega_beta then only explains that.
     """
 
     name: str
@@ -29,6 +31,7 @@ class Method:
     default_support: str = "q0-100"
     default_pooling: str = "mean"
     min_samples: int = 2
+    trained: bool = False
 
     def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
         """Estimate the map from (N, D) source and (M, D) target samples."""
