@@ -16,19 +16,24 @@ torch ops. On Linux, outputs above 32 k elements are shared among torch's thread
 runtime torch itself loaded).
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
-$ACTSTEER_CACHE/kernels and loaded from there afterwards. Without a compiler, or with
-ACTSTEER_FUSED_KERNEL=0, the hook uses torch ops.
+$ACTSTEER_CACHE/kernels, in a folder named by a hash of everything the build depends on (the
+source, the flags, the interpreter and its environment, torch's version, build and C++ ABI, the
+compiler, the CPU), and imported from there afterwards without asking the builder again. Every
+build says so on stderr; a file lock makes a second process wait for a build under way and then
+use it. Without a compiler, or with ACTSTEER_FUSED_KERNEL=0, the hook uses torch ops.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import logging
+import importlib.util
+import json
 import os
 import platform
 import shutil
 import sys
+import sysconfig
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,15 +42,13 @@ from types import ModuleType
 
 import torch
 
-from actsteer.cache import cache_dir
+from actsteer.cache import cache_dir, file_lock
 
 SOURCE = Path(__file__).parent / "transport.cpp"
 #: OpenMP, for ATen's parallel_for to use threads (torch's own libgomp serves): on Linux, where
 #: the compiler has it; elsewhere (Apple's clang lacks it) the kernel runs on one thread
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", *OPENMP]
-
-log = logging.getLogger(__name__)
 
 
 def _cpu_identity() -> str:
@@ -67,27 +70,83 @@ def fused_kernel() -> ModuleType | None:
     return _built_kernel()
 
 
-@functools.cache
-def _built_kernel() -> ModuleType | None:
+def _compiler() -> str:
+    """The C++ compiler torch's builder runs ($CXX, else c++), resolved, with its size and
+    modification time: an upgraded compiler is another build."""
+    command = os.environ.get("CXX", "c++")
+    found = shutil.which(command)
+    if found is None:
+        return command
+    resolved = Path(found).resolve()
+    stat = resolved.stat()
+    return f"{command} -> {resolved} ({stat.st_size} bytes, {stat.st_mtime_ns})"
+
+
+def build_key(source: Path, flags: list[str], ldflags: list[str]) -> dict[str, str]:
+    """Everything a build of `source` depends on, by name: its bytes, the flags, the
+    interpreter and its environment (torch's builder writes their paths into the build), torch's
+    version, build configuration and C++ ABI, the compiler and the CPU."""
+    return {
+        "source": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "flags": " ".join(flags),
+        "ldflags": " ".join(ldflags),
+        "python": sys.executable,
+        "prefix": sys.prefix,
+        "python_version": sys.version,
+        "extension_suffix": str(sysconfig.get_config_var("EXT_SUFFIX")),
+        "torch": f"{torch.__version__} {torch.version.git_version}",
+        "torch_path": str(Path(torch.__file__).parent),
+        "torch_build": torch.__config__.show(),
+        "cxx11_abi": str(torch.compiled_with_cxx11_abi()),
+        "compiler": _compiler(),
+        "cpu": _cpu_identity(),
+    }
+
+
+def build(prefix: str, source: Path, flags: list[str], ldflags: list[str]) -> ModuleType:
+    """The extension module compiled from `source`, built once per build key into
+    $ACTSTEER_CACHE/kernels/<prefix>_<hash> (a line on stderr each time it builds) and imported
+    from there afterwards. Concurrent callers wait on a file lock, so one builds and the others
+    import its result; a folder without a completed build (an interrupted one) is built anew."""
     from torch.utils import cpp_extension
 
-    key = "\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, _cpu_identity()])
-    name = f"actsteer_transport_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    build_dir = cache_dir() / "kernels" / name
+    key = build_key(source, flags, ldflags)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{prefix}_{digest}"
+    folder = cache_dir() / "kernels" / name
+    done = folder / "build.json"  # written last: the build in the folder is complete
+    if not done.exists():
+        with file_lock(folder.parent / f"{name}.lock"):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                print(f"actsteer: compiling {source.name} (≈ 30 s) in {folder}", file=sys.stderr)
+                with _ninja_on_path():
+                    module = cpp_extension.load(
+                        name,
+                        [str(source)],
+                        extra_cflags=flags,
+                        extra_ldflags=ldflags,
+                        build_directory=str(folder),
+                    )
+                record = {"library": Path(str(module.__file__)).name, **key}
+                scratch = done.with_suffix(".tmp")
+                scratch.write_text(json.dumps(record, indent=1))
+                os.replace(scratch, done)
+                return module
+    library = folder / json.loads(done.read_text())["library"]
+    spec = importlib.util.spec_from_file_location(library.name.split(".")[0], library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _built_kernel() -> ModuleType | None:
     try:
-        if not any(build_dir.glob(f"{name}*.so")):
-            build_dir.mkdir(parents=True, exist_ok=True)
-            log.warning(
-                "actsteer: compiling the fused steering kernel once (≈ 30 s) in %s", build_dir
-            )
-        with _ninja_on_path():
-            return cpp_extension.load(
-                name,
-                [str(SOURCE)],
-                extra_cflags=FLAGS,
-                extra_ldflags=OPENMP,
-                build_directory=str(build_dir),
-            )
+        return build("actsteer_transport", SOURCE, FLAGS, OPENMP)
     except Exception as error:  # no compiler or ninja, unwritable cache: keep the torch ops
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         warnings.warn(
