@@ -1,4 +1,5 @@
-"""Small statistics shared by the tasks: bootstrap confidence intervals of a mean."""
+"""Small statistics shared by the tasks: bootstrap intervals of a mean and of a paired
+difference."""
 
 from __future__ import annotations
 
@@ -37,3 +38,26 @@ def bootstrap_mean_ci(
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return (float(lo), float(hi))
+
+
+def paired_bootstrap_diff(
+    treated: Sequence[float] | np.ndarray,
+    control: Sequence[float] | np.ndarray,
+    *,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, Interval]:
+    """mean(treated − control) and its percentile-bootstrap interval, for values paired by
+    position (e.g. the same prompt under two steerings): pairs are resampled whole, so the
+    interval reflects the differences' spread, not each arm's."""
+    a = np.asarray(treated, dtype=np.float64)
+    b = np.asarray(control, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired values need equal, non-empty 1-D arrays: {a.shape}, {b.shape}")
+    diff = a - b
+    picks = np.random.default_rng(seed).integers(0, diff.size, size=(n_boot, diff.size))
+    means = diff[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(diff.mean()), (float(lo), float(hi))
