@@ -3,7 +3,9 @@
 A family is chosen by the model's `config.model_type`. Its entry says which module presets
 exist, which config flags give the Linear layers biases, which Linear layers read each RMSNorm
 (so a shift after the norm can move into their biases), whether the RMSNorm computes
-x̂ · (1 + γ) (Gemma) and which layers store their weight transposed (GPT-2's Conv1D). Capture,
+x̂ · (1 + γ) (Gemma), which Linear layer writes last to the residual stream in each block (so a
+shift of the block's output can move into its bias) and which layers store their weight
+transposed (GPT-2's Conv1D). Capture,
 fold and the CLI's help read it from here; a model type missing from the table is a clear
 error wherever the table is needed, never a silent default. To support a new family, add one
 `Family` to FAMILIES.
@@ -26,11 +28,15 @@ _LLAMA_BIAS_FLAGS = {
     "attention_bias": _BLOCK + r"self_attn\.[qkvo]_proj",
     "mlp_bias": _BLOCK + r"mlp\.(?:gate|up|down)_proj",
 }
+#: The decoder blocks themselves: their outputs are the residual stream (where ActAdd, repeng
+#: and llama.cpp's control vectors add their vectors); a vision tower's layers are not included.
+_RESIDUAL = r"(?!.*vision)(?:.*\.)?layers\.\d+"
 _LLAMA_PRESETS = {
     "post-attn-ln": _BLOCK + r"post_attention_layernorm",
     "layernorms": _BLOCK + r"(?:input_layernorm|post_attention_layernorm)|(?:.*\.)?norm",
     "attn-out": _BLOCK + r"self_attn\.o_proj",
     "mlp-out": _BLOCK + r"mlp\.down_proj",
+    "residual": _RESIDUAL,
 }
 
 
@@ -44,6 +50,9 @@ class Family:
       and its shift cannot be folded.
     norm_offset: 1.0 where the RMSNorm scales by (1 + γ) (Gemma), else 0.0.
     bias_flags: config flag → regex of the Linear layers the flag gives a bias.
+    residual_writer: the Linear layer (relative to the block) whose output is the block's last
+      write to the residual stream, so a shift of the block's output (the "residual" preset)
+      moves into its bias; None where that write comes out of a norm without a bias.
     transposed_linears: class names of layers that store their weight as (in, out).
     """
 
@@ -53,6 +62,7 @@ class Family:
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     norm_offset: float = 0.0
     bias_flags: dict[str, str] = field(default_factory=dict)
+    residual_writer: str | None = None
     transposed_linears: tuple[str, ...] = ()
 
     @property
@@ -70,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
         _LLAMA_PRESETS,
         norm_readers=_LLAMA_READERS,
         bias_flags=_LLAMA_BIAS_FLAGS,
+        residual_writer="mlp.down_proj",
     ),
     Family(
         "phi3",  # fused projections: qkv_proj and gate_up_proj read the norms
@@ -79,6 +90,7 @@ FAMILIES: tuple[Family, ...] = (
             "input_layernorm": ("self_attn.qkv_proj",),
             "post_attention_layernorm": ("mlp.gate_up_proj",),
         },
+        residual_writer="mlp.down_proj",
     ),
     Family(
         "olmo2",  # norms after attention and MLP, before the residual add: no readers
@@ -89,6 +101,7 @@ FAMILIES: tuple[Family, ...] = (
             + r"(?:post_attention_layernorm|post_feedforward_layernorm)|(?:.*\.)?norm",
             "attn-out": _BLOCK + r"self_attn\.o_proj",
             "mlp-out": _BLOCK + r"mlp\.down_proj",
+            "residual": _RESIDUAL,
         },
         bias_flags={"attention_bias": _BLOCK + r"self_attn\.[qkvo]_proj"},
     ),
@@ -102,6 +115,7 @@ FAMILIES: tuple[Family, ...] = (
             r"|(?:.*\.)?norm",
             "attn-out": _BLOCK + r"self_attn\.o_proj",
             "mlp-out": _BLOCK + r"mlp\.down_proj",
+            "residual": _RESIDUAL,
         },
         norm_readers={
             "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -118,7 +132,9 @@ FAMILIES: tuple[Family, ...] = (
             "layernorms": r"(?:.*\.)?h\.\d+\.ln_[12]|(?:.*\.)?ln_f",
             "attn-out": r"(?:.*\.)?h\.\d+\.attn\.c_proj",
             "mlp-out": r"(?:.*\.)?h\.\d+\.mlp\.c_proj",
+            "residual": r"(?:.*\.)?h\.\d+",
         },
+        residual_writer="mlp.c_proj",
         transposed_linears=("Conv1D",),
     ),
     Family(

@@ -10,6 +10,10 @@ affine, so it folds into the module that produced `a`:
   moves into the biases of the Linear layers reading the norm, since W(h + c) = Wh + Wc. Where
   those layers have no bias, the config flag that makes stock transformers create them is set
   and zero biases are added wherever that flag adds them.
+- A decoder block's output (the residual stream, the "residual" preset): only a pure shift
+  (ω̃ = 1: Mean-AcT, ActAdd, ITI-c) folds, into the bias of the Linear layer whose output the
+  block adds last to the stream (h + W x + c = h + (W x + c)). A scale cannot: the stream is
+  the sum of every earlier block's writes and has no weight of its own.
 
 What each architecture needs (norm readers, (1 + γ) offset, bias flags, transposed layers)
 comes from `actsteer.families`. Every fold checks itself: the folded model must reproduce the
@@ -90,7 +94,39 @@ class _Folder:
             isinstance(module, nn.Linear) or type(module).__name__ in self.family.transposed_linears
         )
 
+    def is_block(self, name: str) -> bool:
+        """Is `name` a decoder block, whose output is the residual stream?"""
+        pattern = self.family.presets.get("residual")
+        return pattern is not None and re.fullmatch(pattern, name) is not None
+
+    def fold_residual(self, name: str, amap: AffineMap, strength: float) -> None:
+        """A shift of a block's output into the bias of the block's last residual writer."""
+        scale, shift = amap.at(strength)
+        scaled = int((scale != 1).sum())
+        if scaled:
+            raise ActSteerError(
+                f"cannot fold the map of {name!r}: it scales {scaled} unit(s) of the residual "
+                "stream (ω ≠ 1), which is the sum of every earlier block's writes and has no "
+                "weight of its own; only a pure shift (ω = 1: mean-act, actadd, iti-c) of a "
+                "block's output folds. To fold Linear-AcT steer norms (post-attn-ln, "
+                "layernorms), or keep the steering as hooks"
+            )
+        writer = self.family.residual_writer
+        if writer is None:
+            raise ActSteerError(
+                f"the shift of {name!r} cannot be folded: in the {self.family.name!r} family a "
+                "block's last write to the residual stream comes out of a norm without a bias; "
+                "keep the steering as hooks, or steer other modules"
+            )
+        if shift.any():
+            target = f"{name}.{writer}"
+            linear = self.lookup[target]
+            self.add_bias(target, linear, shift.to(next(linear.parameters()).device, torch.float64))
+
     def fold(self, name: str, amap: AffineMap, strength: float) -> None:
+        if self.is_block(name):
+            self.fold_residual(name, amap, strength)
+            return
         module = self.lookup[name]
         if getattr(module, "weight", None) is None:
             raise ActSteerError(
@@ -225,7 +261,10 @@ def fold_maps(
         expected = _probe(model, tree, names)
     folder = _Folder(tree, family)
     # Norms first: their shifts land in reader biases that the readers' own maps then scale.
-    order = sorted(names, key=lambda n: not _is_rms_norm(folder.lookup[n]))
+    # Blocks last: their shifts land in a writer's bias after its own map has scaled it.
+    order = sorted(
+        names, key=lambda n: 2 if folder.is_block(n) else int(not _is_rms_norm(folder.lookup[n]))
+    )
     try:
         with torch.no_grad():
             for name in order:

@@ -193,8 +193,9 @@ class SequentialFitter:
                     with suppress(_Stop):
                         body(**batch, use_cache=False)
             state.hidden = [call[0] for call in state.calls[0]]
-        in_block = {
-            i: [m for m in order if m.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))
+        in_block = {  # a block's own output (the residual stream) comes after its modules
+            i: [m for m in order if m == f"{prefix}.{i}" or m.startswith(f"{prefix}.{i}.")]
+            for i in range(len(blocks))
         }
         last = max(i for i, names in in_block.items() if names)
         for i in tqdm(
