@@ -5,15 +5,39 @@ steering = actsteer.fit(model, tok, source=..., target=..., modules="post-attn-l
 with steering.applied(model, strength=0.5):
     model.generate(...)
 steering = actsteer.calibrate(steering, model, tok, budget=1.0).steering  # λ: ΔPPL ≤ +1
+
+The names below are imported when first used, so `import actsteer` (and the CLI's --help) does
+not pay for torch, transformers, diffusers or the evaluation stack up front.
 """
 
-from actsteer.calibration import CalibrationResult, calibrate
-from actsteer.diffusion import load_pipeline
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from actsteer.errors import ActSteerError
-from actsteer.fit import fit
-from actsteer.models import load_model
-from actsteer.steering import Steering, SteeringInfo, steered
 from actsteer.version import __version__
+
+if TYPE_CHECKING:
+    from actsteer.calibration import CalibrationResult, calibrate
+    from actsteer.diffusion import load_pipeline
+    from actsteer.fit import fit
+    from actsteer.models import load_model
+    from actsteer.steering import Steering, SteeringInfo, steered
+
+#: public name -> the module that defines it
+_LAZY = {
+    "CalibrationResult": "actsteer.calibration",
+    "calibrate": "actsteer.calibration",
+    "load_pipeline": "actsteer.diffusion",
+    "fit": "actsteer.fit",
+    "load_model": "actsteer.models",
+    "Steering": "actsteer.steering",
+    "SteeringInfo": "actsteer.steering",
+    "steered": "actsteer.steering",
+}
 
 __all__ = [
     "ActSteerError",
@@ -27,3 +51,28 @@ __all__ = [
     "load_pipeline",
     "steered",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'actsteer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package: importing a submodule named like a public function (actsteer.fit) must not
+    replace the function on the package, as Python's import system would."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

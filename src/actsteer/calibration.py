@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from actsteer.choices import CALIBRATION_CAP, CALIBRATION_PASSAGES
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.likelihood import (
     batched_logits,
@@ -72,7 +73,7 @@ COSTS = ("ppl", "kl")
 COST_LABELS = {"ppl": "ΔPPL", "kl": "KL"}
 #: Defaults: 8 passages of 512 tokens (the perplexity task's window, so ΔPPL is on the scale
 #: `actsteer eval perplexity` reports) after the task's default slice of 4096 tokens.
-PASSAGES = 8
+PASSAGES = CALIBRATION_PASSAGES
 PASSAGE_TOKENS = WINDOW
 OFFSET = MAX_TOKENS
 #: Defaults of the KL cost: the last 32 of the package's neutral sentences.
@@ -80,7 +81,7 @@ NEUTRAL_FILE = "neutral.txt"
 NEUTRAL_PROMPTS = 32
 #: Unbounded methods: doubling starts at START and stops at CAP.
 START = 1.0
-CAP = 256.0
+CAP = CALIBRATION_CAP
 #: Default tolerance, as a fraction of the smallest λ found over budget.
 RELATIVE_TOLERANCE = 1 / 64
 

@@ -16,14 +16,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from actsteer.choices import POOLINGS
 from actsteer.errors import ActSteerError
 from actsteer.families import PRESET_NAMES, find_family, model_type
 from actsteer.tree import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-POOLINGS = ("mean", "last", "max", "all")
 
 
 def _summarise_names(names: Sequence[str], limit: int = 12) -> str:

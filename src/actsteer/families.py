@@ -14,8 +14,10 @@ error wherever the table is needed, never a silent default. To support a new fam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 from actsteer.errors import ActSteerError
 

@@ -14,11 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap
+from actsteer.choices import MODES, SUPPORTS
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import DENOISING, record_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.lineas import Settings, fit_end_to_end
-from actsteer.maps import SUPPORTS, AffineMap
+from actsteer.maps import AffineMap
 from actsteer.methods import Method, get_method
 from actsteer.sequential import SequentialFitter
 from actsteer.steering import Steering, SteeringInfo
@@ -26,8 +27,6 @@ from actsteer.tree import PipelineModules, is_pipeline, model_name, module_tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-MODES = ("independent", "sequential")
 
 
 def fit(

@@ -16,9 +16,6 @@ from torch import nn
 
 from actsteer.tree import DENOISERS
 
-#: Which half of a CFG batch is steered: only the conditional one, or both alike.
-GUIDANCE_MODES = ("conditional", "both")
-
 
 class Guidance:
     """What hooks on a pipeline's tree need to know about the current call.

@@ -15,17 +15,17 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
+from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS
 from actsteer.errors import ActSteerError
-from actsteer.guidance import GUIDANCE_MODES, Guidance
+from actsteer.guidance import Guidance
 from actsteer.kernels import fused_kernel
-from actsteer.maps import SUPPORTS, AffineMap
+from actsteer.maps import AffineMap
 from actsteer.tree import DENOISERS, PipelineModules, is_pipeline, module_tree, stream_index
 
 Strength = float | torch.Tensor
-#: Token positions a steering acts on: every token, only the prompt's (the pass with nothing
-#: cached yet), only generated tokens (passes that extend a KV cache), or each pass's last token.
-POSITIONS = ("all", "prompt", "generated", "last")
-
+#: Token positions a steering acts on (choices.POSITIONS): every token, only the prompt's (the
+#: pass with nothing cached yet), only generated tokens (passes that extend a KV cache), or each
+#: pass's last token.
 #: Modules whose forward returns a new tensor no one else holds: a hook that sees it first may
 #: overwrite it (exact types: a subclass may return something it keeps).
 FRESH_OUTPUT = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)

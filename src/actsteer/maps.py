@@ -9,17 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES
 from actsteer.errors import ActSteerError
-
-#: Supports stored with every map, as (lower, upper) quantiles of the source samples in percent.
-SUPPORT_QUANTILES: dict[str, tuple[float, float]] = {
-    "q0-100": (0.0, 100.0),
-    "q1-99": (1.0, 99.0),
-    "q5-95": (5.0, 95.0),
-}
-#: The unbounded support: every activation is transported.
-SUPPORT_ALL = "all"
-SUPPORTS = (*SUPPORT_QUANTILES, SUPPORT_ALL)
 
 _ZERO_VARIANCE = 1e-12
 

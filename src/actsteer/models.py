@@ -19,14 +19,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from actsteer.cache import cache_dir
+from actsteer.choices import DEFAULT_MODEL
 from actsteer.errors import ActSteerError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from actsteer.steering import Steering
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def model_for(steering: Steering | None, name: str | None = None) -> str:

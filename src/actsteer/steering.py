@@ -18,10 +18,10 @@ from typing import Any
 from torch import nn
 
 from actsteer.artifact import read_steering, write_steering
+from actsteer.choices import GUIDANCE_MODES
 from actsteer.compat import check_compatible
 from actsteer.errors import ActSteerError
 from actsteer.fold import fold_maps
-from actsteer.guidance import GUIDANCE_MODES
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.maps import AffineMap
 from actsteer.methods import get_method

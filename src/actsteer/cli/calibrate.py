@@ -7,28 +7,22 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from actsteer.calibration import (
-    CAP,
-    OFFSET,
-    PASSAGE_TOKENS,
-    PASSAGES,
-    CalibrationResult,
-    ModulesCalibration,
-    calibrate,
-    calibrate_modules,
-    check_budget,
-)
+from actsteer.choices import CALIBRATION_CAP as CAP
+from actsteer.choices import CALIBRATION_PASSAGES as PASSAGES
+from actsteer.choices import PERPLEXITY_TOKENS as OFFSET
+from actsteer.choices import PERPLEXITY_WINDOW as PASSAGE_TOKENS
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, read_texts, status
 from actsteer.cli.options import ModelOption, SupportOption
 from actsteer.errors import ActSteerError
-from actsteer.evaluation.common import jsonable
-from actsteer.models import model_for
-from actsteer.steering import Steering
+
+if TYPE_CHECKING:
+    from actsteer.calibration import CalibrationResult, ModulesCalibration
+    from actsteer.steering import Steering
 
 
 def curve_table(result: CalibrationResult, title: str) -> Table:
@@ -65,6 +59,8 @@ def write_atomically(steering: Steering, path: Path) -> Path:
 
 
 def _budget(budget_ppl: float | None, budget_kl: float | None) -> tuple[str, float]:
+    from actsteer.calibration import check_budget
+
     if budget_ppl is not None and budget_kl is not None:
         raise ActSteerError("give one budget: --budget-ppl or --budget-kl, not both")
     cost, budget = ("kl", budget_kl) if budget_kl is not None else ("ppl", budget_ppl)
@@ -118,6 +114,8 @@ def _calibrate_candidates(
     options: dict[str, Any],
 ) -> ModulesCalibration:
     """Refit STEERING's method on each candidate and calibrate each; print the comparison."""
+    from actsteer.calibration import calibrate_modules
+
     files, info = candidates["files"], steering.info
     for option, key in (("--source", "source_file"), ("--target", "target_file")):
         recorded = info.data.get(key)
@@ -287,6 +285,11 @@ def calibrate_command(
     forward passes over held-out text, never the evaluation prompts, and prints the curve of
     (λ, cost). Example: actsteer calibrate s.safetensors --budget-ppl 1 -o s.calibrated.safetensors
     """
+    from actsteer.calibration import calibrate
+    from actsteer.evaluation.common import jsonable
+    from actsteer.models import model_for
+    from actsteer.steering import Steering
+
     cost, budget = _budget(budget_ppl, budget_kl)
     if cost == "ppl" and prompts is not None:
         raise ActSteerError("--prompts goes with --budget-kl; --budget-ppl reads --data")

@@ -16,7 +16,6 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from actsteer.errors import ActSteerError
-from actsteer.models import load_model
 
 STRENGTH_FLAGS = ("--strength", "-s")
 
@@ -167,3 +166,10 @@ def load_lm(name: str) -> tuple[Any, Any]:
     """The model and tokenizer called `name` (see actsteer.models.model_for), with a status line."""
     status(f"Loading model {name} …")
     return load_model(name)
+
+
+def load_model(name: str) -> tuple[Any, Any]:
+    """actsteer.models.load_model, imported when a command first needs it (not for --help)."""
+    from actsteer import models
+
+    return models.load_model(name)

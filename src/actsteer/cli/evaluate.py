@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -14,9 +14,9 @@ from rich.text import Text
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, status
 from actsteer.cli.options import ModelOption, StrengthOption, SupportOption
 from actsteer.errors import ActSteerError
-from actsteer.models import model_for
-from actsteer.steering import Steering
-from actsteer.strengths import parse_strength_specs, resolve_strengths
+
+if TYPE_CHECKING:
+    from actsteer.steering import Steering
 
 
 def _format_metric(value: Any, interval: Sequence[Any] | None) -> str:
@@ -46,6 +46,8 @@ def metrics_table(results: Sequence[Any], labels: dict[str, str], title: str) ->
 
 def parse_named_steerings(specs: Sequence[str]) -> dict[str, Steering]:
     """`NAME=FILE` (or just FILE, named after its stem) → loaded steerings, in order."""
+    from actsteer.steering import Steering
+
     steerings: dict[str, Steering] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -95,6 +97,9 @@ def eval_(
     from actsteer.evaluation.common import describe_steering, jsonable
     from actsteer.evaluation.registry import get_task
     from actsteer.evaluation.sweep import parse_task_options
+    from actsteer.models import model_for
+    from actsteer.steering import Steering
+    from actsteer.strengths import parse_strength_specs, resolve_strengths
 
     spec = get_task(task)
     options = parse_task_options(settings or [], [task])[task]
@@ -191,6 +196,8 @@ def sweep(
     """
     from actsteer.evaluation.registry import get_task
     from actsteer.evaluation.sweep import load_results, parse_task_options, run_sweep
+    from actsteer.models import model_for
+    from actsteer.strengths import parse_strength_specs, resolve_strengths
 
     tasks = list(dict.fromkeys(tasks))
     for task in tasks:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from actsteer.choices import GUIDANCE_MODES
 from actsteer.cli.core import IMAGE_PANEL, app, check_choice, status
 from actsteer.cli.options import (
     GuidanceScaleOption,
@@ -15,11 +16,7 @@ from actsteer.cli.options import (
     StrengthOption,
     SupportOption,
 )
-from actsteer.diffusion import generate_images, image_grid, load_pipeline
 from actsteer.errors import ActSteerError
-from actsteer.guidance import GUIDANCE_MODES
-from actsteer.steering import Steering
-from actsteer.strengths import parse_strength_specs, resolve_strengths
 
 
 @app.command("generate-image", rich_help_panel=IMAGE_PANEL)
@@ -54,6 +51,10 @@ def generate_image(
 
     Every column of a row starts from the same noise, so columns differ only by the steering.
     """
+    from actsteer.diffusion import generate_images, image_grid, load_pipeline
+    from actsteer.steering import Steering
+    from actsteer.strengths import parse_strength_specs, resolve_strengths
+
     if cfg is not None:
         status("warning: --cfg is now called --guidance; --cfg goes away in the next release")
         guidance = cfg

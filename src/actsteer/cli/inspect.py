@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -13,10 +12,9 @@ from rich.text import Text
 from actsteer.cli.core import FILES_PANEL, app, console, load_lm, read_texts, status
 from actsteer.cli.options import MaxLengthOption, ModelOption, StrengthOption, SupportOption
 from actsteer.errors import ActSteerError
-from actsteer.export import export as export_checkpoint
-from actsteer.models import model_for
-from actsteer.steering import Steering
-from actsteer.strengths import parse_strength_specs, resolve_strengths
+
+if TYPE_CHECKING:
+    from actsteer.steering import Steering
 
 
 @app.command(rich_help_panel=FILES_PANEL)
@@ -53,6 +51,8 @@ def inspect(
     With --plot, also a figure of what it does at a glance (see --data for unit histograms;
     --model, --module, --support and --max-length apply to --data).
     """
+    from actsteer.steering import Steering
+
     if plot is None and data is not None:
         raise ActSteerError("--data is drawn in the figure: give --plot PNG as well")
     if plot is not None and plot.suffix.lower() != ".png":
@@ -108,6 +108,7 @@ def _inspect_plot(
     """Draw `inspect --plot`: record the --data texts at one module when given, then save."""
     from actsteer.capture import record
     from actsteer.evaluation.inspect_plot import middle_module, steering_figure
+    from actsteer.models import model_for
 
     source = None
     module = module or middle_module(steering)
@@ -145,6 +146,13 @@ def export(
     AutoModelForCausalLM.from_pretrained(OUTPUT). Serving engines that read transformers
     checkpoints can serve it.
     """
+    import torch
+
+    from actsteer.export import export as export_checkpoint
+    from actsteer.models import model_for
+    from actsteer.steering import Steering
+    from actsteer.strengths import parse_strength_specs, resolve_strengths
+
     steering = Steering.load(steering_path)
     strengths = resolve_strengths(steering, parse_strength_specs(strength) if strength else None)
     if len(strengths) != 1:

@@ -6,14 +6,13 @@ import importlib.resources
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from actsteer.capture import POOLINGS
+from actsteer.choices import MODES, POOLINGS, POSITIONS
 from actsteer.cli.core import (
     LM_PANEL,
     app,
@@ -33,17 +32,12 @@ from actsteer.cli.options import (
     StrengthOption,
     SupportOption,
 )
-from actsteer.diffusion import load_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.families import presets_help
-from actsteer.fit import MODES
-from actsteer.fit import fit as fit_steering
-from actsteer.generation import generate_grid
-from actsteer.hooks import POSITIONS
 from actsteer.methods import METHODS, get_method
-from actsteer.models import model_for
-from actsteer.steering import Steering
-from actsteer.strengths import parse_strength_specs, resolve_strengths
+
+if TYPE_CHECKING:
+    from actsteer.steering import Steering
 
 DEMO_PROMPTS = (
     "I went to the park and",
@@ -96,6 +90,8 @@ def parse_steerings(
     specs: Sequence[str],
 ) -> tuple[list[tuple[str, Steering, float]], tuple[str, Steering] | None]:
     """Split `--steering FILE[:λ]` values into fixed (file, steering, λ) and the swept one."""
+    from actsteer.steering import Steering
+
     fixed: list[tuple[str, Steering, float]] = []
     swept: tuple[str, Steering] | None = None
     for spec in specs:
@@ -195,6 +191,10 @@ def fit(
     ] = None,
 ) -> None:
     """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
+    from actsteer.diffusion import load_pipeline
+    from actsteer.fit import fit as fit_steering
+    from actsteer.models import model_for
+
     get_method(method)
     check_choice(mode, MODES, "--mode")
     check_choice(pooling, POOLINGS, "--pooling")
@@ -295,6 +295,10 @@ def generate(
     Rows are prompts, columns strengths λ (of the one --steering FILE without ':λ'). Example:
     actsteer generate --steering s.safetensors --strength 0 0.5 1 -- "I went to the park and"
     """
+    from actsteer.generation import generate_grid
+    from actsteer.models import model_for
+    from actsteer.strengths import parse_strength_specs, resolve_strengths
+
     kwargs = _generate_kwargs(max_new_tokens, sample, temperature, top_p, repetition_penalty)
     check_choice(positions, POSITIONS, "--positions")
     fixed, swept = parse_steerings(steering_specs or [])
@@ -317,6 +321,8 @@ def generate(
         f"Generating {len(prompts)} prompt(s) × {len(columns)} strength(s) in one batched call …"
     )
     if sample:
+        import torch
+
         torch.manual_seed(seed)
     texts = generate_grid(
         lm,
@@ -344,6 +350,10 @@ def demo(
     Uses the package's own sentence files, Linear-AcT on all layer norms with support "all",
     then one batched greedy generation (repetition penalty 1.3) for three neutral prompts.
     """
+    from actsteer.fit import fit as fit_steering
+    from actsteer.generation import generate_grid
+    from actsteer.models import model_for
+
     model = model_for(None, model)
     source, target = package_texts("neutral.txt"), package_texts("football.txt")
     lm, tok = load_lm(model)

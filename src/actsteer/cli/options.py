@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
+from actsteer.choices import DEFAULT_MODEL, SUPPORTS
 from actsteer.cli.core import check_choice
-from actsteer.maps import SUPPORTS
-from actsteer.models import DEFAULT_MODEL
 
 
 def _support_choice(value: str | None) -> str | None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from actsteer.choices import PERPLEXITY_TOKENS, PERPLEXITY_WINDOW
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths, steering_applied
 from actsteer.evaluation.data import load_hub, require_keys, resolve_data
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 WIKITEXT_FILE = "wikitext/wiki.test.raw"
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 #: Defaults: the first 4096 tokens of WikiText-2 test, in blocked windows of 512.
-MAX_TOKENS = 4096
-WINDOW = 512
+MAX_TOKENS = PERPLEXITY_TOKENS
+WINDOW = PERPLEXITY_WINDOW
 
 
 @dataclass

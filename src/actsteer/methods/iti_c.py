@@ -6,15 +6,22 @@ standard deviation of all activations projected on θ; ω = 1. The strength is t
 unbounded (the paper tunes it).
 """
 
-import numpy as np
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from actsteer.extras import require
 from actsteer.methods.registry import Method, register
 
+if TYPE_CHECKING:
+    import torch
+
 
 def probe_direction(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Unit normal of a logistic-regression probe, pointing from source to target."""
+    import numpy as np
+    import torch
+
     linear_model = require("sklearn.linear_model", "eval", "ITI-c (a logistic-regression probe)")
     x = torch.cat([source, target]).double().numpy()
     y = np.r_[np.zeros(len(source)), np.ones(len(target))]
@@ -24,6 +31,8 @@ def probe_direction(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def fit_iti_c(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     theta = probe_direction(source, target)
     spread = (torch.cat([source, target]).double() @ theta).std()
     beta = spread * theta

@@ -1,12 +1,11 @@
 """Linear-AcT: per-unit 1-D optimal transport (monotone coupling) fitted by least squares."""
 
-from actsteer.maps import fit_linear
 from actsteer.methods.registry import Method, register
 
 LINEAR_ACT = register(
     Method(
         name="linear-act",
         description="per-unit affine map fitted on the sorted (optimal transport) coupling",
-        fit_omega_beta=fit_linear,
+        fit_omega_beta="actsteer.maps:fit_linear",
     )
 )

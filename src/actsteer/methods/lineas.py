@@ -7,10 +7,13 @@ module alone.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from actsteer.errors import ActSteerError
 from actsteer.methods.registry import Method, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _not_per_module(

@@ -1,21 +1,30 @@
-"""The registry of steering methods and the contract each one fulfils."""
+"""The registry of steering methods and the contract each one fulfils.
+
+Importing it, or a method's file, needs no torch (torch is imported when a method is used), so
+`actsteer methods` and `--help` answer at once.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from actsteer.errors import ActSteerError
-from actsteer.maps import AffineMap, check_samples, support_bounds
 
-FitFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    from actsteer.maps import AffineMap
+
+FitFunction = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named estimator: `fit_omega_beta(source, target)` gives ω, β of shape (D,).
+    """A named estimator: `fit_omega_beta(source, target)` gives ω, β of shape (D,); it may be
+    given as "module:function", imported when first used.
 
     strength_range bounds λ at apply time (None: unbounded); default_support and
     default_pooling are used unless the user chooses; min_samples is the fewest texts per set
@@ -26,7 +35,7 @@ class Method:
 
     name: str
     description: str
-    fit_omega_beta: FitFunction
+    fit_omega_beta: FitFunction | str
     strength_range: tuple[float, float] | None = (0.0, 1.0)
     default_support: str = "q0-100"
     default_pooling: str = "mean"
@@ -35,9 +44,19 @@ class Method:
 
     def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
         """Estimate the map from (N, D) source and (M, D) target samples."""
+        from actsteer.maps import AffineMap, check_samples, support_bounds
+
         check_samples(source, target, what, self.min_samples)
-        omega, beta = self.fit_omega_beta(source.float(), target.float())
+        omega, beta = self.estimator()(source.float(), target.float())
         return AffineMap(omega, beta, support_bounds(source))
+
+    def estimator(self) -> FitFunction:
+        """fit_omega_beta as a function (imported if given by name)."""
+        if callable(self.fit_omega_beta):
+            return self.fit_omega_beta
+        module, _, function = self.fit_omega_beta.partition(":")
+        found: FitFunction = getattr(importlib.import_module(module), function)
+        return found
 
     def check_strength(
         self, strength: float | Sequence[float] | torch.Tensor, upper: float | None = None
@@ -46,6 +65,8 @@ class Method:
         `upper` when the caller extrapolates on purpose)."""
         if self.strength_range is None:
             return
+        import torch
+
         lo, hi = self.strength_range
         hi = max(hi, upper) if upper is not None else hi
         values = torch.as_tensor(strength, dtype=torch.float64)

@@ -1,0 +1,38 @@
+"""The names users choose among (supports, poolings, fit modes, positions, guidance modes, the
+default model) and the defaults the CLI's help shows, kept free of torch so that
+`actsteer --help` can show them at no cost.
+
+The modules that implement each choice import its names and defaults from here.
+"""
+
+from __future__ import annotations
+
+#: Supports stored with every map, as (lower, upper) quantiles of the source samples in percent.
+SUPPORT_QUANTILES: dict[str, tuple[float, float]] = {
+    "q0-100": (0.0, 100.0),
+    "q1-99": (1.0, 99.0),
+    "q5-95": (5.0, 95.0),
+}
+#: The unbounded support: every activation is transported.
+SUPPORT_ALL = "all"
+SUPPORTS = (*SUPPORT_QUANTILES, SUPPORT_ALL)
+
+#: How token activations become samples (actsteer.capture).
+POOLINGS = ("mean", "last", "max", "all")
+#: How modules are fitted (actsteer.fit).
+MODES = ("independent", "sequential")
+#: Which token positions a hook steers (actsteer.hooks).
+POSITIONS = ("all", "prompt", "generated", "last")
+#: Which halves of a classifier-free-guidance batch are steered (actsteer.guidance).
+GUIDANCE_MODES = ("conditional", "both")
+#: The model used when none is given (actsteer.models).
+DEFAULT_MODEL = "smollm2-135m"
+
+#: Perplexity (actsteer.evaluation.perplexity): the first 4096 tokens of WikiText-2 test, in
+#: blocked windows of 512.
+PERPLEXITY_TOKENS = 4096
+PERPLEXITY_WINDOW = 512
+#: Calibration (actsteer.calibration): 8 passages of the perplexity window after the perplexity
+#: task's tokens; unbounded methods double λ up to a cap.
+CALIBRATION_PASSAGES = 8
+CALIBRATION_CAP = 256.0
