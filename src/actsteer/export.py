@@ -1,5 +1,6 @@
-"""Exporting a steered checkpoint: the steering folded into the weights, saved as a stock
-transformers folder that any engine reading such checkpoints serves at full speed."""
+"""Exporting a steering for other engines: folded into the weights and saved as a stock
+transformers folder that any engine reading such checkpoints serves at full speed, or, for an
+additive steering of the residual stream, as a llama.cpp control vector (GGUF)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from actsteer.gguf_vectors import write_control_vector
+from actsteer.outputs import check_output, written_folder
 from actsteer.steering import Steering
+from actsteer.version import __version__
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,13 +24,25 @@ def export(
     directory: str | Path,
     strength: float = 1.0,
     support: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Fold the steering into `model` and save a stock transformers checkpoint to `directory`."""
+    """Fold the steering into `model` and save a stock transformers checkpoint to `directory`.
+
+    A non-empty `directory` is refused unless `force`, which replaces it whole (nothing of its
+    old contents stays mixed in); the checkpoint is written beside it and moved into place
+    when complete."""
     directory = Path(directory)
+    check_output(directory, force, "export directory")
     steering.fold(model, strength, support)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with written_folder(directory) as scratch:
+        model.save_pretrained(scratch)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(scratch)
+        _write_note(steering, strength, scratch)
+    return directory
+
+
+def _write_note(steering: Steering, strength: float, directory: Path) -> None:
     note = {
         "folded_by": "actsteer",
         "method": steering.method,
@@ -37,4 +53,24 @@ def export(
         "data": steering.info.data,
     }
     (directory / "actsteer_fold.json").write_text(json.dumps(note, indent=2))
-    return directory
+
+
+def export_control_vector(
+    steering: Steering,
+    model: PreTrainedModel,
+    path: str | Path,
+    strength: float = 1.0,
+    support: str = "all",
+) -> Path:
+    """Write the steering at `strength` as a llama.cpp control vector: λ·β of block k as tensor
+    direction.k (see `actsteer.gguf_vectors`). Steerings llama.cpp cannot express (ω ≠ 1, a
+    bounded support, modules other than decoder blocks, block 0) are refused, saying why."""
+    steering.check_strength(strength)
+    steering.check_compatible(model)
+    provenance = {
+        "method": steering.method,
+        "strength": f"{strength:g}",
+        "model": steering.info.model_name,
+        "version": __version__,
+    }
+    return write_control_vector(steering.maps, model, path, strength, support, provenance)

@@ -1,7 +1,8 @@
 """The Steering value object: the fitted maps of named modules and what describes them.
 
 A Steering is applied with hooks (`applied`, `attach`), composed with others (`steered`),
-folded into weights (`fold`), inverted (`inverse`) and saved as one file (`save`, `load`).
+folded into weights (`fold`), inverted (`inverse`) and saved as one file (`save`, `load`);
+read from a llama.cpp control vector with `from_gguf`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from torch import nn
 
 from actsteer.artifact import read_steering, write_steering
 from actsteer.choices import GUIDANCE_MODES
-from actsteer.compat import check_compatible
+from actsteer.compat import check_compatible, model_fingerprint
 from actsteer.errors import ActSteerError
 from actsteer.fold import fold_maps
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.maps import AffineMap
 from actsteer.methods import get_method
-from actsteer.tree import module_tree
+from actsteer.tree import model_name, module_tree
 
 
 def renamed_cfg(guidance: str, cfg: str | None) -> str:
@@ -214,7 +215,8 @@ class Steering:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the steering to one .safetensors file (tensors + JSON metadata)."""
+        """Write the steering to one .safetensors file (tensors + JSON metadata); an existing
+        file is replaced in one step (the CLI refuses one unless --force)."""
         return write_steering(self.maps, self.info.to_json(), path)
 
     @classmethod
@@ -222,6 +224,25 @@ class Steering:
         """Read a steering saved with `save`; a damaged or foreign file is a clear error."""
         maps, entries = read_steering(path)
         return cls(maps, SteeringInfo.from_json(entries))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, model: nn.Module) -> Steering:
+        """Read a llama.cpp control vector (from `actsteer export --format gguf`, repeng or
+        llama.cpp's cvector-generator) for `model`: ω = 1 and β = tensor direction.N at the
+        output of decoder block N. Its strength is llama.cpp's scale: λ = 1 is the file as
+        written, any λ is allowed (the method is actadd's)."""
+        from actsteer.gguf_vectors import read_control_vector
+
+        tree = module_tree(model)
+        maps, data = read_control_vector(path, tree)
+        info = SteeringInfo(
+            method="actadd",
+            support="all",
+            model_name=model_name(tree),
+            fingerprint=model_fingerprint(tree),
+            data=data,
+        )
+        return cls(maps, info)
 
 
 @contextmanager

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from actsteer.cli.core import FILES_PANEL, app, console, load_lm, read_texts, status
-from actsteer.cli.options import MaxLengthOption, ModelOption, StrengthOption, SupportOption
+from actsteer.cli.core import (
+    FILES_PANEL,
+    app,
+    check_choice,
+    console,
+    load_lm,
+    read_texts,
+    status,
+)
+from actsteer.cli.options import (
+    ForceOption,
+    MaxLengthOption,
+    ModelOption,
+    StrengthOption,
+    SupportOption,
+)
 from actsteer.errors import ActSteerError
+from actsteer.outputs import check_output, written_file
 
 if TYPE_CHECKING:
     from actsteer.steering import Steering
@@ -45,6 +60,7 @@ def inspect(
     ] = None,
     support: SupportOption = None,
     max_length: MaxLengthOption = 64,
+    force: ForceOption = False,
 ) -> None:
     """Describe a steering file: method, model, data and per-module map statistics.
 
@@ -57,6 +73,8 @@ def inspect(
         raise ActSteerError("--data is drawn in the figure: give --plot PNG as well")
     if plot is not None and plot.suffix.lower() != ".png":
         raise ActSteerError(f"--plot should end in .png, got {plot}")
+    if plot is not None:
+        check_output(plot, force, "--plot")
     steering = Steering.load(path)
     if module is not None and module not in steering.maps:
         raise ActSteerError(
@@ -123,8 +141,8 @@ def _inspect_plot(
         steering, source, module, support=support, title=f"{path.name}: {steering.method}, "
         f"{len(steering.maps)} steered modules",
     )  # fmt: skip
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(plot, dpi=100, bbox_inches="tight")
+    with written_file(plot) as scratch:
+        figure.savefig(scratch, dpi=100, bbox_inches="tight")
     typer.echo(f"Saved the figure to {plot}")
 
 
@@ -134,18 +152,34 @@ def export(
         Path, typer.Option("--steering", help="A steering file from `actsteer fit`.")
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder for the steered checkpoint.")
+        Path,
+        typer.Option(
+            "--output", "-o", help="Folder for the steered checkpoint (--format gguf: a file)."
+        ),
     ],
     strength: StrengthOption = None,
     support: SupportOption = "all",
     model: ModelOption = None,
+    force: ForceOption = False,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="checkpoint: the steering folded into the weights; gguf: a llama.cpp control "
+            "vector (additive steerings of the residual stream: mean-act, actadd, iti-c).",
+            metavar="checkpoint|gguf",
+        ),
+    ] = "checkpoint",
 ) -> None:
-    """Fold a steering into the weights at one λ and save a checkpoint stock transformers loads.
+    """Fold a steering into the weights at one λ and save a checkpoint stock transformers loads,
+    or write it as a llama.cpp control vector.
 
-    The result runs at the plain model's speed with no actsteer import:
+    The checkpoint runs at the plain model's speed with no actsteer import:
     AutoModelForCausalLM.from_pretrained(OUTPUT). Serving engines that read transformers
-    checkpoints can serve it.
+    checkpoints can serve it. The control vector (--format gguf) holds λ·β of each steered
+    decoder block k as direction.k: `llama-cli --control-vector OUTPUT`.
     """
+    check_choice(export_format, ("checkpoint", "gguf"), "--format")
     import torch
 
     from actsteer.export import export as export_checkpoint
@@ -161,14 +195,36 @@ def export(
             f"{len(strengths)} ({', '.join(f'{s:g}' for s in strengths)})"
         )
     lam = strengths[0]
+    check_output(output, force)
     model = model_for(steering, model)
     lm, tok = load_lm(model)
+    if export_format == "gguf":
+        from actsteer.export import export_control_vector
+
+        export_control_vector(steering, lm, output, lam, support or "all")
+        blocks = ", ".join(f"direction.{b}" for b in _blocks_of(steering, lm))
+        typer.echo(f"Saved the control vector (λ = {lam:g}) to {output}: {blocks}")
+        return
     probe = tok(["The weather today is"], return_tensors="pt")
     with torch.inference_mode(), steering.applied(lm, lam, support):
         hooked = lm(**probe).logits
-    export_checkpoint(steering, lm, tok, output, lam, support)
+    export_checkpoint(steering, lm, tok, output, lam, support, force=force)
     with torch.inference_mode():
         folded = lm(**probe).logits
     typer.echo(f"Saved the steered checkpoint (λ = {lam:g}, support {support}) to {output}")
     gap = (folded - hooked).abs().max().item()
     typer.echo(f"  folded vs hooked logits on a probe prompt: max |Δ| = {gap:.2e}")
+    if support != steering.default_support:
+        typer.echo(
+            f"  note: folded with support {support}; generate and eval apply this steering "
+            f"with {steering.default_support} by default, so the two differ (give them "
+            f"--support {support} to see this checkpoint's model)"
+        )
+
+
+def _blocks_of(steering: Steering, model: Any) -> list[int]:
+    """The decoder block numbers a steering of the residual stream acts on."""
+    from actsteer.gguf_vectors import decoder_blocks
+
+    index = {name: i for i, name in enumerate(decoder_blocks(model))}
+    return [index[name] for name in steering.maps]
