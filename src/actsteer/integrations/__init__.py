@@ -1,0 +1,1 @@
+"""Steering inside serving engines: per-request maps in vLLM (`vllm`, with `batch`)."""

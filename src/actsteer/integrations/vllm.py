@@ -1,0 +1,301 @@
+"""The vLLM plugin: actsteer maps applied per request inside vLLM's model runner, no fork.
+
+Three of vLLM's documented extension points, wired by `engine_args` (or the matching
+`vllm serve` flags):
+
+- a `vllm.general_plugins` entry point (`register`) adds the model loader `actsteer`
+  (`load_format="actsteer"`): vLLM's default loader, then one forward hook per steered module
+  and one pre-hook on the model that takes each pass's request boundaries (`query_start_loc`)
+  from vLLM's forward context;
+- the logits processor `RequestSteering` (`logits_processors=[...]`) checks each request's
+  `SamplingParams.extra_args["actsteer"]` when it arrives (a bad one is refused with a clear
+  message, HTTP 400 online) and, in the worker, keeps the batch's steerings in batch order
+  from vLLM's batch updates; it leaves the logits alone;
+- the steerings served come from `ACTSTEER_VLLM_STEERINGS=name=path[,name=path]`, read in
+  every vLLM process.
+
+Module names are the Hugging Face names of the artifact; vLLM keeps them for the norms, the
+output projections and the decoder blocks, whose outputs are taken as the HF module's output:
+a norm called with a residual returns (normed, residual) and `normed` is steered; a linear
+layer returns (output, bias) and `output` is steered; a decoder block returns
+(hidden, residual), whose sum is the residual stream, and it returns (0, steered stream).
+Modules vLLM fuses (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj) are refused at
+start-up. Hooks need eager execution: torch.compile would trace one batch's strengths into
+the graph and CUDA graphs would replay without the hooks, so both are refused
+(`enforce_eager=True`, `--enforce-eager`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import CompilationMode, CUDAGraphMode
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.model_loader import DefaultModelLoader, register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from actsteer.errors import ActSteerError
+from actsteer.integrations.batch import (
+    ARG_KEY,
+    ENV,
+    BatchSteering,
+    Spec,
+    load_table,
+    parse_request,
+    transport,
+)
+from actsteer.maps import AffineMap
+
+LOAD_FORMAT = "actsteer"
+LOGITS_PROCESSOR = "actsteer.integrations.vllm:RequestSteering"
+NORMS = (RMSNorm, GemmaRMSNorm, LayerNorm, nn.LayerNorm, nn.RMSNorm)
+#: HF projections vLLM fuses into one layer, by leaf name.
+FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+_BLOCK = re.compile(r"(?:.*\.)?layers\.\d+")
+#: The batch state of each engine in this process, by vLLM instance id: the logits processor
+#: writes it, the hooks read it.
+_BATCHES: dict[str, BatchSteering] = {}
+
+
+def engine_args(steerings: Mapping[str, str | Path]) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` that serve `steerings` (name → artifact path).
+
+    Sets ACTSTEER_VLLM_STEERINGS in this process's environment (vLLM's processes inherit it)
+    and returns the loader, the logits processor and eager execution.
+    """
+    os.environ[ENV] = ",".join(f"{name}={path}" for name, path in steerings.items())
+    served()  # a bad table fails here, before vLLM starts
+    return {
+        "load_format": LOAD_FORMAT,
+        "logits_processors": [LOGITS_PROCESSOR],
+        "enforce_eager": True,
+    }
+
+
+def served() -> dict[str, Any]:
+    """The steerings this process serves, from ACTSTEER_VLLM_STEERINGS (loaded once)."""
+    return _loaded(os.environ.get(ENV, ""))
+
+
+@lru_cache(maxsize=4)
+def _loaded(text: str) -> dict[str, Any]:
+    return load_table(text)
+
+
+def batch_of(vllm_config: Any) -> BatchSteering:
+    """The batch state of the engine with this config, made on first use."""
+    key = vllm_config.instance_id
+    if key not in _BATCHES:
+        _BATCHES[key] = BatchSteering(served())
+    return _BATCHES[key]
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: makes `load_format="actsteer"` known."""
+    register_model_loader(LOAD_FORMAT)(SteeringLoader)
+
+
+class RequestSteering(LogitsProcessor):
+    """Each request's steerings: checked on arrival, tracked in batch order in the worker."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        value = (sampling_params.extra_args or {}).get(ARG_KEY)
+        if value is not None:
+            try:
+                parse_request(value, served())
+            except ActSteerError as err:
+                raise ValueError(str(err)) from None
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        if vllm_config.load_config.load_format != LOAD_FORMAT:
+            raise ActSteerError(
+                f"the logits processor {LOGITS_PROCESSOR} only tracks requests; the hooks come "
+                f'with load_format="{LOAD_FORMAT}" (--load-format {LOAD_FORMAT}): pass both'
+            )
+        self.batch = batch_of(vllm_config)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+
+        def spec(params: Any, prompt: object, output: object) -> Spec | None:
+            value = (params.extra_args or {}).get(ARG_KEY)
+            return (parse_request(value, self.batch.steerings) or None) if value else None
+
+        process_dict_updates(self.batch.requests, batch_update, spec)
+        self.batch.set_batch(batch_update.batch_size)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+
+class SteeringLoader(BaseModelLoader):
+    """vLLM's default loader, then the hooks of the served steerings on the loaded model."""
+
+    def __init__(self, load_config: Any) -> None:
+        super().__init__(load_config)
+        self.inner = DefaultModelLoader(dataclasses.replace(load_config, load_format="auto"))
+
+    def download_model(self, model_config: Any) -> None:
+        self.inner.download_model(model_config)
+
+    def load_weights(self, model: nn.Module, model_config: Any) -> None:
+        self.inner.load_weights(model, model_config)
+
+    def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> nn.Module:
+        check_engine(vllm_config)
+        model = self.inner.load_model(vllm_config, model_config, prefix)
+        install(model, batch_of(vllm_config), model_config.get_hidden_size())
+        return model
+
+
+def check_engine(vllm_config: Any) -> None:
+    """Refuse engine settings the hooks cannot run under, saying what to change."""
+    compilation = vllm_config.compilation_config
+    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != (
+        CUDAGraphMode.NONE
+    ):
+        raise ActSteerError(
+            "actsteer's hooks need eager execution: torch.compile would trace one batch's "
+            "strengths into the graph and CUDA graphs would replay without the hooks; start "
+            "vLLM with enforce_eager=True (--enforce-eager)"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1 or parallel.use_ubatching:
+        raise ActSteerError(
+            "actsteer's hooks do not support pipeline parallelism or micro-batching; "
+            "use tensor parallelism or one device"
+        )
+    processors = vllm_config.model_config.logits_processors or ()
+    if not any(p == LOGITS_PROCESSOR or p is RequestSteering for p in processors):
+        raise ActSteerError(
+            f"load_format={LOAD_FORMAT!r} needs its logits processor to see the requests: pass "
+            f"logits_processors=[{LOGITS_PROCESSOR!r}] (--logits-processors {LOGITS_PROCESSOR})"
+        )
+
+
+def _width(name: str, module: nn.Module, hidden: int) -> int:
+    """The width of the tensor the HF module of this name outputs, or a clear refusal."""
+    if _BLOCK.fullmatch(name):
+        return hidden
+    if isinstance(module, NORMS):
+        return int(module.weight.shape[-1])
+    if isinstance(module, RowParallelLinear | ReplicatedLinear):
+        return int(module.output_size)
+    fused = isinstance(module, ColumnParallelLinear)
+    kind = "column-parallel (fused) projection" if fused else type(module).__name__
+    raise ActSteerError(
+        f"cannot steer {name!r} in vLLM: it is a {kind}, not a norm, "
+        "an output projection (o_proj, down_proj) or a decoder block"
+    )
+
+
+def mapped_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The vLLM modules of the artifact's HF module names; unmappable ones are refused."""
+    lookup = dict(model.named_modules())
+    found = {}
+    for name in names:
+        module = lookup.get(name)
+        if module is None:
+            leaf = name.rpartition(".")[2]
+            where = f"inside vLLM's fused {FUSED[leaf]}" if leaf in FUSED else "not in the model"
+            raise ActSteerError(
+                f"cannot steer {name!r} in vLLM: it is {where}; steer norms "
+                "(post-attn-ln, layernorms), attn-out, mlp-out or decoder blocks instead"
+            )
+        found[name] = module
+    return found
+
+
+def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
+    """Hook every module the served steerings touch, and the model's per-pass pre-hook."""
+    device = next(model.parameters()).device
+    per_module: dict[str, dict[str, tuple[AffineMap, str]]] = {}
+    for steering_name, steering in batch.steerings.items():
+        modules = mapped_modules(model, list(steering.maps))
+        for name, amap in steering.maps.items():
+            width = _width(name, modules[name], hidden)
+            if width != amap.dim:
+                raise ActSteerError(
+                    f"steering {steering_name!r} has {amap.dim} units for {name!r}, whose "
+                    f"output in this model has {width}: it was fitted on another model"
+                )
+            placed = AffineMap(
+                amap.omega.to(device),
+                amap.beta.to(device),
+                {k: (lo.to(device), hi.to(device)) for k, (lo, hi) in amap.bounds.items()},
+            )
+            per_module.setdefault(name, {})[steering_name] = (placed, steering.default_support)
+    lookup = dict(model.named_modules())
+    for name, maps in per_module.items():
+        hook = ModuleSteering(batch, maps, stream=bool(_BLOCK.fullmatch(name)))
+        lookup[name].register_forward_hook(hook)
+    model.register_forward_pre_hook(PassStart(batch))
+
+
+class PassStart:
+    """Model pre-hook: hand this pass's request boundaries to the batch state."""
+
+    def __init__(self, batch: BatchSteering) -> None:
+        self.batch = batch
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        if not self.batch.stages:
+            return
+        metadata = get_forward_context().attn_metadata
+        first = next(iter(metadata.values()), None) if isinstance(metadata, dict) else None
+        self.batch.begin_pass(None if first is None else first.query_start_loc)
+
+
+class ModuleSteering:
+    """Forward hook of one module: each stage's map at its per-token λ (AffineMap's formula),
+    in stage order, on the tensor the HF module outputs."""
+
+    def __init__(
+        self, batch: BatchSteering, maps: dict[str, tuple[AffineMap, str]], stream: bool
+    ) -> None:
+        self.batch = batch
+        self.maps = maps
+        self.stream = stream  # a decoder block: (hidden, residual) sum to the residual stream
+
+    def __call__(self, module: nn.Module, args: object, output: Any) -> Any:
+        if not self.batch.stages:
+            return None
+        pair = isinstance(output, tuple)
+        a = output[0] + output[1] if self.stream and pair else output[0] if pair else output
+        stages = self.batch.token_stages(a.shape[0])
+        if not stages:
+            return None
+        for steering_name, lam in stages:
+            entry = self.maps.get(steering_name)
+            if entry is not None:
+                a = transport(entry[0], a, lam, entry[1])
+        if self.stream and pair:
+            return (torch.zeros_like(a), a)
+        return (a, *output[1:]) if pair else a
