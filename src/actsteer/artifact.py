@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap
+from actsteer.outputs import written_file
 from actsteer.version import __version__
 
 FORMAT_VERSION = 1
@@ -45,7 +46,8 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write_steering(maps: dict[str, AffineMap], info: dict[str, Any], path: str | Path) -> Path:
-    """Write maps and their JSON description to `path` (.safetensors); returns the path."""
+    """Write maps and their JSON description to `path` (.safetensors), replacing it in one
+    step, with the user's usual permissions; returns the path."""
     path = Path(path)
     tensors = _tensors(maps)
     header = {
@@ -56,8 +58,8 @@ def write_steering(maps: dict[str, AffineMap], info: dict[str, Any], path: str |
         "supports": sorted(next(iter(maps.values())).bounds) if maps else [],
         "checksum": _checksum(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={_KEY: json.dumps(header)})
+    with written_file(path) as scratch:  # never a half-written file at `path`
+        save_file(tensors, str(scratch), metadata={_KEY: json.dumps(header)})
     return path
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,8 +15,9 @@ from actsteer.choices import CALIBRATION_PASSAGES as PASSAGES
 from actsteer.choices import PERPLEXITY_TOKENS as OFFSET
 from actsteer.choices import PERPLEXITY_WINDOW as PASSAGE_TOKENS
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, read_texts, status
-from actsteer.cli.options import ModelOption, SupportOption
+from actsteer.cli.options import ForceOption, ModelOption, SupportOption
 from actsteer.errors import ActSteerError
+from actsteer.outputs import check_output, written_file
 
 if TYPE_CHECKING:
     from actsteer.calibration import CalibrationResult, ModulesCalibration
@@ -41,21 +40,6 @@ def curve_table(result: CalibrationResult, title: str) -> Table:
         row.append(f"{mark}  ← chosen" if point.strength == result.strength else mark)
         table.add_row(*row)
     return table
-
-
-def write_atomically(steering: Steering, path: Path) -> Path:
-    """Save to a temporary file beside `path`, then rename it over `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors"
-    )
-    os.close(handle)
-    try:
-        steering.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return path
 
 
 def _budget(budget_ppl: float | None, budget_kl: float | None) -> tuple[str, float]:
@@ -242,6 +226,7 @@ def calibrate_command(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the curve as JSON.", metavar="FILE")
     ] = None,
+    force: ForceOption = False,
     modules_candidates: Annotated[
         str | None,
         typer.Option(
@@ -300,6 +285,10 @@ def calibrate_command(
     out = _output(steering_path, output, in_place)
     if json_out is not None and json_out.suffix.lower() != ".json":
         raise ActSteerError(f"--json should end in .json, got {json_out}")
+    if out is not None and not in_place:
+        check_output(out, force)
+    if json_out is not None:
+        check_output(json_out, force, "--json")
     steering = Steering.load(steering_path)
     texts = read_texts(prompts, "prompts") if prompts is not None else None
     candidates = _candidates(modules_candidates, source, target, held_out_source, held_out_target)
@@ -333,15 +322,15 @@ def calibrate_command(
         f"{result.seconds:.1f} s"
     )
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         content: dict[str, Any] = {"format": "actsteer-calibration/1"}
         content.update(steering=str(steering_path), model=model, **result.to_json())
         if chosen is not None:
             content["modules_candidates"] = _candidates_json(chosen)
-        json_out.write_text(json.dumps(jsonable(content), indent=1), encoding="utf-8")
+        with written_file(json_out) as scratch:
+            scratch.write_text(json.dumps(jsonable(content), indent=1), encoding="utf-8")
         typer.echo(f"Wrote the curve to {json_out}")
     if out is None:
         typer.echo("Not saved: pass -o OUT.safetensors, or --in-place to update STEERING.")
         return
-    path = write_atomically(result.steering, out)
+    path = result.steering.save(out)  # atomic: written beside, then renamed over
     typer.echo(f"Saved {path} (default strength λ = {result.strength:.4g})")

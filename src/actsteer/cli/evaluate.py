@@ -12,8 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, status
-from actsteer.cli.options import ModelOption, StrengthOption, SupportOption
+from actsteer.cli.options import ForceOption, ModelOption, StrengthOption, SupportOption
 from actsteer.errors import ActSteerError
+from actsteer.outputs import check_output, written_file
 
 if TYPE_CHECKING:
     from actsteer.steering import Steering
@@ -88,6 +89,7 @@ def eval_(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Also write the results as JSON.")
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Evaluate TASK (toxicity, perplexity, truthfulqa, mmlu, concept) at one or more λ.
 
@@ -102,6 +104,8 @@ def eval_(
     from actsteer.strengths import parse_strength_specs, resolve_strengths
 
     spec = get_task(task)
+    if out is not None:
+        check_output(out, force)
     options = parse_task_options(settings or [], [task])[task]
     if data is not None:
         options["data"] = data
@@ -139,8 +143,8 @@ def eval_(
                 for r in results
             ],
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(jsonable(content), indent=1), encoding="utf-8")
+        with written_file(out) as scratch:
+            scratch.write_text(json.dumps(jsonable(content), indent=1), encoding="utf-8")
         typer.echo(f"Wrote results to {out}")
 
 

@@ -10,6 +10,7 @@ import typer
 from actsteer.choices import GUIDANCE_MODES
 from actsteer.cli.core import IMAGE_PANEL, app, check_choice, status
 from actsteer.cli.options import (
+    ForceOption,
     GuidanceScaleOption,
     SizeOption,
     StepsOption,
@@ -17,6 +18,7 @@ from actsteer.cli.options import (
     SupportOption,
 )
 from actsteer.errors import ActSteerError
+from actsteer.outputs import check_output, written_file
 
 
 @app.command("generate-image", rich_help_panel=IMAGE_PANEL)
@@ -46,6 +48,7 @@ def generate_image(
         str | None,
         typer.Option("--cfg", hidden=True, help="Deprecated: the old name of --guidance."),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Render a labelled PNG grid: rows are prompts, columns strengths λ (one pipeline call).
 
@@ -61,6 +64,7 @@ def generate_image(
     check_choice(guidance, GUIDANCE_MODES, "--guidance" if cfg is None else "--cfg")
     if output.suffix.lower() != ".png":
         raise ActSteerError(f"--output should end in .png, got {output}")
+    check_output(output, force)
     steering = Steering.load(steering_path) if steering_path is not None else None
     strengths = resolve_strengths(
         steering,
@@ -76,6 +80,6 @@ def generate_image(
         pipe, prompts, strengths, steering, support=support, steps=steps,
         guidance_scale=guidance_scale, seed=seed, guidance=guidance, **extra,
     )  # fmt: skip
-    output.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, prompts, strengths).save(output)
+    with written_file(output) as scratch:
+        image_grid(images, prompts, strengths).save(scratch)
     typer.echo(f"Saved {len(prompts)}×{len(strengths)} grid to {output}")

@@ -24,6 +24,7 @@ from actsteer.cli.core import (
     status,
 )
 from actsteer.cli.options import (
+    ForceOption,
     GuidanceScaleOption,
     MaxLengthOption,
     MaxNewTokensOption,
@@ -35,6 +36,7 @@ from actsteer.cli.options import (
 from actsteer.errors import ActSteerError
 from actsteer.families import presets_help
 from actsteer.methods import METHODS, get_method
+from actsteer.outputs import check_output
 
 if TYPE_CHECKING:
     from actsteer.steering import Steering
@@ -189,6 +191,7 @@ def fit(
             metavar="S",
         ),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
     from actsteer.diffusion import load_pipeline
@@ -200,6 +203,7 @@ def fit(
     check_choice(pooling, POOLINGS, "--pooling")
     if output.suffix != ".safetensors":
         raise ActSteerError(f"--output should end in .safetensors, got {output}")
+    check_output(output, force)  # before fitting: a refused or failed fit leaves it untouched
     source_texts = read_texts(source, "source")
     target_texts = read_texts(target, "target")
     data = {"source_file": str(source), "target_file": str(target)}

@@ -53,6 +53,13 @@ StrengthOption = Annotated[
     ),
 ]
 
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace an existing output (default: refuse it). Writes are atomic."
+    ),
+]
+
 MaxNewTokensOption = Annotated[int, typer.Option(help="Tokens to generate per row.", min=1)]
 
 MaxLengthOption = Annotated[int, typer.Option(help="Tokens kept per text.", min=1)]
