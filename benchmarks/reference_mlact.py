@@ -18,6 +18,7 @@ Settings given to ml-act's config (all through config keys its code reads):
   model.seq_len          tokenizer.model_max_length, the truncation length (128, as actsteer)
   model.module_names     the regex of the 60 norm outputs
   task_params.dataset    "json-subsets" with the texts as {"toxic": [...], "non-toxic": [...]}
+  responses.balanced_data, responses.shuffle   false: batches in the file's order
   device cpu, dtype float32, responses.num_workers 0, batch size, data/cache dirs
 
 Output: safetensors with `<module>.omega`, `<module>.beta` (LinearProj w1, b1), `<module>.lo`,
@@ -77,6 +78,10 @@ def main() -> None:
         cfg.task_params.dataset = "json-subsets"
         cfg.task_params.dataset_params = {"json_path": str(args.texts.resolve())}
         cfg.responses.num_workers = 0
+        # The texts in the file's order (sorted by length: little padding), not ml-act's
+        # stratified shuffle; every text of both subsets is used either way (equal counts).
+        cfg.responses.balanced_data = False
+        cfg.responses.shuffle = False
     params = cfg.interventions.intervention_params
     print(
         "ml-act intervention_params:",
