@@ -134,7 +134,7 @@ def test_what_llama_cpp_cannot_express_is_refused(
 ):
     out = tmp_path / "v.gguf"
     linear = actsteer.fit(
-        tiny_llama, tokenizer, neutral[:12], football[:12], modules=r"model\.layers\.[12]",
+        tiny_llama, tokenizer, neutral[:32], football[:32], modules=r"model\.layers\.[12]",
         method="linear-act", progress=False,
     )  # fmt: skip
     norms = additive(tiny_llama)
@@ -167,8 +167,19 @@ def test_cli_exports_a_control_vector(tiny_llama, tokenizer, monkeypatch, tmp_pa
     torch.testing.assert_close(
         read.maps["model.layers.2"].beta, 0.25 * steering.maps["model.layers.2"].beta
     )
-    refused = CliRunner().invoke(cli.app, [*args, "--support", "q0-100", "-o", str(out)])
+    again = CliRunner().invoke(cli.app, [*args, "-o", str(out)])
+    assert again.exit_code != 0 and "exists" in again.stderr
+    assert (
+        actsteer.Steering.from_gguf(out, tiny_llama)
+        .maps["model.layers.2"]
+        .beta.equal(read.maps["model.layers.2"].beta)
+    )  # the refused export left the file as it was
+    forced = CliRunner().invoke(cli.app, [*args, "-o", str(out), "--force", "-s", "1"])
+    assert forced.exit_code == 0, forced.output
+    assert actsteer.Steering.from_gguf(out, tiny_llama).info.data["actsteer"]["strength"] == "1"
+    bounded = tmp_path / "bounded.gguf"
+    refused = CliRunner().invoke(cli.app, [*args, "--support", "q0-100", "-o", str(bounded)])
     assert refused.exit_code != 0 and "moves only activations inside" in refused.stderr
-    assert "Traceback" not in refused.output
+    assert "Traceback" not in refused.output and not bounded.exists()
     unknown = CliRunner().invoke(cli.app, [*args[:3], "--format", "onnx", "-o", str(out)])
     assert unknown.exit_code != 0 and "--format" in unknown.stderr

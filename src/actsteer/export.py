@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from actsteer.gguf_vectors import write_control_vector
-from actsteer.outputs import check_output, written_folder
+from actsteer.outputs import check_output, written_file, written_folder
 from actsteer.steering import Steering
 from actsteer.version import __version__
 
@@ -61,10 +61,14 @@ def export_control_vector(
     path: str | Path,
     strength: float = 1.0,
     support: str = "all",
+    force: bool = False,
 ) -> Path:
     """Write the steering at `strength` as a llama.cpp control vector: λ·β of block k as tensor
     direction.k (see `actsteer.gguf_vectors`). Steerings llama.cpp cannot express (ω ≠ 1, a
-    bounded support, modules other than decoder blocks, block 0) are refused, saying why."""
+    bounded support, modules other than decoder blocks, block 0) are refused, saying why; an
+    existing file is refused unless `force`, and replaced only once the new one is complete."""
+    path = Path(path)
+    check_output(path, force, "control vector file")
     steering.check_strength(strength)
     steering.check_compatible(model)
     provenance = {
@@ -73,4 +77,6 @@ def export_control_vector(
         "model": steering.info.model_name,
         "version": __version__,
     }
-    return write_control_vector(steering.maps, model, path, strength, support, provenance)
+    with written_file(path) as scratch:
+        write_control_vector(steering.maps, model, scratch, strength, support, provenance)
+    return path

@@ -201,7 +201,7 @@ def export(
     if export_format == "gguf":
         from actsteer.export import export_control_vector
 
-        export_control_vector(steering, lm, output, lam, support or "all")
+        export_control_vector(steering, lm, output, lam, support or "all", force=force)
         blocks = ", ".join(f"direction.{b}" for b in _blocks_of(steering, lm))
         typer.echo(f"Saved the control vector (λ = {lam:g}) to {output}: {blocks}")
         return
