@@ -1,6 +1,7 @@
 """The `actsteer` command line, one module per topic, all on one Typer app (`core.app`):
 
     lm        fit, generate, demo, methods
+    serve     serve (the OpenAI API with per-request steering)
     image     generate-image
     evaluate  eval, sweep, plot
     calibrate calibrate
@@ -14,7 +15,7 @@ strengths follow one grammar (actsteer.strengths) and the model to load one rule
 from __future__ import annotations
 
 # Imported in the order of --help's panels: language models, images, files, evaluation.
-from actsteer.cli import core, lm
+from actsteer.cli import core, lm, serve
 
 # isort: split
 from actsteer.cli import image, inspect
@@ -36,6 +37,7 @@ __all__ = [
     "lm",
     "main",
     "normalise_argv",
+    "serve",
 ]
 
 

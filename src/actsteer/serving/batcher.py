@@ -1,0 +1,271 @@
+"""The batching engine: one thread owns the model, admits waiting requests into the running
+batch between decode steps (continuous batching), applies every row's steerings with per-row
+λ, and hands each request its text as it is generated.
+
+A new request's prompt pass runs alone; it then joins the decode batch at the next step, and
+leaves it when it finishes or its client goes away. Rows that do not use a steering get λ = 0
+for it, where the map is the identity bit for bit; a steering no row uses is not attached.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from actsteer.errors import ActSteerError
+from actsteer.hooks import SteeringHandle
+from actsteer.kernels import fused_kernel
+from actsteer.serving.batch import DecodeBatch
+from actsteer.serving.decoding import Sampler, TextOutput
+from actsteer.serving.invariance import row_quantum, use_row_attention
+from actsteer.steering import Steering
+
+#: A steering slot: (steering name, support); one attachment of that steering's hooks.
+Slot = tuple[str, str]
+
+
+class Overloaded(ActSteerError):
+    """Every slot and queue place is taken."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request receives: new text, then a finish reason (or an error)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request as the engine sees it. steering: (name, support, λ) in composition order;
+    emit: called from the engine thread with each Event; cancelled: set when the client left."""
+
+    prompt: list[int]
+    sampler: Sampler
+    text: TextOutput
+    emit: Callable[[Event], None]
+    steering: list[tuple[str, str, float]] = field(default_factory=list)
+    cancelled: bool = False
+    last: int = -1  # the row's latest token
+    done: bool = False
+
+    @property
+    def slots(self) -> list[Slot]:
+        return [(name, support) for name, support, _ in self.steering]
+
+
+def embed(order: Sequence[Slot], slots: Sequence[Slot]) -> list[int] | None:
+    """Where `slots` occur in `order`, in sequence (leftmost match), or None."""
+    found, start = [], 0
+    for slot in slots:
+        try:
+            start = order.index(slot, start) + 1
+        except ValueError:
+            return None
+        found.append(start - 1)
+    return found
+
+
+def extend(order: list[Slot], slots: Sequence[Slot]) -> list[Slot]:
+    """`order` with the fewest slots inserted so that `slots` occurs in it in sequence."""
+    order, start = list(order), 0
+    for slot in slots:
+        try:
+            start = order.index(slot, start) + 1
+        except ValueError:
+            order.insert(start, slot)
+            start += 1
+    return order
+
+
+class Engine:
+    """Serve generation requests on `model` with the named steerings (checked against it here).
+
+    At most `max_batch` requests decode together and `max_queue` more wait; `submit` refuses
+    beyond that (Overloaded). The model is switched to the per-row attention while the engine
+    runs (see `invariance`); `close` switches it back.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steerings: dict[str, Steering],
+        max_batch: int = 16,
+        max_queue: int = 64,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ActSteerError(
+                f"max_batch must be ≥ 1 and max_queue ≥ 0, got {max_batch}, {max_queue}"
+            )
+        for name, steering in steerings.items():
+            try:
+                steering.check_compatible(model)
+            except ActSteerError as err:
+                raise ActSteerError(f"steering {name!r}: {err}") from None
+        param = next(model.parameters())
+        if steerings and param.device.type == "cpu":
+            fused_kernel()  # built now (once per machine) rather than on the first request
+        self.model = model
+        self.steerings = steerings
+        self.max_batch, self.max_queue = max_batch, max_queue
+        config: Any = model.config
+        self.attention_before = use_row_attention(model)
+        hidden = getattr(config, "text_config", config).hidden_size
+        self.batch = DecodeBatch(model, row_quantum(hidden, param.device, param.dtype))
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []  # in the decode batch, in its row order
+        self.admitting: list[Job] = []  # taken from the queue, prompt pass not yet run
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.peak = 0  # the most rows decoded together so far
+        self.order: list[Slot] = []
+        self.handles: list[SteeringHandle] = []
+        self.strengths: list[list[float]] = []
+        self.thread = threading.Thread(target=self._loop, name="actsteer-engine", daemon=True)
+        self.thread.start()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests; those in their prompt pass count as running."""
+        with self.wake:
+            return len(self.running) + len(self.admitting), len(self.waiting)
+
+    def submit(self, job: Job) -> None:
+        """Queue a request, or raise Overloaded when every place is taken."""
+        with self.wake:
+            if self.stopping:
+                raise Overloaded("the server is shutting down; retry on another server")
+            running = len(self.running) + len(self.admitting)
+            if running + len(self.waiting) >= self.max_batch + self.max_queue:
+                raise Overloaded(
+                    f"the server is busy ({running} requests running, {len(self.waiting)} "
+                    "waiting); retry later"
+                )
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def close(self) -> None:
+        """Stop: requests still waiting or running get an error event; the model is restored."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    # ---- the engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.stopping or self.waiting or self.running):
+                    self.wake.wait()
+                if self.stopping:
+                    break
+                room = self.max_batch - len(self.running)
+                self.admitting = [
+                    self.waiting.popleft() for _ in range(min(room, len(self.waiting)))
+                ]
+            try:
+                with torch.inference_mode():
+                    while self.admitting:
+                        self._prompt_pass(self.admitting[0])
+                    self._drop_done()
+                    if self.running:
+                        self._step()
+                        self._drop_done()
+            except Exception as err:  # a failed step ends its batch's requests, not the server
+                self._fail([*self.running, *self.admitting], f"generation failed: {err}")
+                self.batch.keep([])
+                with self.wake:
+                    self.running, self.admitting = [], []
+                self._detach()
+        self._fail([*self.waiting, *self.running], "the server is shutting down")
+        self._detach()
+        self.model.set_attn_implementation(self.attention_before)  # type: ignore[operator]
+
+    def _prompt_pass(self, job: Job) -> None:
+        """Run a new request's prompt alone; it joins the batch with its first token."""
+        if not job.cancelled:
+            self._steer([job], 0)
+            logits, cache = self.batch.prompt_pass(job.prompt)
+            self.batch.add(cache, len(job.prompt))
+            self._next(job, logits)
+        with self.wake:
+            self.admitting.remove(job)
+            if not job.cancelled:
+                self.running.append(job)
+
+    def _step(self) -> None:
+        fill = self.batch.slots - len(self.running)
+        self.peak = max(self.peak, len(self.running))
+        self._steer(self.running, fill)
+        logits = self.batch.step([job.last for job in self.running])
+        for job, row in zip(self.running, logits, strict=True):
+            self._next(job, row)
+
+    def _next(self, job: Job, logits: torch.Tensor) -> None:
+        """Choose the row's next token and send the request its text."""
+        token = job.sampler(logits)
+        text, reason = job.text.add(token)
+        job.last = token
+        job.done = reason is not None
+        if text or reason:
+            job.emit(Event(text, reason, job.text.count))
+
+    def _drop_done(self) -> None:
+        """Remove finished and abandoned rows from the batch: their places free up."""
+        keep = [i for i, job in enumerate(self.running) if not (job.done or job.cancelled)]
+        if len(keep) == len(self.running):
+            return
+        self.batch.keep(keep)
+        with self.wake:
+            self.running = [self.running[i] for i in keep]
+        if not self.running:
+            self._detach()
+
+    def _steer(self, jobs: list[Job], fill: int) -> None:
+        """Hooks for these rows (and `fill` copies of the first): each steering slot attached
+        once, in an order every row's composition occurs in, with a per-row λ (0 where a row
+        does not use it; no hooks where no row does)."""
+        order = self.order
+        for job in jobs:
+            if embed(order, job.slots) is None:
+                order = extend(order, job.slots)
+        if order != self.order:
+            self._detach()
+            self.order = order
+            # each slot its own copy: one steering may sit in several (supports, orders)
+            self.handles = []
+            for name, support in order:
+                steering = self.steerings[name]
+                copy = replace(steering, maps=dict(steering.maps))
+                self.handles.append(copy.attach(self.model, 0.0, support))
+        strengths = [[0.0] * (len(jobs) + fill) for _ in order]
+        for row, job in enumerate(jobs + jobs[:1] * fill):
+            slots = embed(order, job.slots) or []
+            for slot, (_, _, lam) in zip(slots, job.steering, strict=True):
+                strengths[slot][row] = lam
+        if strengths == self.strengths:
+            return
+        for handle, lams in zip(self.handles, strengths, strict=True):  # in order, every time
+            handle.set_strength(torch.tensor(lams) if any(lams) else 0.0)
+        self.strengths = strengths
+
+    def _detach(self) -> None:
+        """Remove every steering hook and forget the slot order."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.strengths, self.order = [], [], []
+
+    @staticmethod
+    def _fail(jobs: Sequence[Job], message: str) -> None:
+        for job in jobs:
+            if not (job.cancelled or job.done):
+                job.emit(Event(error=message))

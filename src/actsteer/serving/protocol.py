@@ -1,0 +1,187 @@
+"""The OpenAI request bodies the server accepts, and their checks beyond types: every problem
+is a `RequestError` (an HTTP status and OpenAI's error shape) whose message says what to fix.
+
+Beyond OpenAI's fields a body may carry `steering` (loaded name → λ, null for the artifact's
+default strength; several compose in the given order) and `support`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from actsteer.choices import SUPPORTS
+from actsteer.errors import ActSteerError
+from actsteer.steering import Steering
+
+
+class RequestError(Exception):
+    """An error answered to the client: status, message, OpenAI error type and param."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+    @property
+    def kind(self) -> str:
+        return {401: "authentication_error", 404: "invalid_request_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+
+    def body(self) -> dict[str, Any]:
+        code = {401: "invalid_api_key", 404: "model_not_found", 503: "server_overloaded"}
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.kind,
+                "param": self.param,
+                "code": code.get(self.status),
+            }
+        }
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Common(BaseModel):
+    """The fields completions and chat share."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    steering: dict[str, float | None] | None = None
+    support: str | None = None
+    # accepted at their defaults only
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+
+
+class CompletionBody(Common):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatBody(Common):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+#: Fields accepted only at their defaults (unset, 0, false or empty).
+UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "echo", "suffix")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows: the model's context, the most tokens one request may ask."""
+
+    context: int
+    max_tokens: int
+
+
+def check_common(body: Common) -> None:
+    """Refuse what the server does not do (n > 1, penalties, logprobs, …)."""
+    if body.n != 1:
+        raise RequestError(f"n={body.n} is not supported; ask for one choice (n=1)", param="n")
+    best_of = getattr(body, "best_of", None)
+    if best_of not in (None, 1):
+        raise RequestError("best_of is not supported; leave it out", param="best_of")
+    for name in UNSUPPORTED:
+        if getattr(body, name, None):
+            raise RequestError(f"{name} is not supported by this server; leave it out", param=name)
+
+
+def stop_strings(body: Common) -> list[str]:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise RequestError(f"give at most 4 stop sequences, got {len(stop)}", param="stop")
+    return stop
+
+
+def token_budget(body: Common, requested: int | None, prompt_tokens: int, limits: Limits) -> int:
+    """max_tokens, checked: ≥ 1, ≤ the server's limit, prompt + it within the context."""
+    if prompt_tokens >= limits.context:
+        raise RequestError(
+            f"the prompt has {prompt_tokens} tokens but the model's context is {limits.context}; "
+            "shorten the prompt",
+            param="prompt" if isinstance(body, CompletionBody) else "messages",
+        )
+    room = limits.context - prompt_tokens
+    if requested is None:
+        return min(16 if isinstance(body, CompletionBody) else limits.max_tokens, room)
+    if requested <= 0:
+        raise RequestError(f"max_tokens must be ≥ 1, got {requested}", param="max_tokens")
+    if requested > limits.max_tokens:
+        raise RequestError(
+            f"max_tokens={requested} is over this server's limit of {limits.max_tokens}",
+            param="max_tokens",
+        )
+    if requested > room:
+        raise RequestError(
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {requested}, more than the "
+            f"model's context of {limits.context}; ask for at most {room} tokens",
+            param="max_tokens",
+        )
+    return requested
+
+
+def resolve_steering(body: Common, steerings: dict[str, Steering]) -> list[tuple[str, str, float]]:
+    """The request's steerings as (name, support, λ) in the given order, each checked: a loaded
+    name, a λ in its method's range (null: its default strength), a support it has."""
+    if body.support is not None and body.support not in SUPPORTS:
+        raise RequestError(
+            f"unknown support {body.support!r}; choose one of {', '.join(SUPPORTS)}",
+            param="support",
+        )
+    if body.support is not None and not body.steering:
+        raise RequestError("a support needs a steering; add the field steering", param="support")
+    resolved = []
+    for name, strength in (body.steering or {}).items():
+        steering = steerings.get(name)
+        if steering is None:
+            loaded = ", ".join(steerings) or "none"
+            raise RequestError(
+                f"unknown steering {name!r}; loaded steerings: {loaded}", param="steering"
+            )
+        lam = steering.info.default_strength if strength is None else float(strength)
+        support = body.support or steering.default_support
+        try:
+            steering.check_strength(lam)
+            for amap in steering.maps.values():
+                amap.support(support)
+        except ActSteerError as err:
+            raise RequestError(f"steering {name!r}: {err}", param="steering") from None
+        resolved.append((name, support, lam))
+    return resolved
