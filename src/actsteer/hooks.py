@@ -17,15 +17,13 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS
 from actsteer.errors import ActSteerError
+from actsteer.guards import enter, guard_of, leave, warn_far_strength
 from actsteer.guidance import Guidance
 from actsteer.kernels import fused_kernel
 from actsteer.maps import AffineMap
 from actsteer.tree import DENOISERS, PipelineModules, is_pipeline, module_tree, stream_index
 
 Strength = float | torch.Tensor
-#: Token positions a steering acts on (choices.POSITIONS): every token, only the prompt's (the
-#: pass with nothing cached yet), only generated tokens (passes that extend a KV cache), or each
-#: pass's last token.
 #: Modules whose forward returns a new tensor no one else holds: a hook that sees it first may
 #: overwrite it (exact types: a subclass may return something it keeps).
 FRESH_OUTPUT = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -280,7 +278,13 @@ class SteeringHandle:
         self.modules = {name: lookup[name] for name in steering.maps}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_hooks: dict[str, object] = {}  # what is registered on each module
-        self.set_strength(strength)
+        self.strength = torch.zeros(())
+        enter(self, tree)  # refuses the same steering applied twice
+        try:
+            self.set_strength(strength)
+        except BaseException:
+            leave(self, tree)
+            raise
 
     def set_strength(self, strength: Strength) -> None:
         """Change λ. A scalar λ = 0 removes the hooks, so outputs are the untouched model's."""
@@ -289,8 +293,11 @@ class SteeringHandle:
         if lam.ndim > 1:
             raise ActSteerError(f"strength must be a number or a (batch,) tensor, got {lam.shape}")
         self._unhook()
+        self.strength = lam
         if lam.ndim == 0 and lam.item() == 0.0:
+            guard_of(self.model).update()
             return
+        warn_far_strength(self.steering.maps, lam)
         if self.phase is not None:
             self.handles.append(
                 self.model.register_forward_pre_hook(self.phase, with_kwargs=True, prepend=True)
@@ -302,6 +309,7 @@ class SteeringHandle:
             first = not (module._forward_hooks or _global_forward_hooks)
             self.forward_hooks[name] = hook.set_strength(lam, first_hook=first)
             self.handles.append(module.register_forward_hook(self.forward_hooks[name]))
+        guard_of(self.model).update()  # one check of the model's output per forward
 
     def _unhook(self) -> None:
         for handle in self.handles:
@@ -312,3 +320,4 @@ class SteeringHandle:
     def remove(self) -> None:
         """Detach every hook: the model is exactly the untouched model again."""
         self._unhook()
+        leave(self, self.model)

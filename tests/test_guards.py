@@ -1,0 +1,114 @@
+"""Run-time guards: non-finite outputs are a clear error naming the module and λ, a λ far beyond
+the fit data warns, the same steering applied twice is refused; none of them runs per module."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import actsteer
+from actsteer import cli
+from actsteer.errors import ActSteerError
+
+
+@pytest.fixture(scope="module")
+def actadd(tiny_llama, tokenizer, neutral, football):
+    return actsteer.fit(
+        tiny_llama, tokenizer, neutral[:8], football[:8], method="actadd", progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def linear(tiny_llama, tokenizer, neutral, football):
+    return actsteer.fit(tiny_llama, tokenizer, neutral[:8], football[:8], progress=False)
+
+
+def prompt(tokenizer):
+    return tokenizer(["The weather today is"], return_tensors="pt")
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_huge_strength_is_a_clear_error_naming_module_and_strength(
+    actadd, tiny_llama, tokenizer, sample
+):
+    inputs = prompt(tokenizer)
+    with pytest.raises(ActSteerError) as caught, actadd.applied(tiny_llama, 1e38):
+        tiny_llama.generate(**inputs, max_new_tokens=3, do_sample=sample)
+    message = str(caught.value)
+    assert "non-finite" in message and "λ = 1e+38" in message and "lower the strength" in message
+    assert "'model.layers." in message  # the module, by name
+    assert not tiny_llama._forward_hooks, "the output check went with the hooks"
+    with torch.no_grad():
+        assert torch.isfinite(tiny_llama(**inputs).logits).all()
+
+
+def test_per_row_strengths_are_named_too(actadd, tiny_llama, tokenizer):
+    inputs = tokenizer(["a b c", "a b c"], return_tensors="pt")
+    lam = torch.tensor([1.0, 1e38])
+    with (
+        pytest.raises(ActSteerError, match=r"λ = \[1, 1e\+38\]"),
+        actadd.applied(tiny_llama, lam),
+        torch.no_grad(),
+    ):
+        tiny_llama(**inputs)
+
+
+def test_a_strength_far_beyond_the_fit_data_warns(actadd, linear, tiny_llama, tokenizer):
+    inputs = prompt(tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for steering, lam in ((actadd, 1.0), (linear, 1.0)):
+            with steering.applied(tiny_llama, lam), torch.no_grad():
+                tiny_llama(**inputs)
+    far = r"λ = 100 shifts activations of 'model\.layers\."
+    with pytest.warns(UserWarning, match=far), actadd.applied(tiny_llama, 100.0), torch.no_grad():
+        tiny_llama(**inputs)
+
+
+def test_the_output_check_is_one_hook_on_the_model_only_while_steered(actadd, linear, tiny_llama):
+    assert not tiny_llama._forward_hooks
+    with actsteer.steered(tiny_llama, (actadd, 1.0), (linear, 0.5)):
+        assert len(tiny_llama._forward_hooks) == 1, "one check, whatever the steerings"
+    with actadd.applied(tiny_llama, 0.0):
+        assert not tiny_llama._forward_hooks, "λ = 0 is the untouched model: no hook at all"
+    assert not tiny_llama._forward_hooks
+
+
+def test_the_same_steering_twice_on_one_model_is_refused(actadd, linear, tiny_llama):
+    other = copy.deepcopy(tiny_llama)
+    with actadd.applied(tiny_llama, 1.0) as handle:
+        with (
+            pytest.raises(ActSteerError, match="already applied to this model"),
+            actadd.applied(tiny_llama, 0.5),
+        ):
+            pass
+        with pytest.raises(ActSteerError, match="set_strength"):
+            actadd.attach(tiny_llama, 0.5)
+        with pytest.raises(ActSteerError, match="already applied"):
+            actadd.extrapolated(3.0).attach(tiny_llama, 0.5)  # the same maps
+        handle.set_strength(2.0)  # the way to change it
+        with actadd.applied(other, 1.0):  # another model is fine
+            pass
+    with pytest.raises(ActSteerError, match="outside"):
+        linear.attach(tiny_llama, 3.0)  # a refused strength leaves nothing registered
+    with linear.applied(tiny_llama, 0.5), actadd.applied(tiny_llama, 1.0):
+        pass
+
+
+def test_cli_generate_at_a_huge_strength_says_so_in_one_line(
+    actadd, tiny_llama, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    path = actadd.save(tmp_path / "a.safetensors")
+    result = CliRunner().invoke(
+        cli.app,
+        ["generate", "--steering", str(path), "-s", "1e38", "--sample", "--max-new-tokens", "3"]
+        + ["--", "Hello"],
+    )
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: steering made activations non-finite") and "1e+38" in last
