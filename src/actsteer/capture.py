@@ -8,6 +8,7 @@ runs batched forward passes with hooks; padding never reaches the statistics.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, cast
@@ -204,6 +205,21 @@ def check_texts(texts: Sequence[str], what: str, minimum: int = 2) -> list[str]:
             "estimate a distribution (a few dozen or more give stable maps)"
         )
     return texts
+
+
+def warn_truncated(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, what: str
+) -> None:
+    """Warn, with a count, when texts are longer than `max_length` tokens (they are cut)."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), verbose=False)["input_ids"]]
+    cut = [n for n in lengths if n > max_length]
+    if cut:
+        warnings.warn(
+            f"actsteer: {len(cut)} of {len(texts)} {what} texts are longer than max_length = "
+            f"{max_length} tokens (the longest {max(cut)}) and are cut to it; raise max_length "
+            "(CLI: --max-length) to keep them whole",
+            stacklevel=3,
+        )
 
 
 @contextmanager

@@ -7,13 +7,14 @@ and the description are shared.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
-from actsteer.capture import check_texts, record, resolve_modules, sample_cap
+from actsteer.capture import check_texts, record, resolve_modules, sample_cap, warn_truncated
 from actsteer.choices import MODES, SUPPORTS
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import DENOISING, record_pipeline
@@ -109,6 +110,10 @@ def fit(
         raise ActSteerError("fit needs the model's tokenizer: fit(model, tokenizer, source=...)")
     source = check_texts(source, "source", estimator.min_samples)
     target = check_texts(target, "target", estimator.min_samples)
+    units = getattr(getattr(model, "config", None), "hidden_size", 0)
+    little = estimator.small_data(len(source), len(target), units)
+    if little:
+        warnings.warn(f"actsteer: little data for {method}: {little}", stacklevel=2)
     info = SteeringInfo(
         method=method,
         mode="end-to-end" if settings is not None else mode,
@@ -132,6 +137,8 @@ def fit(
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
         assert tokenizer is not None  # refused above for a language model
+        for what, texts in (("source", source), ("target", target)):
+            warn_truncated(tokenizer, texts, max_length, what)
         if settings is not None:
             maps = fit_end_to_end(
                 model, tokenizer, source, target, names, info, settings,

@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -97,6 +100,24 @@ def _cached_alias(alias: str) -> Path:
     return folder
 
 
+def hub_endpoint() -> str:
+    """The Hugging Face hub the clients use ($HF_ENDPOINT, else huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub answers a TCP connection within `timeout` seconds ($HF_HUB_OFFLINE=1:
+    no). Its clients would otherwise retry for about a minute before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -113,10 +134,17 @@ def load_model(
             f"model {name!r} is neither a built-in alias ({', '.join(ALIASES)}), "
             "a local folder, nor a hub id like 'org/model'"
         )
+    offline = name not in ALIASES and not Path(name).exists() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
     except OSError as err:
+        if offline:  # one line at once, instead of the hub client's retries
+            raise ActSteerError(
+                f"model {name!r} is not a built-in alias, a local folder or in the local hub "
+                f"cache, and the hub ({hub_endpoint()}) cannot be reached: connect, or give a "
+                "local folder"
+            ) from None
         raise ActSteerError(f"could not load model {name!r}: {err}") from None
     model.to(device).eval()  # type: ignore[arg-type]  # @wraps(Module.to) leaves `to` unbound
     model.config.name_or_path = name

@@ -25,7 +25,7 @@ from actsteer.errors import ActSteerError
 from actsteer.fold import fold_maps
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.maps import AffineMap
-from actsteer.methods import get_method
+from actsteer.methods import METHODS, get_method
 from actsteer.tree import model_name, module_tree
 
 
@@ -105,6 +105,18 @@ class Steering:
     maps: dict[str, AffineMap]
     info: SteeringInfo = field(default_factory=SteeringInfo)
     max_strength: float | None = None
+
+    def __repr__(self) -> str:
+        """One line: method, model, module count and widths, λ range, support (no tensors)."""
+        span = get_method(self.method).strength_range if self.method in METHODS else None
+        top = self.max_strength if self.max_strength is not None else (span or (0, None))[1]
+        lam = "any λ" if span is None else f"λ in [{span[0]:g}, {top:g}]"
+        widths = "/".join(str(d) for d in sorted({m.dim for m in self.maps.values()}))
+        return (
+            f"Steering({self.method}{' (inverted)' if self.info.inverted else ''}, model "
+            f"{self.info.model_name or '?'!r}, {len(self.maps)} modules of {widths} units, {lam}, "
+            f"support {self.default_support}, default λ {self.info.default_strength:g})"
+        )
 
     @property
     def method(self) -> str:
@@ -207,12 +219,6 @@ class Steering:
             lambda: self.applied(model, strength, "all", guidance="both"),
         )
         return model
-
-    def __repr__(self) -> str:
-        return (
-            f"Steering({self.method}, {len(self.maps)} modules, fitted on "
-            f"{self.info.model_name or '?'}, support {self.default_support})"
-        )
 
     def save(self, path: str | Path) -> Path:
         """Write the steering to one .safetensors file (tensors + JSON metadata); an existing

@@ -7,6 +7,7 @@ non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,26 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one `warning: …` line on stderr, without the source location."""
+    typer.echo(f"warning: {_one_line(str(message)).removeprefix('actsteer: ')}", err=True)
+
+
 class _Group(TyperGroup):
     """The app's group: normalises argv and turns every user error into one stderr line."""
 
     def main(self, args: Sequence[str] | None = None, *pargs: Any, **kwargs: Any) -> Any:
         args = sys.argv[1:] if args is None else args
-        return super().main(normalise_argv(args), *pargs, **kwargs)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return super().main(normalise_argv(args), *pargs, **kwargs)
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -150,6 +165,8 @@ def check_choice(value: str | None, choices: Sequence[str], option: str) -> None
 def read_texts(path: str | Path, what: str = "texts") -> list[str]:
     """One text per line of a UTF-8 file, blank lines skipped; a missing file is a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise ActSteerError(f"{what} {path} is a folder, not a text file (one text per line)")
     if not path.is_file():
         raise ActSteerError(f"{what} file not found: {path}")
     try:

@@ -12,7 +12,13 @@ from rich.table import Table
 from rich.text import Text
 
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, status
-from actsteer.cli.options import ForceOption, ModelOption, StrengthOption, SupportOption
+from actsteer.cli.options import (
+    ExtrapolateOption,
+    ForceOption,
+    ModelOption,
+    StrengthOption,
+    SupportOption,
+)
 from actsteer.errors import ActSteerError
 from actsteer.outputs import check_output, written_file
 
@@ -90,6 +96,7 @@ def eval_(
         Path | None, typer.Option("--out", "-o", help="Also write the results as JSON.")
     ] = None,
     force: ForceOption = False,
+    extrapolate: ExtrapolateOption = None,
 ) -> None:
     """Evaluate TASK (toxicity, perplexity, truthfulqa, mmlu, concept) at one or more λ.
 
@@ -112,6 +119,8 @@ def eval_(
     if support is not None:
         options["support"] = support
     steering = Steering.load(steering_path) if steering_path is not None else None
+    if steering is not None and extrapolate is not None:
+        steering = steering.extrapolated(extrapolate)
     strengths = resolve_strengths(
         steering,
         parse_strength_specs(strength) if strength else None,
@@ -123,6 +132,8 @@ def eval_(
     status(f"Evaluating {task} on {model} …")
     results = spec.evaluate_grid(lm, tok, steering, strengths, **options)
     title = f"{task} — {model}" + (f" steered by {steering_path}" if steering else " (plain)")
+    used = {str(s["data"]) for r in results if (s := getattr(r, "settings", {})).get("data")}
+    title += f" — data: {', '.join(sorted(used))}" if used else ""  # what was read, not a default
     console().print(metrics_table(results, dict(spec.result_type.METRICS), title))
     if out is not None:
         content = {
@@ -182,15 +193,7 @@ def sweep(
         Path, typer.Option("--out", "-o", help="The results JSON; PNGs go next to it.")
     ] = Path("results/sweep.json"),
     model: ModelOption = None,
-    extrapolate: Annotated[
-        float | None,
-        typer.Option(
-            "--extrapolate",
-            help="Accept λ up to this value beyond a method's range (AcT: λ > 1 pushes past "
-            "the fitted transport), e.g. to see where an induction saturates.",
-            metavar="UPPER",
-        ),
-    ] = None,
+    extrapolate: ExtrapolateOption = None,
 ) -> None:
     """Run tasks × steerings × a λ grid into a resumable JSON file with one PNG per task.
 

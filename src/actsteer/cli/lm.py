@@ -24,6 +24,7 @@ from actsteer.cli.core import (
     status,
 )
 from actsteer.cli.options import (
+    ExtrapolateOption,
     ForceOption,
     GuidanceScaleOption,
     MaxLengthOption,
@@ -89,17 +90,22 @@ def _generate_kwargs(
 
 
 def parse_steerings(
-    specs: Sequence[str],
+    specs: Sequence[str], extrapolate: float | None = None
 ) -> tuple[list[tuple[str, Steering, float]], tuple[str, Steering] | None]:
-    """Split `--steering FILE[:λ]` values into fixed (file, steering, λ) and the swept one."""
+    """Split `--steering FILE[:λ]` values into fixed (file, steering, λ) and the swept one
+    (each accepting λ up to `extrapolate` when given)."""
     from actsteer.steering import Steering
+
+    def load(path: str) -> Steering:
+        steering = Steering.load(path)
+        return steering if extrapolate is None else steering.extrapolated(extrapolate)
 
     fixed: list[tuple[str, Steering, float]] = []
     swept: tuple[str, Steering] | None = None
     for spec in specs:
         path, _, lam = spec.rpartition(":")
         if path and is_number(lam):
-            steering = Steering.load(path)
+            steering = load(path)
             steering.check_strength(float(lam))
             fixed.append((path, steering, float(lam)))
         elif swept is not None:
@@ -108,7 +114,7 @@ def parse_steerings(
                 f"strength as {spec}:λ"
             )
         else:
-            swept = (spec, Steering.load(spec))
+            swept = (spec, load(spec))
     return fixed, swept
 
 
@@ -293,6 +299,7 @@ def generate(
     repetition_penalty: Annotated[
         float, typer.Option(help="Penalty > 1 discourages repeating tokens (1 = off).")
     ] = 1.3,
+    extrapolate: ExtrapolateOption = None,
 ) -> None:
     """Generate from PROMPTs at several strengths in ONE batched call; print a table.
 
@@ -305,7 +312,7 @@ def generate(
 
     kwargs = _generate_kwargs(max_new_tokens, sample, temperature, top_p, repetition_penalty)
     check_choice(positions, POSITIONS, "--positions")
-    fixed, swept = parse_steerings(steering_specs or [])
+    fixed, swept = parse_steerings(steering_specs or [], extrapolate)
     steering = swept[1] if swept else None
     strengths = resolve_strengths(
         steering,

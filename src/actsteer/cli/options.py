@@ -53,6 +53,16 @@ StrengthOption = Annotated[
     ),
 ]
 
+ExtrapolateOption = Annotated[
+    float | None,
+    typer.Option(
+        "--extrapolate",
+        help="Accept λ up to this value beyond a method's range (AcT: λ > 1 pushes past "
+        "the fitted transport), e.g. to see where an induction saturates.",
+        metavar="UPPER",
+    ),
+]
+
 ForceOption = Annotated[
     bool,
     typer.Option(

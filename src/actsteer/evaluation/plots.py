@@ -73,7 +73,8 @@ def plot_sweep(
             ax.set_visible(False)
         settings = rows[-1].get("result", {}).get("settings", {})
         what = f"{task} ({settings['concept']})" if settings.get("concept") else task
-        fig.suptitle(f"{what} vs steering strength — model {results.get('model', '?')}")
+        data = f", data {settings['data']}" if settings.get("data") else ""
+        fig.suptitle(f"{what} vs steering strength — model {results.get('model', '?')}{data}")
         fig.tight_layout()
         target = out_dir / f"{stem}_{task}.png"
         fig.savefig(target, dpi=110)

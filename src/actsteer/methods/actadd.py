@@ -16,5 +16,6 @@ ACTADD = register(
         default_support="all",
         default_pooling="last",
         min_samples=1,
+        reliable_texts=0,
     )
 )

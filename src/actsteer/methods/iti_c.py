@@ -46,5 +46,6 @@ ITI_C = register(
         fit_omega_beta=fit_iti_c,
         strength_range=None,
         default_support="all",
+        probe=True,
     )
 )

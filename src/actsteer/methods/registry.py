@@ -30,7 +30,8 @@ class Method:
     default_pooling are used unless the user chooses; min_samples is the fewest texts per set
     the estimator accepts (1 for a single prompt pair). trained: the maps of all modules are
     trained jointly through the model by `fit` (end to end: actsteer.lineas) instead of being
-    estimated module by module; fit_omega_beta then only explains that.
+    estimated module by module; fit_omega_beta then only explains that. reliable_texts and
+    probe give the small-data rule (`small_data`).
     """
 
     name: str
@@ -41,6 +42,28 @@ class Method:
     default_pooling: str = "mean"
     min_samples: int = 2
     trained: bool = False
+    reliable_texts: int = 32
+    probe: bool = False
+
+    def small_data(self, n_source: int, n_target: int, units: int) -> str | None:
+        """Why a fit on this much data is unreliable, or None. The rule: a per-unit estimator
+        (sorting, means, variances, AUROC) needs about `reliable_texts` texts per set for its
+        1-D estimates to settle; a probe over all units (`probe`, ITI-c) needs more texts in
+        both sets together than units, or any labelling is separable and its direction is
+        noise. ActAdd (reliable_texts = 0) is meant for a single pair."""
+        if self.probe and n_source + n_target <= units:
+            return (
+                f"{n_source} + {n_target} texts for a probe over {units} units: with no more "
+                "texts than units any split is separable and the direction is noise; give more "
+                f"than {units} texts in all"
+            )
+        smallest = min(n_source, n_target)
+        if not self.probe and smallest < self.reliable_texts:
+            return (
+                f"{smallest} texts in the smaller set; {self.name}'s per-unit estimates need "
+                f"about {self.reliable_texts} per set to be stable"
+            )
+        return None
 
     def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
         """Estimate the map from (N, D) source and (M, D) target samples."""
@@ -77,7 +100,7 @@ class Method:
                 f"strength {values.tolist()} is outside [{lo:g}, {hi:g}], the range of "
                 f"method {self.name!r}; pick λ in that range (0 = untouched model, 1 = full "
                 "effect), or extrapolate on purpose with steering.extrapolated(UPPER) "
-                "(CLI: --extrapolate UPPER)"
+                "(CLI: --extrapolate UPPER on generate, eval and sweep)"
             )
 
 
