@@ -8,20 +8,27 @@ JSON files (actsteer.evaluation.run_sweep) with PNG plots, fitted steerings are 
 
 Parts (--parts):
 - toxicity (paper Table 2): steerings fitted on ParaDetox toxic (source) vs neutral
-  paraphrases (target), train split. Per method, perplexity over a λ grid; the two strongest λ
-  with ΔPPL ≤ 1 over the plain model are candidates; toxicity (challenging RTP stratum) at
-  each candidate; the one with the lowest % toxic is the method's row, with MMLU there.
+  paraphrases (target), train split: the baselines, Mean-AcT, Linear-AcT (independent and
+  sequential, the paper's causal estimator) and LinEAS. Each runs at its calibrated λ: the
+  largest with ΔPPL ≤ +1 on held-out WikiText-2 (actsteer.calibrate; never the evaluation
+  prompts). % toxic per RTP stratum (both reported), mean score, perplexity on the perplexity
+  task's own tokens, MMLU at that λ, and paired bootstrap intervals of each method's
+  difference to Original and to the best baseline (same prompts, same sampling seeds).
+  --judge hf:ID selects a classifier (the paper's: hf:s-nlp/roberta_toxicity_classifier).
 - truthfulqa (paper Table 3): questions split by idx % 2. Steerings fitted on question +
   answer texts of the even fold (incorrect answers = source, correct = target). AcT methods
   at λ = 1; ITI-c's coefficient chosen by MC1 (then MC2) on other even-fold questions never
-  used for fitting. MC1/MC2 reported on a seeded subset of the odd fold, MMLU at the same λ.
+  used for fitting. MC1/MC2 reported on the odd fold (all 408 at --sizes paper), MMLU at the
+  same λ.
 - concept: induction of concepts (support "all": target = concept sentences, source =
   unrelated sentences), concept presence and generation perplexity over a λ grid per method
   (AcT up to λ = 1.5: beyond 1 by explicit extrapolation), plus a trade-off plot of presence
   vs perplexity.
 
 Steered modules: --modules, default DEFAULT_MODULES per architecture family. Data sizes:
---sizes (SIZES; "small" for Gemma-3-270M, "quick" is a smoke test). Every method uses its
+--sizes (SIZES: "paper" by default, "gemma" for Gemma-3-270M, "quick" is a smoke test).
+A killed run resumes where it stopped (cached steerings, calibrations and sweep points).
+Every method uses its
 library-default pooling and support (AcT: mean pooling, support q0-100 for toxicity; concepts
 use support "all").
 """
@@ -45,6 +52,7 @@ import actsteer
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.concept import CONCEPT_FILE, N_OFF, OFF_CONCEPT, load_concept_sentences
 from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, read_jsonl
+from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.sweep import steering_digest
 from actsteer.evaluation.truthfulqa import load_truthfulqa
 from actsteer.families import find_family
@@ -52,28 +60,32 @@ from actsteer.steering import Steering
 
 PARTS = ("toxicity", "truthfulqa", "concept")
 PPL_LIMIT = 1.0
-ACT_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
-#: ActAdd and ITI-c take any coefficient; their grids reach until perplexity breaks.
-ACTADD_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)
-ITI_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-TOXICITY_METHODS = {
-    "ActAdd": ("actadd", ACTADD_GRID),
-    "AurA": ("aura", ACT_GRID),
-    "ITI-c": ("iti-c", ITI_GRID),
-    "Mean-AcT": ("mean-act", ACT_GRID),
-    "Linear-AcT": ("linear-act", ACT_GRID),
+#: name → (method, λ grid, fit options). Toxicity rows run at their calibrated λ instead.
+Methods = Mapping[str, tuple[str, Sequence[float], Mapping[str, Any]]]
+TOXICITY_METHODS: Methods = {
+    "ActAdd": ("actadd", (), {}),
+    "AurA": ("aura", (), {}),
+    "ITI-c": ("iti-c", (), {}),
+    "Mean-AcT": ("mean-act", (), {}),
+    "Linear-AcT": ("linear-act", (), {}),
+    "Linear-AcT, sequential": ("linear-act", (), {"mode": "sequential"}),
+    "LinEAS": ("lineas", (), {}),
 }
+#: The earlier methods each library method is compared with (paired, on the same prompts).
+BASELINES = ("ActAdd", "AurA", "ITI-c")
 #: AcT methods at λ = 1 (the paper's choice); ITI-c's coefficient is chosen on held-out questions.
-TQA_METHODS = {
-    "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0)),
-    "Mean-AcT": ("mean-act", (1.0,)),
-    "Linear-AcT": ("linear-act", (1.0,)),
+TQA_METHODS: Methods = {
+    "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0), {}),
+    "Mean-AcT": ("mean-act", (1.0,), {}),
+    "Linear-AcT": ("linear-act", (1.0,), {}),
+    "Linear-AcT, sequential": ("linear-act", (1.0,), {"mode": "sequential"}),
+    "LinEAS": ("lineas", (1.0,), {}),
 }
 #: AcT's λ goes a little beyond 1 here (Steering.extrapolated), to show where induction ends.
-CONCEPT_METHODS = {
-    "Linear-AcT": ("linear-act", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)),
-    "Mean-AcT": ("mean-act", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)),
-    "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0, 16.0)),
+CONCEPT_METHODS: Methods = {
+    "Linear-AcT": ("linear-act", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5), {}),
+    "Mean-AcT": ("mean-act", (0.25, 0.5, 0.75, 1.0, 1.25, 1.5), {}),
+    "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0, 16.0), {}),
 }
 ORIGINAL = "Original"
 #: Gemma: the paper's modules (post-attention and post-feedforward norms). Llama family: the
@@ -87,26 +99,30 @@ DEFAULT_MODULES = {
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much data each part uses (fit texts, evaluation subsets)."""
+    """How much data each part uses (fit texts, evaluation subsets; None: all there are)."""
 
     tox_fit_pairs: int
     ppl_tokens: int
-    tox_prompts: int
+    tox_prompts: int | None  # challenging RTP prompts
+    tox_nontoxic: int | None  # non-toxic RTP prompts
     mmlu_questions: int
     tqa_fit_questions: int
     tqa_select_questions: int
-    tqa_test_questions: int
+    tqa_test_questions: int | None  # of the 408 odd-idx questions
     concept_fit: int
     concept_samples: int
-    tox_candidates: int  # strongest λ with ΔPPL ≤ 1 whose toxicity is measured, per method
 
 
-#: "small" is for Gemma-3-270M, whose forward pass costs ≈ 4× SmolLM2's here (its 262k-token
-#: vocabulary); one toxicity candidate per method also removes the best-of-two selection.
+#: "paper": every RTP prompt (993 challenging + 100 non-toxic), all 408 odd-idx TruthfulQA
+#: questions, 500 MMLU questions. "gemma": the same with 500 challenging prompts, for
+#: Gemma-3-270M (its forward pass costs ≈ 4× SmolLM2's here: its 262k-token vocabulary).
+#: "full" and "small" are the earlier, smaller runs; "quick" is a smoke test.
 SIZES = {
-    "full": Sizes(400, 2048, 128, 100, 100, 40, 100, 120, 4, 2),
-    "small": Sizes(200, 1024, 100, 60, 50, 20, 50, 80, 2, 1),
-    "quick": Sizes(24, 256, 6, 6, 8, 4, 6, 16, 1, 2),
+    "paper": Sizes(400, 2048, None, None, 500, 100, 40, None, 120, 4),
+    "gemma": Sizes(400, 2048, 500, None, 500, 100, 40, None, 80, 2),
+    "full": Sizes(400, 2048, 128, 0, 100, 100, 40, 100, 120, 4),
+    "small": Sizes(200, 1024, 100, 0, 60, 50, 20, 50, 80, 2),
+    "quick": Sizes(24, 256, 6, 3, 6, 8, 4, 6, 16, 1),
 }
 
 
@@ -115,11 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, help="default: out/paper_tables/MODEL (git-ignored)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--sizes", choices=sorted(SIZES), default="full")
+    parser.add_argument("--sizes", choices=sorted(SIZES), default="paper")
     parser.add_argument(
         "--modules", help="preset or regex to steer; default: attn-out, Gemma's post-norms"
     )
     parser.add_argument("--concepts", nargs="+", default=["football", "book", "church"])
+    parser.add_argument(
+        "--judge",
+        help="toxicity judge: hf:ID_OR_PATH (e.g. hf:s-nlp/roberta_toxicity_classifier); "
+        "default: the offline alt-profanity-check",
+    )
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -171,7 +192,7 @@ class Runner:
     def fitted_methods(
         self,
         prefix: str,
-        methods: Mapping[str, tuple[str, Sequence[float]]],
+        methods: Methods,
         source: Sequence[str],
         target: Sequence[str],
         **options: Any,
@@ -179,10 +200,26 @@ class Runner:
         """Each method fitted (cached as <prefix>_<method>) and its λ grid, after Original."""
         steerings: dict[str, Steering | None] = {ORIGINAL: None}
         grids: dict[str, Sequence[float]] = {ORIGINAL: [0.0]}
-        for name, (method, grid) in methods.items():
-            steerings[name] = self.fitted(f"{prefix}_{method}", method, source, target, **options)
+        for name, (method, grid, extra) in methods.items():
+            key = "_".join([prefix, method, *(str(v) for v in extra.values())])
+            steerings[name] = self.fitted(key, method, source, target, **options, **extra)
             grids[name] = grid
         return steerings, grids
+
+    def calibrated(self, name: str, steering: Steering) -> dict[str, Any]:
+        """actsteer.calibrate at ΔPPL ≤ PPL_LIMIT on held-out WikiText (after the perplexity
+        task's tokens), cached in <out>/calibration.json by name and steering digest."""
+        path = self.out / "calibration.json"
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        key = f"{name} {steering_digest(steering)}"
+        if key not in cache:
+            result = actsteer.calibrate(steering, self.model, self.tok, budget=PPL_LIMIT)
+            cache[key] = result.to_json()
+            print(f"  calibrated {name}: λ = {result.strength:.3g} in {result.seconds:.0f} s")
+            temporary = path.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(cache, indent=1))
+            temporary.replace(path)
+        return cache[key]
 
     def sweep(
         self,
@@ -256,78 +293,115 @@ def ci(entry: Mapping[str, Any], metric: str, scale: float = 1.0, digits: int = 
     return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def per_prompt(entry: Mapping[str, Any], stratum: str) -> dict[str, tuple[float, float]]:
+    """{prompt id: (100 if toxic else 0, score)} of one toxicity entry's stratum."""
+    threshold = entry["result"]["settings"]["threshold"]
+    return {
+        s["id"]: (100.0 * (s["score"] > threshold), s["score"])
+        for s in entry["result"]["samples"]
+        if s["stratum"] == stratum
+    }
+
+
+def paired(treated: Mapping[str, Any], control: Mapping[str, Any], stratum: str) -> str:
+    """'Δ% toxic [paired 95% CI]' of two toxicity entries on the same prompts."""
+    a, b = per_prompt(treated, stratum), per_prompt(control, stratum)
+    ids = sorted(a)
+    mean, (lo, hi) = paired_bootstrap_diff([a[i][0] for i in ids], [b[i][0] for i in ids])
+    mark = "**" if hi < 0 or lo > 0 else ""
+    return f"{mark}{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}"
+
+
 def toxicity_part(run: Runner) -> str:
-    """Paper Table 2: % toxic (challenging RTP), reduction, perplexity, MMLU at the best λ."""
+    """Paper Table 2 at each method's calibrated λ: % toxic per RTP stratum with paired
+    differences, perplexity, MMLU."""
     sizes = run.sizes
     fit_dir = data_root() / "toxicity_fit"
     source = read_lines(fit_dir / "source.txt", sizes.tox_fit_pairs)
     target = read_lines(fit_dir / "target.txt", sizes.tox_fit_pairs)
     data = {"source": "ParaDetox toxic (train split)", "target": "ParaDetox neutral (train)"}
-    steerings, grids = run.fitted_methods("toxicity", TOXICITY_METHODS, source, target, data=data)
-    ppl_options = {"max_tokens": sizes.ppl_tokens}
-    ppl = run.sweep("toxicity_ppl", steerings, {"perplexity": ppl_options}, grids)
-    base_ppl = point(ppl, ORIGINAL, "perplexity", 0.0, None)["metrics"]["perplexity"]
-
-    def ppl_at(name: str, strength: float) -> float:
-        entry = point(ppl, name, "perplexity", strength, steerings[name])
-        return entry["metrics"]["perplexity"]
-
-    candidates: dict[str, list[float]] = {ORIGINAL: [0.0]}
-    notes = []
-    for name, grid in grids.items():
-        if name == ORIGINAL:
-            continue
-        allowed = [s for s in grid if ppl_at(name, s) - base_ppl <= PPL_LIMIT]
-        if not allowed:
-            notes.append(f"{name}: no λ of {list(grid)} keeps ΔPPL ≤ {PPL_LIMIT}; took the least")
-            allowed = [min(grid)]
-        candidates[name] = sorted(allowed)[-sizes.tox_candidates :]
-    tox_options = {"n_challenging": sizes.tox_prompts, "n_nontoxic": 0, "keep_samples": False}
-    tox = run.sweep("toxicity", steerings, {"toxicity": tox_options}, candidates)
-
-    def tox_at(name: str, strength: float) -> dict[str, Any]:
-        return point(tox, name, "toxicity", strength, steerings[name])
-
-    metric = "percent_toxic_challenging"
-    chosen = {
-        name: min(grid, key=lambda s, n=name: tox_at(n, s)["metrics"][metric])
-        for name, grid in candidates.items()
+    steerings, _ = run.fitted_methods("toxicity", TOXICITY_METHODS, source, target, data=data)
+    calibration = {
+        name: run.calibrated(name, steering)
+        for name, steering in steerings.items()
+        if steering is not None
     }
+    chosen = {ORIGINAL: 0.0} | {name: c["strength"] for name, c in calibration.items()}
+    grids = {name: [strength] for name, strength in chosen.items()}
+    ppl = run.sweep(
+        "toxicity_ppl", steerings, {"perplexity": {"max_tokens": sizes.ppl_tokens}}, grids
+    )
+    tox_options: dict[str, Any] = {
+        "n_challenging": sizes.tox_prompts,
+        "n_nontoxic": sizes.tox_nontoxic,
+    }
+    if run.args.judge:
+        tox_options["judge"] = run.args.judge
+    tox = run.sweep("toxicity", steerings, {"toxicity": tox_options}, grids)
     mmlu = run.mmlu({f"toxicity {n}": (steerings[n], s) for n, s in chosen.items()})
-    base_tox = tox_at(ORIGINAL, 0.0)["metrics"][metric]
+    entry = {n: point(tox, n, "toxicity", s, steerings[n]) for n, s in chosen.items()}
+    perplexity = {
+        n: point(ppl, n, "perplexity", s, steerings[n])["metrics"]["perplexity"]
+        for n, s in chosen.items()
+    }
+    strata = [
+        stratum
+        for stratum in ("challenging", "nontoxic")
+        if f"percent_toxic_{stratum}" in entry[ORIGINAL]["metrics"]
+    ]
+    first = f"percent_toxic_{strata[0]}"
+    best = min(BASELINES, key=lambda n: entry[n]["metrics"][first])
+    base = entry[ORIGINAL]["metrics"][first]
     rows = []
     for name, strength in chosen.items():
-        entry = tox_at(name, strength)
-        value = entry["metrics"][metric]
+        metrics = entry[name]["metrics"]
+        held_out = calibration[name]["cost"] if name in calibration else 0.0
         rows.append(
             [
                 name,
-                "–" if name == ORIGINAL else f"{strength:g}",
-                ci(entry, metric),
-                f"{base_tox / value:.2f}×" if value > 0 else "–",
-                f"{ppl_at(name, strength):.2f}",
+                "–" if name == ORIGINAL else f"{strength:.3g}",
+                f"{held_out:+.2f}",
+                f"{perplexity[name]:.2f}",
+                *(ci(entry[name], f"percent_toxic_{stratum}") for stratum in strata),
+                f"{base / metrics[first]:.2f}×" if metrics[first] > 0 else "∞",
+                f"{metrics[f'mean_score_{strata[0]}']:.3f}",
                 ci(mmlu[f"toxicity {name}"], "accuracy", 100),
             ]
         )
-    header = ["method", "λ", "% toxic (challenging RTP) [95% CI]", "reduction", "PPL", "MMLU %"]
-    detail = [
+    header = [
+        "method", "λ (calibrated)", "ΔPPL held-out", "PPL",
+        *(f"% toxic, {stratum} [95% CI]" for stratum in strata),
+        "reduction", f"mean score, {strata[0]}", "MMLU %",
+    ]  # fmt: skip
+    differences = [
         [
             name,
-            f"{s:g}",
-            f"{ppl_at(name, s) - base_ppl:+.2f}",
-            f"{tox_at(name, s)['metrics'][metric]:.1f}" if s in candidates[name] else "–",
+            *(paired(entry[name], entry[ORIGINAL], stratum) for stratum in strata),
+            *(paired(entry[name], entry[best], stratum) for stratum in strata),
         ]
-        for name, grid in grids.items()
+        for name in chosen
         if name != ORIGINAL
-        for s in grid
     ]
+    judge = entry[ORIGINAL]["result"]["settings"]["scorer"]
+    counts = {st: entry[ORIGINAL]["result"][st]["n_prompts"] for st in strata}
     return "\n\n".join(
         [
-            "### Toxicity mitigation (paper Table 2)",
+            "### Toxicity mitigation (paper Table 2), every method at its calibrated λ",
+            f"λ: the largest with ΔPPL ≤ +{PPL_LIMIT:g} on held-out WikiText-2 "
+            "(actsteer.calibrate; never the evaluation prompts). Prompts: "
+            + ", ".join(f"{n} {st}" for st, n in counts.items())
+            + f"; judge {judge}.",
             table(header, rows),
-            "Selection (λ grid, ΔPPL vs Original, % toxic where evaluated):",
-            table(["method", "λ", "ΔPPL", "% toxic"], detail),
-            *notes,
+            f"Paired differences in % toxic (same prompts, same sampling seeds; 95% paired "
+            f"bootstrap; bold: the interval excludes 0). Best baseline: {best}.",
+            table(
+                [
+                    "method",
+                    *(f"− Original, {st}" for st in strata),
+                    *(f"− {best}, {st}" for st in strata),
+                ],
+                differences,
+            ),
         ]
     )
 
