@@ -326,6 +326,24 @@ def test_a_steering_fitted_on_another_model_is_refused_at_start_up(tokenizer, st
         Server(other, tokenizer, {"calm": steerings["calm"]}, "other")
 
 
+def test_the_serve_command_refuses_a_mismatched_steering_in_one_line(
+    tmp_path, tokenizer, steerings
+):
+    from typer.testing import CliRunner
+
+    from actsteer import cli
+
+    folder = tmp_path / "other"
+    tiny_model(len(tokenizer), hidden=48).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    steerings["calm"].save(tmp_path / "calm.safetensors")
+    spec = f"calm={tmp_path / 'calm.safetensors'}"
+    result = CliRunner().invoke(cli.app, ["serve", "--model", str(folder), "--steering", spec])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: steering 'calm': ") and "fit a steering for this model" in last
+
+
 def test_the_serve_command_binds_loopback_and_exits_cleanly_on_sigterm(
     tmp_path, tokenizer, steerings
 ):
