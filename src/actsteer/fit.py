@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap, warn_truncated
+from actsteer.chat import chat_texts
 from actsteer.choices import MODES, SUPPORTS
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import DENOISING, record_pipeline
@@ -52,6 +53,7 @@ def fit(
     sparsity: float | None = None,
     seed: int | None = None,
     init: str | None = None,
+    chat: bool = False,
 ) -> Steering:
     """Fit a steering that moves the model's activations on `source` texts onto `target`'s.
 
@@ -74,6 +76,8 @@ def fit(
     these settings (None: its defaults, stored with the steering as
     info.data["training"]): steps (100), learning_rate (Adam, 0.02), sparsity (0 = no
     sparse-group-lasso penalty), seed (0), init ("identity" or "linear-act").
+    chat: instruct models: each text is a user turn of the tokenizer's chat template, the
+    assistant's turn opened (actsteer.chat); the template's tokens are pooled too.
     """
     if source is None or target is None:
         raise ActSteerError("fit needs both source= and target= texts")
@@ -110,6 +114,11 @@ def fit(
         raise ActSteerError("fit needs the model's tokenizer: fit(model, tokenizer, source=...)")
     source = check_texts(source, "source", estimator.min_samples)
     target = check_texts(target, "target", estimator.min_samples)
+    if chat:
+        if tokenizer is None:
+            raise ActSteerError("chat=True formats texts with a language model's tokenizer")
+        source, target = chat_texts(tokenizer, source), chat_texts(tokenizer, target)
+        data = {**(data or {}), "chat": True}
     units = getattr(getattr(model, "config", None), "hidden_size", 0)
     little = estimator.small_data(len(source), len(target), units)
     if little:

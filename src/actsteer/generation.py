@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from actsteer.chat import chat_texts
 from actsteer.errors import ActSteerError
 from actsteer.steering import Steering, steered
 from actsteer.strengths import resolve_strengths
@@ -51,6 +52,7 @@ def generate_grid(
     support: str | None = None,
     positions: str = "all",
     fixed: Sequence[tuple[Steering, float]] = (),
+    chat: bool = False,
     **generate_kwargs: Any,
 ) -> list[list[str]]:
     """Continuations of every prompt at every strength, from one batched `model.generate` call.
@@ -60,8 +62,9 @@ def generate_grid(
     each prompt gets one column (strengths must then be omitted or all 0). strengths defaults to
     the steering's default strength. `fixed` steerings, each with its own strength, apply on
     every row before the swept one (composition, in the given order); `positions` chooses the
-    token positions every steering acts on. generate_kwargs go to `model.generate` (max_new_tokens
-    defaults to 40, do_sample to False).
+    token positions every steering acts on. chat: each prompt goes in as a user turn of the
+    tokenizer's chat template (actsteer.chat). generate_kwargs go to `model.generate`
+    (max_new_tokens defaults to 40, do_sample to False).
     """
     if isinstance(prompts, str):
         raise ActSteerError("prompts must be a list of texts, not one string")
@@ -76,7 +79,8 @@ def generate_grid(
                 f"{key}={generate_kwargs[key]} is not supported: every batch row carries its own "
                 "strength, so generate must return one sequence per row"
             )
-    rows = [p for p in prompts for _ in strengths]
+    inputs = chat_texts(tokenizer, prompts) if chat else prompts
+    rows = [p for p in inputs for _ in strengths]
     generate_kwargs.setdefault("max_new_tokens", 40)
     generate_kwargs.setdefault("do_sample", False)
     device = next(model.parameters()).device

@@ -162,21 +162,12 @@ def check_choice(value: str | None, choices: Sequence[str], option: str) -> None
         raise ActSteerError(f"{option} {value!r} is not one of: {', '.join(choices)}")
 
 
-def read_texts(path: str | Path, what: str = "texts") -> list[str]:
-    """One text per line of a UTF-8 file, blank lines skipped; a missing file is a clear error."""
-    path = Path(path)
-    if path.is_dir():
-        raise ActSteerError(f"{what} {path} is a folder, not a text file (one text per line)")
-    if not path.is_file():
-        raise ActSteerError(f"{what} file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ActSteerError(f"{what} file {path} is not UTF-8 text: {err}") from None
-    texts = [line.strip() for line in lines if line.strip()]
-    if not texts:
-        raise ActSteerError(f"{what} file {path} has no text (one text per line expected)")
-    return texts
+def read_texts(path: str | Path, what: str = "texts", field: str | None = None) -> list[str]:
+    """The texts of a .txt (one per line), .jsonl or .csv file (`field`) or an hf: dataset
+    (see actsteer.texts); anything missing or malformed is a clear error."""
+    from actsteer.texts import read_texts as read
+
+    return read(str(path), what, field)
 
 
 def load_lm(name: str) -> tuple[Any, Any]:

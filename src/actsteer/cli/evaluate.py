@@ -13,6 +13,7 @@ from rich.text import Text
 
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, status
 from actsteer.cli.options import (
+    ChatOption,
     ExtrapolateOption,
     ForceOption,
     ModelOption,
@@ -97,6 +98,7 @@ def eval_(
     ] = None,
     force: ForceOption = False,
     extrapolate: ExtrapolateOption = None,
+    chat: ChatOption = False,
 ) -> None:
     """Evaluate TASK (toxicity, perplexity, truthfulqa, mmlu, concept) at one or more λ.
 
@@ -104,7 +106,7 @@ def eval_(
     the task gives them. Example: actsteer eval perplexity --steering s.safetensors -s 0 1
     """
     from actsteer.evaluation.common import describe_steering, jsonable
-    from actsteer.evaluation.registry import get_task
+    from actsteer.evaluation.registry import TASKS, get_task
     from actsteer.evaluation.sweep import parse_task_options
     from actsteer.models import model_for
     from actsteer.steering import Steering
@@ -118,6 +120,13 @@ def eval_(
         options["data"] = data
     if support is not None:
         options["support"] = support
+    if chat:
+        if not spec.generation:
+            raise ActSteerError(
+                f"--chat formats generation prompts; {task} scores given text as it is "
+                f"(tasks with prompts: {', '.join(n for n, t in TASKS.items() if t.generation)})"
+            )
+        options["sampling"] = {**dict(options.get("sampling") or {}), "chat": True}
     steering = Steering.load(steering_path) if steering_path is not None else None
     if steering is not None and extrapolate is not None:
         steering = steering.extrapolated(extrapolate)

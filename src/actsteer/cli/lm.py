@@ -24,7 +24,9 @@ from actsteer.cli.core import (
     status,
 )
 from actsteer.cli.options import (
+    ChatOption,
     ExtrapolateOption,
+    FieldOption,
     ForceOption,
     GuidanceScaleOption,
     MaxLengthOption,
@@ -123,14 +125,15 @@ def fit(
     source: Annotated[
         Path,
         typer.Option(
-            "--source", help="Text file, one text per line: what to move away from.", metavar="FILE"
+            "--source",
+            help="What to move away from: a .txt (one text per line), .jsonl or .csv file "
+            "(see --field) or hf:ID[:CONFIG[:SPLIT]].",
+            metavar="FILE",
         ),
     ],
     target: Annotated[
         Path,
-        typer.Option(
-            "--target", help="Text file, one text per line: what to move toward.", metavar="FILE"
-        ),
+        typer.Option("--target", help="What to move toward, in the same formats.", metavar="FILE"),
     ],
     output: Annotated[
         Path,
@@ -198,6 +201,8 @@ def fit(
         ),
     ] = None,
     force: ForceOption = False,
+    field: FieldOption = None,
+    chat: ChatOption = False,
 ) -> None:
     """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
     from actsteer.diffusion import load_pipeline
@@ -210,8 +215,10 @@ def fit(
     if output.suffix != ".safetensors":
         raise ActSteerError(f"--output should end in .safetensors, got {output}")
     check_output(output, force)  # before fitting: a refused or failed fit leaves it untouched
-    source_texts = read_texts(source, "source")
-    target_texts = read_texts(target, "target")
+    source_texts = read_texts(source, "source", field)
+    target_texts = read_texts(target, "target", field)
+    if chat and pipeline is not None:
+        raise ActSteerError("--chat is for language models (a pipeline has no chat template)")
     data = {"source_file": str(source), "target_file": str(target)}
     if pipeline is not None:
         status(f"Loading pipeline {pipeline} …")
@@ -250,6 +257,7 @@ def fit(
         steps=steps,
         learning_rate=learning_rate,
         sparsity=sparsity,
+        chat=chat,
     )
     elapsed = time.perf_counter() - start
     path = steering.save(output)
@@ -265,13 +273,13 @@ def fit(
 @app.command(rich_help_panel=LM_PANEL)
 def generate(
     prompts: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
-            help="One or more prompts. Put `--` before the prompts if one starts with - or "
-            "looks like a number right after --strength.",
+            help="One or more prompts (or --prompts FILE). Put `--` before the prompts if one "
+            "starts with - or looks like a number right after --strength.",
             metavar="PROMPT",
         ),
-    ],
+    ] = None,
     steering_specs: Annotated[
         list[str] | None,
         typer.Option(
@@ -300,6 +308,17 @@ def generate(
         float, typer.Option(help="Penalty > 1 discourages repeating tokens (1 = off).")
     ] = 1.3,
     extrapolate: ExtrapolateOption = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            help="Prompts from a file, after any given as arguments: .txt (one per line), "
+            ".jsonl, .csv (see --field) or hf:ID[:CONFIG[:SPLIT]].",
+            metavar="FILE",
+        ),
+    ] = None,
+    field: FieldOption = None,
+    chat: ChatOption = False,
 ) -> None:
     """Generate from PROMPTs at several strengths in ONE batched call; print a table.
 
@@ -312,6 +331,13 @@ def generate(
 
     kwargs = _generate_kwargs(max_new_tokens, sample, temperature, top_p, repetition_penalty)
     check_choice(positions, POSITIONS, "--positions")
+    prompts = list(prompts or [])
+    if prompts_file is not None:
+        prompts += read_texts(prompts_file, "--prompts", field)
+    elif field is not None:
+        raise ActSteerError("--field goes with --prompts FILE")
+    if not prompts:
+        raise ActSteerError("give prompts as arguments or with --prompts FILE")
     fixed, swept = parse_steerings(steering_specs or [], extrapolate)
     steering = swept[1] if swept else None
     strengths = resolve_strengths(
@@ -344,6 +370,7 @@ def generate(
         support,
         positions,
         fixed=[(st, lam) for _, st, lam in fixed],
+        chat=chat,
         **kwargs,
     )
     names = [p for p, *_ in fixed] + ([swept[0]] if swept else [])

@@ -63,6 +63,25 @@ ExtrapolateOption = Annotated[
     ),
 ]
 
+ChatOption = Annotated[
+    bool,
+    typer.Option(
+        "--chat",
+        help="Instruct models: each text or prompt is a user turn of the tokenizer's chat "
+        "template (the assistant's turn opened).",
+    ),
+]
+
+FieldOption = Annotated[
+    str | None,
+    typer.Option(
+        "--field",
+        help="The text's field of .jsonl rows, column of a .csv or field of hf:ID data "
+        "(default: text).",
+        metavar="NAME",
+    ),
+]
+
 ForceOption = Annotated[
     bool,
     typer.Option(

@@ -33,8 +33,10 @@ class Sampling:
     top_p: float = 0.3
     repetition_penalty: float = 1.2
     do_sample: bool = True
+    chat: bool = False  # prompts as user turns of the tokenizer's chat template
 
     def as_dict(self) -> dict[str, float | int | bool]:
+        """The settings, as recorded and as generate_grid takes them."""
         return asdict(self)
 
     @classmethod
