@@ -283,9 +283,10 @@ def test_cli_fit_with_method_lineas(
     assert steering.method == "lineas" and steering.info.mode == "end-to-end"
     training = steering.info.data["training"]
     assert (training["steps"], training["learning_rate"], training["sparsity"]) == (5, 0.02, 0.1)
+    other = tmp_path / "other.safetensors"  # a new path: an existing one is refused first
     refused = CliRunner().invoke(
         cli.app,
-        ["fit", "--source", str(source), "--target", str(target), "-o", str(out), "--steps", "5"],
+        ["fit", "--source", str(source), "--target", str(target), "-o", str(other), "--steps", "5"],
     )
     assert refused.exit_code != 0
     assert "only apply to methods trained end to end" in refused.output
