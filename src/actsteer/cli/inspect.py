@@ -19,6 +19,7 @@ from actsteer.cli.core import (
     status,
 )
 from actsteer.cli.options import (
+    FieldOption,
     ForceOption,
     MaxLengthOption,
     ModelOption,
@@ -48,11 +49,22 @@ def inspect(
         Path | None,
         typer.Option(
             "--data",
-            help="With --plot: source texts (one per line) whose activations are drawn before "
-            "and after transport (λ = 1).",
+            help="Source texts (.txt, .jsonl, .csv or hf:ID): per module, the share of their "
+            "token activations inside the support and, with --target, how well source and "
+            "target separate; with --plot, histograms before and after transport (λ = 1).",
             metavar="FILE",
         ),
     ] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option(
+            "--target",
+            help="With --data: target texts, for the per-module separation (default: the "
+            "steering's recorded target file, when it exists).",
+            metavar="FILE",
+        ),
+    ] = None,
+    field: FieldOption = None,
     model: ModelOption = None,
     module: Annotated[
         str | None,
@@ -64,23 +76,26 @@ def inspect(
 ) -> None:
     """Describe a steering file: method, model, data and per-module map statistics.
 
-    With --plot, also a figure of what it does at a glance (see --data for unit histograms;
-    --model, --module, --support and --max-length apply to --data).
+    With --data, which layers matter: per module, how well --data (source) and --target texts
+    separate (mean over units of |2·AUROC − 1|) and the share of --data's token activations
+    inside the support. With --plot, also a figure of what it does at a glance (--model,
+    --module, --support and --max-length apply to --data).
     """
+    from actsteer.models import model_for
     from actsteer.steering import Steering
 
-    if plot is None and data is not None:
-        raise ActSteerError("--data is drawn in the figure: give --plot PNG as well")
+    if data is None and (target is not None or field is not None):
+        raise ActSteerError("--target and --field go with --data FILE")
     if plot is not None and plot.suffix.lower() != ".png":
         raise ActSteerError(f"--plot should end in .png, got {plot}")
-    if plot is not None:
-        check_output(plot, force, "--plot")
     steering = Steering.load(path)
     if module is not None and module not in steering.maps:
         raise ActSteerError(
             f"--module {module!r} is not steered by {path}; it steers {len(steering.maps)} "
             f"modules, e.g. {next(iter(steering.maps), '-')}"
         )
+    if plot is not None:
+        check_output(plot, force, "--plot")
     info = steering.info
     out = console()
     out.print(f"[bold]{path}[/bold]")
@@ -109,16 +124,59 @@ def inspect(
             *(f"{v:.3f}" for v in (beta.mean(), beta.abs().max())),
         )
     out.print(table)
+    lm = tok = texts = None
+    if data is not None:
+        texts = read_texts(data, "--data", field)
+        lm, tok = load_lm(model_for(steering, model))
+        _separation_table(steering, lm, tok, texts, target, field, support, max_length)
     if plot is not None:
-        _inspect_plot(steering, path, plot, data, model, module, support, max_length)
+        _inspect_plot(steering, path, plot, lm, tok, texts, module, support, max_length)
+
+
+def _separation_table(
+    steering: Steering,
+    lm: Any,
+    tok: Any,
+    source: list[str],
+    target: Path | None,
+    field: str | None,
+    support: str | None,
+    max_length: int,
+) -> None:
+    """Print `inspect --data`'s per-module table: separation and support coverage."""
+    from actsteer.diagnostics import module_reports
+
+    recorded = steering.info.data.get("target_file")
+    if target is None and recorded is not None and Path(str(recorded)).is_file():
+        target = Path(str(recorded))
+    target_texts = read_texts(target, "--target", field) if target is not None else None
+    support = support or steering.default_support
+    status(f"Recording {len(source)} --data text(s) at {len(steering.maps)} modules …")
+    reports = module_reports(
+        lm, tok, steering, source, target_texts, support=support, max_length=max_length
+    )
+    title = f"per module on {len(source)} --data texts" + (
+        f" vs {len(target_texts)} from {target}" if target_texts else " (no --target)"
+    )
+    table = Table(title=title, show_edge=False)
+    table.add_column("module", overflow="fold")
+    if target_texts:
+        table.add_column("separation |2·AUROC−1|", justify="right")
+        table.add_column("strongest unit", justify="right")
+    table.add_column(f"tokens inside {support}", justify="right")
+    for report in reports:
+        cells = [] if not target_texts else [f"{report.separation:.3f}", f"{report.strongest:.3f}"]
+        table.add_row(report.module, *cells, f"{100 * report.inside:.1f}%")
+    console().print(table)
 
 
 def _inspect_plot(
     steering: Steering,
     path: Path,
     plot: Path,
-    data: Path | None,
-    model: str | None,
+    lm: Any,
+    tok: Any,
+    texts: list[str] | None,
     module: str | None,
     support: str | None,
     max_length: int,
@@ -126,13 +184,10 @@ def _inspect_plot(
     """Draw `inspect --plot`: record the --data texts at one module when given, then save."""
     from actsteer.capture import record
     from actsteer.evaluation.inspect_plot import middle_module, steering_figure
-    from actsteer.models import model_for
 
     source = None
     module = module or middle_module(steering)
-    if data is not None:
-        texts = read_texts(data, "--data")
-        lm, tok = load_lm(model_for(steering, model))
+    if texts is not None:
         status(f"Recording {len(texts)} text(s) at {module} …")
         source = record(
             lm, tok, texts, [module], pooling="all", max_length=max_length, progress=False
