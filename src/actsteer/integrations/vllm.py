@@ -22,7 +22,8 @@ layer returns (output, bias) and `output` is steered; a decoder block returns
 Modules vLLM fuses (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj) are refused at
 start-up. Hooks need eager execution: torch.compile would trace one batch's strengths into
 the graph and CUDA graphs would replay without the hooks, so both are refused
-(`enforce_eager=True`, `--enforce-eager`).
+(`enforce_eager=True`, `--enforce-eager`); so is prefix caching, which would hand a prefix's
+KV cache computed under one steering to a request with another (`--no-enable-prefix-caching`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 from vllm.config import CompilationMode, CUDAGraphMode
+from vllm.exceptions import VLLMValidationError
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
 from vllm.model_executor.layers.linear import (
@@ -83,14 +85,21 @@ def engine_args(steerings: Mapping[str, str | Path]) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` that serve `steerings` (name → artifact path).
 
     Sets ACTSTEER_VLLM_STEERINGS in this process's environment (vLLM's processes inherit it)
-    and returns the loader, the logits processor and eager execution.
+    and returns the loader, the logits processor, eager execution and no prefix caching.
     """
     os.environ[ENV] = ",".join(f"{name}={path}" for name, path in steerings.items())
-    served()  # a bad table fails here, before vLLM starts
+    for name, steering in served().items():  # a bad table fails here, before vLLM starts
+        fused = [m for m in steering.maps if m.rpartition(".")[2] in FUSED]
+        if fused:
+            raise ActSteerError(
+                f"steering {name!r} steers {fused[0]!r}, which vLLM fuses into "
+                f"{FUSED[fused[0].rpartition('.')[2]]}; steer norms or output projections"
+            )
     return {
         "load_format": LOAD_FORMAT,
         "logits_processors": [LOGITS_PROCESSOR],
         "enforce_eager": True,
+        "enable_prefix_caching": False,
     }
 
 
@@ -127,7 +136,7 @@ class RequestSteering(LogitsProcessor):
             try:
                 parse_request(value, served())
             except ActSteerError as err:
-                raise ValueError(str(err)) from None
+                raise VLLMValidationError(str(err), parameter=f"extra_args.{ARG_KEY}") from None
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         if vllm_config.load_config.load_format != LOAD_FORMAT:
@@ -186,6 +195,12 @@ def check_engine(vllm_config: Any) -> None:
             "strengths into the graph and CUDA graphs would replay without the hooks; start "
             "vLLM with enforce_eager=True (--enforce-eager)"
         )
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ActSteerError(
+            "actsteer's steering changes the KV cache a prompt leaves, so vLLM's prefix cache "
+            "would serve one request's steered prefix to another; start vLLM with "
+            "enable_prefix_caching=False (--no-enable-prefix-caching)"
+        )
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1 or parallel.use_ubatching:
         raise ActSteerError(
@@ -206,6 +221,11 @@ def _width(name: str, module: nn.Module, hidden: int) -> int:
         return hidden
     if isinstance(module, NORMS):
         return int(module.weight.shape[-1])
+    if isinstance(module, RowParallelLinear) and module.tp_size > 1 and not module.reduce_results:
+        raise ActSteerError(
+            f"cannot steer {name!r} in vLLM: under tensor parallelism its output is a partial "
+            "sum, reduced elsewhere; steer the norm after it instead"
+        )
     if isinstance(module, RowParallelLinear | ReplicatedLinear):
         return int(module.output_size)
     fused = isinstance(module, ColumnParallelLinear)
