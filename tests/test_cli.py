@@ -162,10 +162,13 @@ def test_export_writes_a_stock_checkpoint(runner, steering_file, smol, monkeypat
     fresh = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(fresh, type(model))
     assert (out / "actsteer_fold.json").exists() and (out / "tokenizer.json").exists()
+    again = runner.invoke(cli.app, ["export", "--steering", str(path), "-o", str(out)])
+    assert again.exit_code == 1 and "not empty" in again.stderr, "no silent overwrite"
     refused = runner.invoke(
-        cli.app, ["export", "--steering", str(path), "--support", "q0-100", "-o", str(out)]
+        cli.app,
+        ["export", "--steering", str(path), "--support", "q0-100", "-o", str(out), "--force"],
     )
-    assert refused.exit_code != 0
+    assert refused.exit_code != 0 and (out / "actsteer_fold.json").exists(), "kept"
     assert "cannot be folded" in refused.stderr and "Traceback" not in refused.output
 
 

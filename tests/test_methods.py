@@ -34,7 +34,15 @@ def fitted(model, tok, method: str, source=SOURCE, target=TARGET) -> tuple[np.nd
 
 
 def test_registry_lists_every_method():
-    assert set(METHODS) == {"linear-act", "mean-act", "gaussian-act", "actadd", "iti-c", "aura"}
+    assert set(METHODS) == {
+        "linear-act",
+        "mean-act",
+        "gaussian-act",
+        "actadd",
+        "iti-c",
+        "aura",
+        "lineas",
+    }
 
 
 def test_linear_act_is_least_squares_on_sorted_pairs(tiny_llama, tokenizer):

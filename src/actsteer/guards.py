@@ -90,7 +90,7 @@ class ModelGuard:
         logits = getattr(output, "logits", output)
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             return
-        last = logits[..., -1, :] if logits.ndim >= 3 else logits
+        last = (logits[..., -1, :] if logits.ndim >= 3 else logits).detach()
         # one summing pass (isfinite().all() costs 30x more on CPU); a sum that overflows while
         # every value is finite is confirmed value by value
         if math.isfinite(float(last.sum(dtype=torch.float32))) or bool(torch.isfinite(last).all()):
