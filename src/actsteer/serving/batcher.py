@@ -127,9 +127,9 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.peak = 0  # the most rows decoded together so far
-        self.order: list[Slot] = []
-        self.handles: list[SteeringHandle] = []
-        self.strengths: list[list[float]] = []
+        self.order: list[Slot] = []  # the slots of the running rows, in hook order
+        self.pool: dict[Slot, list[SteeringHandle]] = {}  # attached once, reused
+        self.applied: tuple[list[Slot], list[list[float]]] | None = None
         self.thread = threading.Thread(target=self._loop, name="actsteer-engine", daemon=True)
         self.thread.start()
 
@@ -185,9 +185,11 @@ class Engine:
                 self.batch.keep([])
                 with self.wake:
                     self.running, self.admitting = [], []
-                self._detach()
+                self._idle()
         self._fail([*self.waiting, *self.running], "the server is shutting down")
-        self._detach()
+        for handles in self.pool.values():
+            for handle in handles:
+                handle.remove()
         self.model.set_attn_implementation(self.attention_before)  # type: ignore[operator]
 
     def _prompt_pass(self, job: Job) -> None:
@@ -228,41 +230,51 @@ class Engine:
         with self.wake:
             self.running = [self.running[i] for i in keep]
         if not self.running:
-            self._detach()
+            self._idle()
 
     def _steer(self, jobs: list[Job], fill: int) -> None:
-        """Hooks for these rows (and `fill` copies of the first): each steering slot attached
-        once, in an order every row's composition occurs in, with a per-row λ (0 where a row
-        does not use it; no hooks where no row does)."""
+        """Hooks for these rows (and `fill` copies of the first): the steering slots in an order
+        every row's composition occurs in, each with a per-row λ (0 where a row does not use
+        it; no hooks where no row does). A slot's handle is attached once and reused."""
         order = self.order
         for job in jobs:
             if embed(order, job.slots) is None:
                 order = extend(order, job.slots)
-        if order != self.order:
-            self._detach()
-            self.order = order
-            # each slot its own copy: one steering may sit in several (supports, orders)
-            self.handles = []
-            for name, support in order:
-                steering = self.steerings[name]
-                copy = replace(steering, maps=dict(steering.maps))
-                self.handles.append(copy.attach(self.model, 0.0, support))
+        self.order = order
         strengths = [[0.0] * (len(jobs) + fill) for _ in order]
         for row, job in enumerate(jobs + jobs[:1] * fill):
             slots = embed(order, job.slots) or []
             for slot, (_, _, lam) in zip(slots, job.steering, strict=True):
                 strengths[slot][row] = lam
-        if strengths == self.strengths:
+        if self.applied == (order, strengths):
             return
-        for handle, lams in zip(self.handles, strengths, strict=True):  # in order, every time
+        handles = self._handles(order)
+        for handle in {h for hs in self.pool.values() for h in hs} - set(handles):
+            handle.set_strength(0.0)
+        for handle, lams in zip(handles, strengths, strict=True):  # in order: hooks re-register
             handle.set_strength(torch.tensor(lams) if any(lams) else 0.0)
-        self.strengths = strengths
+        self.applied = (list(order), strengths)
 
-    def _detach(self) -> None:
-        """Remove every steering hook and forget the slot order."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.strengths, self.order = [], [], []
+    def _handles(self, order: list[Slot]) -> list[SteeringHandle]:
+        """A handle for each position of `order` (a slot occurring twice gets two)."""
+        used: dict[Slot, int] = {}
+        handles = []
+        for slot in order:
+            pool = self.pool.setdefault(slot, [])
+            k = used[slot] = used.get(slot, -1) + 1
+            if k == len(pool):  # each its own copy: the same steering may be attached twice
+                steering = self.steerings[slot[0]]
+                copy = replace(steering, maps=dict(steering.maps))
+                pool.append(copy.attach(self.model, 0.0, slot[1]))
+            handles.append(pool[k])
+        return handles
+
+    def _idle(self) -> None:
+        """No rows: every hook off (handles kept), the slot order forgotten."""
+        for handles in self.pool.values():
+            for handle in handles:
+                handle.set_strength(0.0)
+        self.order, self.applied = [], None
 
     @staticmethod
     def _fail(jobs: Sequence[Job], message: str) -> None:
