@@ -35,3 +35,22 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/fold_speed.py
 	$(BIN)/python benchmarks/denoise_overhead.py tests/assets/toy_t2i
 	$(BIN)/python benchmarks/unet_scale_overhead.py
+
+# llama.cpp (tests/llamacpp, not part of `make test`): llama-cpp-python builds from source with
+# cmake the first time (58 min here, on two cores shared with other jobs); its source archive
+# and the wheel built from it stay in WHEELS, so later runs install the wheel in seconds. The
+# source also carries llama.cpp's convert_hf_to_gguf.py, which the folded-checkpoint test runs
+# (it needs sentencepiece).
+.PHONY: test-llamacpp
+LLAMA_CPP := llama_cpp_python-0.3.36
+WHEELS := $(or $(ACTSTEER_CACHE),$(HOME)/.cache/actsteer)/wheels
+
+$(WHEELS)/$(LLAMA_CPP).tar.gz: | $(BIN)/python
+	mkdir -p $(WHEELS)
+	$(BIN)/pip download --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d $(WHEELS)
+
+test-llamacpp: $(VENV)/.installed $(WHEELS)/$(LLAMA_CPP).tar.gz
+	ls $(WHEELS)/$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
+	    nice -n 19 $(BIN)/pip wheel --no-deps $(WHEELS)/$(LLAMA_CPP).tar.gz -w $(WHEELS)
+	$(BIN)/pip install $(WHEELS)/$(LLAMA_CPP)-*.whl "sentencepiece>=0.1.98,<0.3"
+	LLAMA_CPP_SDIST=$(WHEELS)/$(LLAMA_CPP).tar.gz $(BIN)/python -m pytest -q -rP tests/llamacpp

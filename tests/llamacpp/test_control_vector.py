@@ -137,6 +137,11 @@ def test_llama_cpp_moves_the_distribution_as_the_hooks_do(
 ):
     vector = export_control_vector(football_shift, smol[0], tmp_path / "v.gguf", strength)
     for noise, d_hf, d_cpp in agreement(smol, engine, football_shift, strength, vector):
+        print(
+            f"λ {strength}: unsteered gap {noise:.3f}, max |Δ_hf| {np.abs(d_hf).max():.3f}, "
+            f"max |Δ_hf − Δ_cpp| {np.abs(d_hf - d_cpp).max():.3f}, "
+            f"correlation {np.corrcoef(d_hf, d_cpp)[0, 1]:.4f}"
+        )
         assert np.abs(d_hf).max() > 4 * noise, (np.abs(d_hf).max(), noise)
         assert np.abs(d_hf - d_cpp).max() <= 2 * noise, (np.abs(d_hf - d_cpp).max(), noise)
         clear = np.abs(d_hf) > 2 * noise
@@ -154,4 +159,6 @@ def test_an_off_by_one_block_index_would_be_seen(smol, engine, football_shift, t
         strict=True,
     )
     for (_, d_hf, d_cpp), (_, _, d_wrong) in rows:
-        assert np.abs(d_hf - d_wrong).mean() > 2 * np.abs(d_hf - d_cpp).mean()
+        right_gap, wrong_gap = np.abs(d_hf - d_cpp).mean(), np.abs(d_hf - d_wrong).mean()
+        print(f"mean |Δ_hf − Δ_cpp|: right index {right_gap:.3f}, one block later {wrong_gap:.3f}")
+        assert wrong_gap > 2 * right_gap
