@@ -45,6 +45,8 @@ from actsteer.capture import resolve_modules
 from actsteer.sequential import execution_order
 
 #: No ":" in the regex: ml-act reads "name:N" as output N of a module (so no "(?:...)").
+#: actsteer's support name → ml-act's quantiles_src.
+SUPPORTS = {"q0-100": "q_0_100", "all": "q_all"}
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)"
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument(
+        "--support", choices=sorted(SUPPORTS), default="q0-100", help="support of applied maps"
+    )
     parser.add_argument("--mlact", type=Path, default=Path("/tmp/ml-act"))
     parser.add_argument("--mlact-python", type=Path, default=Path("/tmp/venv-mlact/bin/python"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/actsteer-reference-check"))
@@ -83,6 +88,7 @@ def start_reference(args: argparse.Namespace, model, tok, source, target):
         "--model-dir", str(work / "model"), "--texts", str(texts), "--modules", args.modules,
         "--work", str(work / "mlact"), "--out", str(out), "--batch-size", str(args.batch_size),
         "--max-length", str(args.max_length), "--threads", str(args.threads),
+        "--support", SUPPORTS[args.support],
     ]  # fmt: skip
     print("reference:", " ".join(command), flush=True)
     log = (work / "reference.log").open("w")
@@ -133,16 +139,23 @@ def main(argv: list[str] | None = None) -> None:
     process, path = None, args.reference_maps
     if path is None:
         process, path = start_reference(args, model, tok, source, target)
+    # "sequential, batch B/2": actsteer against itself with other batches, i.e. float32 rounding
+    # alone: the floor any two implementations can reach on this model and data.
+    runs = {
+        "sequential": ("sequential", args.batch_size),
+        f"sequential, batch {args.batch_size // 2}": ("sequential", args.batch_size // 2),
+        "independent": ("independent", args.batch_size),
+    }
     fits, seconds = {}, {}
-    for mode in ("sequential", "independent"):
+    for label, (mode, batch_size) in runs.items():
         started = time.perf_counter()
-        fits[mode] = actsteer.fit(
+        fits[label] = actsteer.fit(
             model, tok, source=source, target=target, modules=names, method="linear-act",
-            mode=mode, pooling="mean", support="q0-100", batch_size=args.batch_size,
+            mode=mode, pooling="mean", support=args.support, batch_size=batch_size,
             max_length=args.max_length, progress=False,
         )  # fmt: skip
-        seconds[mode] = time.perf_counter() - started
-        print(f"actsteer {mode} fit: {seconds[mode]:.0f} s", flush=True)
+        seconds[label] = time.perf_counter() - started
+        print(f"actsteer {label} fit: {seconds[label]:.0f} s", flush=True)
     if process is not None and process.wait() != 0:
         sys.exit(f"the reference run failed (exit {process.returncode}); see {args.work}")
     with safe_open(str(path), "pt") as f:
@@ -152,20 +165,41 @@ def main(argv: list[str] | None = None) -> None:
     if ref_order != order:
         sys.exit(f"module order differs: reference {ref_order[:3]}…, actsteer {order[:3]}…")
     print(f"reference: {len(ref_order)} modules fitted in order, {meta['seconds']} s", flush=True)
-    rows = {mode: compare(s, ref, order) for mode, s in fits.items()}
+    rows = {label: compare(s, ref, order) for label, s in fits.items()}
+    half = f"sequential, batch {args.batch_size // 2}"
+    own = {
+        f"{name}.{key}": tensor
+        for name, m in fits["sequential"].maps.items()
+        for key, tensor in (
+            ("omega", m.omega), ("beta", m.beta), ("lo", m.bounds["q0-100"][0]),
+            ("hi", m.bounds["q0-100"][1]),
+        )
+    }  # fmt: skip
+    rows[f"{half} vs actsteer sequential"] = noise = compare(fits[half], own, order)
     print(
         table(
-            ["module", "ω rel. err.", "β rel. err.", "lo rel. err.", "hi rel. err."],
-            [(n, *(f"{v:.2e}" for v in vals)) for n, *vals in rows["sequential"]],
-        )
+            [
+                "module",
+                "ω rel. err.",
+                "β rel. err.",
+                "lo rel. err.",
+                "hi rel. err.",
+                f"ω, β: batch {args.batch_size // 2} vs {args.batch_size}",
+            ],
+            [
+                (n, *(f"{v:.2e}" for v in vals), f"{own_row[1]:.1e}, {own_row[2]:.1e}")
+                for (n, *vals), own_row in zip(rows["sequential"], noise, strict=True)
+            ],
+        )  # fmt: skip
     )
     print()
     lines = []
-    for mode, mode_rows in rows.items():
+    for label, mode_rows in rows.items():
         for column, what in ((1, "ω"), (2, "β"), (3, "support lo"), (4, "support hi")):
             worst, median = summary(mode_rows, column)
-            lines.append((f"actsteer {mode}", what, f"{worst:.2e}", f"{median:.2e}"))
-    print(table(["fit vs ml-act incremental", "", "max over modules", "median"], lines))
+            against = "" if " vs " in label else " vs ml-act"
+            lines.append((f"actsteer {label}{against}", what, f"{worst:.2e}", f"{median:.2e}"))
+    print(table(["comparison", "", "max over modules", "median"], lines))
     worst = max(max(summary(rows["sequential"], 1)[0], summary(rows["sequential"], 2)[0]), 0.0)
     verdict = "PASS" if worst <= args.tolerance else "FAIL"
     print(f"\n{verdict}: sequential max relative error {worst:.2e} (tolerance {args.tolerance})")

@@ -19,6 +19,7 @@ Settings given to ml-act's config (all through config keys its code reads):
   model.module_names     the regex of the 60 norm outputs
   task_params.dataset    "json-subsets" with the texts as {"toxic": [...], "non-toxic": [...]}
   responses.balanced_data, responses.shuffle   false: batches in the file's order
+  intervention_params.hook_params.quantiles_src   --support (q_0_100, its default, or q_all)
   device cpu, dtype float32, responses.num_workers 0, batch size, data/cache dirs
 
 Output: safetensors with `<module>.omega`, `<module>.beta` (LinearProj w1, b1), `<module>.lo`,
@@ -49,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--support", default="q_0_100", help="ml-act's quantiles_src for applied maps (q_all: none)"
+    )
     return parser.parse_args()
 
 
@@ -82,6 +86,7 @@ def main() -> None:
         # stratified shuffle; every text of both subsets is used either way (equal counts).
         cfg.responses.balanced_data = False
         cfg.responses.shuffle = False
+        cfg.intervention_params.hook_params.quantiles_src = args.support
     params = cfg.interventions.intervention_params
     print(
         "ml-act intervention_params:",
