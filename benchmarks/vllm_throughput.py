@@ -1,0 +1,117 @@
+"""vLLM throughput with every request steered ÷ unsteered, interleaved in one engine.
+
+One vLLM engine with actsteer's plugin serves a Linear-AcT steering fitted on every norm
+output of SmolLM2-135M (`layernorms`: 61 modules, support q0-100). Each round generates the
+same batch twice, once with no request steered and once with every request steered at its own
+λ (0.25, 0.5, 0.75, 1 in turn), in alternating order; throughput is generated tokens per
+second of `llm.generate`, the ratio is the median of the rounds' ratios. Holds
+/tmp/actsteer-bench.lock while timing.
+
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py [--requests 16] [--tokens 32] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+
+from _common import contention, machine, wait_for_quiet
+
+LOCK = Path("/tmp/actsteer-bench.lock")
+PROMPTS = [
+    "The weather today is",
+    "My favourite hobby is",
+    "Yesterday I went to the",
+    "The best way to spend a Sunday is",
+    "In the morning I usually",
+    "The city council decided to",
+    "Her new book is about",
+    "The recipe calls for",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    print(machine())
+
+    import vllm
+
+    import actsteer
+    from actsteer.models import _cached_alias
+
+    model, tok = actsteer.load_model("smollm2-135m")
+    data = files("actsteer").joinpath("data")
+    neutral = data.joinpath("neutral.txt").read_text().splitlines()[:16]
+    football = data.joinpath("football.txt").read_text().splitlines()[:16]
+    steering = actsteer.fit(
+        model, tok, source=neutral, target=football, modules="layernorms", progress=False
+    )
+    del model
+    path = Path(tempfile.mkdtemp()) / "norms.safetensors"
+    steering.save(path)
+
+    from actsteer.integrations.vllm import engine_args
+
+    llm = vllm.LLM(
+        model=str(_cached_alias("smollm2-135m")),
+        dtype="float32",
+        max_model_len=256,
+        gpu_memory_utilization=0.1,
+        **engine_args({"norms": path}),
+    )
+    prompts = [
+        {"prompt_token_ids": tok(PROMPTS[i % len(PROMPTS)]).input_ids} for i in range(args.requests)
+    ]
+    lams = [0.25, 0.5, 0.75, 1.0]
+
+    def params(steered: bool) -> list:
+        return [
+            vllm.SamplingParams(
+                temperature=0,
+                max_tokens=args.tokens,
+                min_tokens=args.tokens,
+                extra_args={"actsteer": {"norms": lams[i % 4]}} if steered else None,
+            )
+            for i in range(args.requests)
+        ]
+
+    def timed(steered: bool) -> float:
+        wait_for_quiet()
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params(steered), use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return sum(len(o.outputs[0].token_ids) for o in outputs) / seconds
+
+    timed(False), timed(True)  # warm-up
+    ratios, plain_runs, steered_runs = [], [], []
+    LOCK.touch()
+    try:
+        for r in range(args.rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            speed = {s: timed(s) for s in order}
+            plain_runs.append(speed[False])
+            steered_runs.append(speed[True])
+            ratios.append(speed[True] / speed[False])
+            print(f"round {r}: unsteered {speed[False]:.1f} tok/s, steered {speed[True]:.1f}")
+    finally:
+        LOCK.unlink(missing_ok=True)
+    print(f"vllm {vllm.__version__}; {contention()}")
+    print(
+        f"{args.requests} requests × {args.tokens} tokens, {len(steering.maps)} norm outputs "
+        f"steered: unsteered {statistics.median(plain_runs):.1f} tok/s, steered "
+        f"{statistics.median(steered_runs):.1f} tok/s; steered ÷ unsteered = "
+        f"{statistics.median(ratios):.3f} (median of {args.rounds} rounds; "
+        f"min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
