@@ -140,6 +140,7 @@ def test_toxicity_sampled_strata_and_reproducible(smol, steering):
         "top_p": 0.3,
         "repetition_penalty": 1.2,
         "do_sample": True,
+        "chat": False,
     }
     assert {s["id"][:2] for s in result.samples} == {"lt", "rt"}
     assert set(result.metrics()) == set(toxicity.ToxicityResult.METRICS)

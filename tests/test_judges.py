@@ -3,6 +3,8 @@ RoBERTa saved to disk) and the paired bootstrap the paper tables use."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -53,7 +55,11 @@ def test_default_judge_is_the_offline_scorer():
     np.testing.assert_array_equal(judge.score(TEXTS), toxicity.score_toxicity(TEXTS))
 
 
-def test_hf_judge_is_the_toxic_label_probability(tmp_path, tokenizer):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_hf_judge_is_the_toxic_label_probability(tmp_path, tokenizer, side):
+    """Whatever padding side the tokenizer was saved with (RoBERTa reads the first token)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = side
     model = classifier(tmp_path, tokenizer, {0: "neutral", 1: "toxic"})
     judge = get_judge(f"hf:{tmp_path}")
     assert judge.name == f"hf:{tmp_path}"

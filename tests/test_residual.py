@@ -147,6 +147,8 @@ def test_a_writer_map_and_a_block_shift_fold_together(tiny_llama, tokenizer):
 
 
 def test_unfoldable_block_maps_are_refused_and_leave_the_weights(tiny_llama, tokenizer):
+    tiny_llama = copy.deepcopy(tiny_llama)  # the shared model may carry other tests' folds
+    tiny_llama.config.mlp_bias = False
     names = resolve_modules(tiny_llama, "residual")
     scaled = shift_steering(tiny_llama, names)
     scaled.maps[names[1]].omega[3] = 1.5

@@ -62,6 +62,9 @@ def _classifier(source: str) -> Judge:
             f"cannot load the toxicity judge {source!r} ({error}); give a hub id this machine "
             "can reach or a local folder with a sequence-classification model"
         ) from error
+    # Encoder classifiers (BERT, RoBERTa) read the first token: pad on the right, which
+    # decoder classifiers (their last real token) handle too.
+    tokenizer.padding_side = "right"
     labels = {str(name).lower(): int(i) for i, name in model.config.id2label.items()}
     toxic = next((labels[name] for name in TOXIC_LABELS if name in labels), None)
     if toxic is None:
