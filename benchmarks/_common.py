@@ -22,6 +22,8 @@ from actsteer.tree import module_tree
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("ACTSTEER_DATA", ROOT.parent / "shared" / "data")) / "toxicity_fit"
 THREADS = 2
+#: Held while a benchmark times something, so other jobs on the shared machine hold back.
+BENCH_LOCK = Path("/tmp/actsteer-bench.lock")
 
 
 def set_threads(threads: int = THREADS) -> None:
@@ -208,3 +210,18 @@ def variant(steering: Any, model: Any, name: str) -> Iterator[Any]:
     switch = {"ACTSTEER_FUSED_KERNEL": "0"} if torch_ops else {}
     with mock.patch.dict(os.environ, switch), steering.applied(model, 1.0, support) as handle:
         yield handle
+
+
+@contextmanager
+def bench_lock() -> Iterator[None]:
+    """Hold BENCH_LOCK while timing: wait while another benchmark holds it, then create it and
+    remove it afterwards (also on error)."""
+    if BENCH_LOCK.exists():
+        print(f"{BENCH_LOCK} exists: another benchmark is timing; waiting for it to go", flush=True)
+        while BENCH_LOCK.exists():
+            time.sleep(5)
+    BENCH_LOCK.touch()
+    try:
+        yield
+    finally:
+        BENCH_LOCK.unlink(missing_ok=True)

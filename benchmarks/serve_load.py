@@ -27,12 +27,11 @@ import uvicorn
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import begin, contention, fmt_spread, rotated, table, wait_for_quiet  # noqa: E402
+from _common import begin, bench_lock, contention, fmt_spread, rotated, table, wait_for_quiet  # noqa: E402
 
 import actsteer  # noqa: E402
 from actsteer.serving.app import Server  # noqa: E402
 
-LOCK = Path("/tmp/actsteer-bench.lock")
 PROMPTS = [
     "The weather today is",
     "My favourite hobby is",
@@ -124,12 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                 for c in (1, 4, 16) for w in ("mixed", "unsteered")}  # fmt: skip
     variants["one at a time, 16 clients, mixed"] = (1, 16, True)
     results: dict[str, list[dict]] = {name: [] for name in variants}
-    if LOCK.exists():
-        print(f"{LOCK} exists: another benchmark is timing; waiting for it to go", flush=True)
-        while LOCK.exists():
-            time.sleep(5)
-    LOCK.touch()
-    try:
+    with bench_lock():
         for r in range(args.rounds):
             for name in rotated(list(variants), r):
                 max_batch, clients, mixed = variants[name]
@@ -141,8 +135,6 @@ def main(argv: list[str] | None = None) -> None:
                 results[name].append(result)
                 print(f"round {r}: {name}: {result['tok/s']:.1f} tok/s, p50 {result['p50']:.2f} s, "
                       f"p95 {result['p95']:.2f} s", flush=True)  # fmt: skip
-    finally:
-        LOCK.unlink(missing_ok=True)
 
     rows = [
         [name, fmt_spread([x["tok/s"] for x in rs], 1), fmt_spread([x["p50"] for x in rs], 2),

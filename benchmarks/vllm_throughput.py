@@ -19,9 +19,8 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from _common import contention, machine, wait_for_quiet
+from _common import bench_lock, contention, machine, wait_for_quiet
 
-LOCK = Path("/tmp/actsteer-bench.lock")
 PROMPTS = [
     "The weather today is",
     "My favourite hobby is",
@@ -92,8 +91,7 @@ def main() -> None:
 
     timed(False), timed(True)  # warm-up
     ratios, plain_runs, steered_runs = [], [], []
-    LOCK.touch()
-    try:
+    with bench_lock():
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
             speed = {s: timed(s) for s in order}
@@ -101,8 +99,6 @@ def main() -> None:
             steered_runs.append(speed[True])
             ratios.append(speed[True] / speed[False])
             print(f"round {r}: unsteered {speed[False]:.1f} tok/s, steered {speed[True]:.1f}")
-    finally:
-        LOCK.unlink(missing_ok=True)
     print(f"vllm {vllm.__version__}; {contention()}")
     print(
         f"{args.requests} requests × {args.tokens} tokens, {len(steering.maps)} norm outputs "
