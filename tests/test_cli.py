@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -114,6 +115,41 @@ def test_fit_writes_loadable_file(steering_file, text_files):
     assert (data["source_texts"], data["target_texts"]) == (12, 12)  # blank lines skipped
 
 
+def test_generate_grid_progress_counts_decoding_steps(tiny_llama, tokenizer, monkeypatch, capsys):
+    from transformers import StoppingCriteria
+
+    from actsteer import generation
+
+    bars: list = []
+
+    class Recording(generation.tqdm):
+        def close(self):  # tqdm closes again on garbage collection: record the first only
+            if not getattr(self, "recorded", False):
+                self.recorded = True
+                bars.append((self.total, self.n, self.disable))
+            super().close()
+
+    class StopAtFive(StoppingCriteria):  # a user's own criterion must still apply
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= start + 5)
+
+    monkeypatch.setattr(generation, "tqdm", Recording)
+    prompts = ["I went to the park and", "Yesterday"]
+    start = tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=9, do_sample=False, min_new_tokens=9)
+    quiet = generate_grid(tiny_llama, tokenizer, prompts, **kwargs)
+    shown = generate_grid(tiny_llama, tokenizer, prompts, progress=True, **kwargs)
+    assert shown == quiet  # the bar changes nothing generated
+    assert bars == [(9, 0, True), (9, 9, False)]  # off by default; one step per new token
+    assert "generating 2 row(s)" in capsys.readouterr().err
+    kwargs.pop("min_new_tokens")
+    stopped = generate_grid(
+        tiny_llama, tokenizer, prompts, progress=True, stopping_criteria=[StopAtFive()], **kwargs
+    )
+    assert bars[-1] == (9, 5, False)
+    assert all(len(tokenizer(row[0])["input_ids"]) <= 6 for row in stopped)
+
+
 def test_generate_prints_sweep_table(runner, steering_file):
     path, _ = steering_file
     result = runner.invoke(
@@ -124,6 +160,7 @@ def test_generate_prints_sweep_table(runner, steering_file):
     assert result.exit_code == 0, result.output
     for column in ("λ = 0", "λ = 0.5", "λ = 1", "Sunday is"):
         assert column in result.stdout
+    assert "generating 3 row(s)" in result.stderr and "generating" not in result.stdout
 
 
 def test_generate_composes_fixed_and_swept_steerings(runner, steering_file):
@@ -200,7 +237,7 @@ def test_demo_runs(runner, monkeypatch):
     result = runner.invoke(cli.app, ["demo", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
     assert "λ = 0.5" in result.stdout and "Sundays" in result.stdout
-    assert "Fitting" in result.stderr
+    assert "Fitting" in result.stderr and "generating 9 row(s)" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from tqdm.auto import tqdm
 
 from actsteer.chat import chat_texts
 from actsteer.errors import ActSteerError
@@ -38,6 +39,19 @@ def left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
             tokenizer.pad_token = pad
 
 
+class _TokenProgress:
+    """A stopping criterion that never stops: it advances a progress bar once per decoding step."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def grid_strengths(n_prompts: int, strengths: Sequence[float]) -> torch.Tensor:
     """The (n_prompts · S,) per-row strength tensor: row p·S + s has strength strengths[s]."""
     return torch.tensor([float(s) for s in strengths], dtype=torch.float32).repeat(n_prompts)
@@ -53,6 +67,7 @@ def generate_grid(
     positions: str = "all",
     fixed: Sequence[tuple[Steering, float]] = (),
     chat: bool = False,
+    progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[list[str]]:
     """Continuations of every prompt at every strength, from one batched `model.generate` call.
@@ -63,8 +78,9 @@ def generate_grid(
     the steering's default strength. `fixed` steerings, each with its own strength, apply on
     every row before the swept one (composition, in the given order); `positions` chooses the
     token positions every steering acts on. chat: each prompt goes in as a user turn of the
-    tokenizer's chat template (actsteer.chat). generate_kwargs go to `model.generate`
-    (max_new_tokens defaults to 40, do_sample to False).
+    tokenizer's chat template (actsteer.chat). progress: a bar on stderr counting decoding steps
+    (new tokens per row). generate_kwargs go to `model.generate` (max_new_tokens defaults to 40,
+    do_sample to False).
     """
     if isinstance(prompts, str):
         raise ActSteerError("prompts must be a list of texts, not one string")
@@ -93,7 +109,20 @@ def generate_grid(
             if steering is None
             else steering.applied(model, lam, support, positions=positions)
         )
-        with steered(model, *fixed, positions=positions), swept, torch.inference_mode():
+        bar = tqdm(
+            total=generate_kwargs["max_new_tokens"],
+            desc=f"generating {len(rows)} row(s)",
+            unit="tok",
+            disable=not progress,
+            leave=False,
+        )
+        if progress:
+            from transformers import StoppingCriteriaList
+
+            criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+            criteria.append(_TokenProgress(bar))
+            generate_kwargs["stopping_criteria"] = criteria
+        with bar, steered(model, *fixed, positions=positions), swept, torch.inference_mode():
             output = cast("GenerationMixin", model).generate(  # a causal LM's generate
                 input_ids=encoded["input_ids"],
                 attention_mask=encoded["attention_mask"],

@@ -371,6 +371,7 @@ def generate(
         positions,
         fixed=[(st, lam) for _, st, lam in fixed],
         chat=chat,
+        progress=True,
         **kwargs,
     )
     names = [p for p, *_ in fixed] + ([swept[0]] if swept else [])
@@ -428,6 +429,7 @@ def demo(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         repetition_penalty=1.3,
+        progress=True,
     )
     columns = [format_strength(s) for s in DEMO_STRENGTHS]
     title = f"{model}: λ = 0 is the untouched model, λ = 1 talks football"
