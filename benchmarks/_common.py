@@ -212,15 +212,42 @@ def variant(steering: Any, model: Any, name: str) -> Iterator[Any]:
         yield handle
 
 
+def _lock_holder_alive() -> bool:
+    """Whether the process named in BENCH_LOCK still runs (a lock with no live PID is stale; an
+    empty one counts as live for its first seconds, while its creator writes the PID)."""
+    try:
+        text = BENCH_LOCK.read_text().strip()
+        if not text:
+            return time.time() - BENCH_LOCK.stat().st_mtime < 10
+        os.kill(int(text), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
 @contextmanager
 def bench_lock() -> Iterator[None]:
-    """Hold BENCH_LOCK while timing: wait while another benchmark holds it, then create it and
-    remove it afterwards (also on error)."""
-    if BENCH_LOCK.exists():
-        print(f"{BENCH_LOCK} exists: another benchmark is timing; waiting for it to go", flush=True)
-        while BENCH_LOCK.exists():
+    """Hold BENCH_LOCK while timing: wait while another live benchmark holds it, then create it
+    with this PID inside and remove it afterwards (also on error). A lock left by a process that
+    died (no live PID inside) is taken over, with a line saying so."""
+    waiting = False
+    while True:
+        try:
+            descriptor = os.open(BENCH_LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if not _lock_holder_alive():
+                print(f"{BENCH_LOCK} is stale (its process is gone): taking it over", flush=True)
+                BENCH_LOCK.unlink(missing_ok=True)
+                continue
+            if not waiting:
+                print(f"{BENCH_LOCK}: another benchmark is timing; waiting for it", flush=True)
+                waiting = True
             time.sleep(5)
-    BENCH_LOCK.touch()
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    os.close(descriptor)
     try:
         yield
     finally:

@@ -41,11 +41,9 @@ def describe_strength(strength: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:g}" for v in strength.tolist()) + "]"
 
 
-def warn_far_strength(maps: dict[str, AffineMap], strength: torch.Tensor) -> None:
-    """Warn when λ moves some unit, over the source's range [lo, hi], by more than
-    SPREAD_WARNING × (hi − lo): beyond anything the fit data supports (ActAdd and ITI-c accept
-    any λ, and large ones turn output to garbage before it turns NaN)."""
-    lam = float(strength.abs().max()) if strength.numel() else 0.0
+def reach(maps: dict[str, AffineMap]) -> tuple[float, str]:
+    """The largest shift a map makes at |λ| = 1, over the source's range [lo, hi] of its unit,
+    in units of hi − lo, and the module it occurs in (λ scales it linearly)."""
     worst, where = 0.0, ""
     for name, amap in maps.items():
         bounds = amap.bounds.get("q0-100")
@@ -54,14 +52,23 @@ def warn_far_strength(maps: dict[str, AffineMap], strength: torch.Tensor) -> Non
         lo, hi = (b.float() for b in bounds)
         omega, beta = amap.omega.float(), amap.beta.float()
         shift = torch.maximum(((omega - 1) * lo + beta).abs(), ((omega - 1) * hi + beta).abs())
-        ratio = float((lam * shift / (hi - lo).clamp_min(1e-12)).max())
+        ratio = float((shift / (hi - lo).clamp_min(1e-12)).max())
         if ratio > worst:
             worst, where = ratio, name
-    if worst > SPREAD_WARNING:
+    return worst, where
+
+
+def warn_far_strength(maps_reach: tuple[float, str], strength: torch.Tensor) -> None:
+    """Warn when λ moves some unit by more than SPREAD_WARNING × its range on the fit data
+    (`maps_reach` from `reach`): beyond anything the fit data supports (ActAdd and ITI-c accept
+    any λ, and large ones turn output to garbage before it turns NaN)."""
+    lam = float(strength.abs().max()) if strength.numel() else 0.0
+    worst, where = maps_reach
+    if lam * worst > SPREAD_WARNING:
         warnings.warn(
             f"actsteer: λ = {describe_strength(strength)} shifts activations of {where!r} by up "
-            f"to {worst:.3g}× their range on the fit data (more than {SPREAD_WARNING:g}×): far "
-            "outside what the fit supports, outputs are likely garbage; lower the strength",
+            f"to {lam * worst:.3g}× their range on the fit data (more than {SPREAD_WARNING:g}×): "
+            "far outside what the fit supports, outputs are likely garbage; lower the strength",
             stacklevel=4,
         )
 

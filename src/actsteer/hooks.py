@@ -17,7 +17,7 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS
 from actsteer.errors import ActSteerError
-from actsteer.guards import enter, guard_of, leave, warn_far_strength
+from actsteer.guards import enter, guard_of, leave, reach, warn_far_strength
 from actsteer.guidance import Guidance
 from actsteer.kernels import fused_kernel
 from actsteer.maps import AffineMap
@@ -279,6 +279,7 @@ class SteeringHandle:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_hooks: dict[str, object] = {}  # what is registered on each module
         self.strength = torch.zeros(())
+        self.reach = reach(steering.maps)  # for the far-λ warning, once: λ only scales it
         enter(self, tree)  # refuses the same steering applied twice
         try:
             self.set_strength(strength)
@@ -297,7 +298,7 @@ class SteeringHandle:
         if lam.ndim == 0 and lam.item() == 0.0:
             guard_of(self.model).update()
             return
-        warn_far_strength(self.steering.maps, lam)
+        warn_far_strength(self.reach, lam)
         if self.phase is not None:
             self.handles.append(
                 self.model.register_forward_pre_hook(self.phase, with_kwargs=True, prepend=True)
