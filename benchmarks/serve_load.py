@@ -10,6 +10,7 @@ ratios: batched ÷ one-at-a-time throughput at 16 clients (target ≥ 3) and mix
 (target ≥ 0.95). Creates /tmp/actsteer-bench.lock while it times.
 
     .venv/bin/python benchmarks/serve_load.py [--rounds 3] [--requests 32] [--tokens 32]
+        [--clients 1 4 16]
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=float, default=300.0, help="seconds per measurement")
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 4, 16],
+        help="client counts of the batching server (one-at-a-time serving runs with 16 clients "
+        "when 16 is among them)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     run = begin("benchmarks/serve_load.py", argv, args.threads)
 
@@ -120,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         "neutral": actsteer.fit(model, tok, football[:32], neutral[:32], **fit),
     }
     variants = {f"batched, {c} clients, {w}": (16, c, w == "mixed")
-                for c in (1, 4, 16) for w in ("mixed", "unsteered")}  # fmt: skip
-    variants["one at a time, 16 clients, mixed"] = (1, 16, True)
+                for c in args.clients for w in ("mixed", "unsteered")}  # fmt: skip
+    if 16 in args.clients:
+        variants["one at a time, 16 clients, mixed"] = (1, 16, True)
     results: dict[str, list[dict]] = {name: [] for name in variants}
     with bench_lock():
         for r in range(args.rounds):
@@ -147,11 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         per_round = [x["tok/s"] / y["tok/s"] for x, y in zip(results[a], results[b], strict=True)]
         return fmt_spread(per_round)
 
-    print(
-        f"batched ÷ one at a time, 16 clients, mixed: "
-        f"{ratio('batched, 16 clients, mixed', 'one at a time, 16 clients, mixed')} (target ≥ 3)"
-    )
-    for c in (1, 4, 16):
+    if 16 in args.clients:
+        print(
+            f"batched ÷ one at a time, 16 clients, mixed: "
+            f"{ratio('batched, 16 clients, mixed', 'one at a time, 16 clients, mixed')} "
+            "(target ≥ 3)"
+        )
+    for c in args.clients:
         mixed, plain = f"batched, {c} clients, mixed", f"batched, {c} clients, unsteered"
         print(f"mixed ÷ unsteered, {c} clients: {ratio(mixed, plain)} (target ≥ 0.95)")
     print(f"{args.requests} requests × {args.tokens} tokens per measurement; {contention()}")

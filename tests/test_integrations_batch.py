@@ -11,12 +11,12 @@ import torch
 from actsteer import ActSteerError, Steering, SteeringInfo
 from actsteer.integrations.batch import (
     BatchSteering,
+    TokenMap,
     build_stages,
     load_table,
     parse_request,
     parse_table,
     token_strengths,
-    transport,
 )
 from actsteer.maps import AffineMap
 
@@ -110,7 +110,7 @@ def test_per_token_stages_equal_each_request_steered_alone(served):
     batch.begin_pass(boundaries)
     steered = a.clone()
     for name, lam in batch.token_stages(7):
-        steered = transport(served[name].maps["m"], steered, lam, support[name])
+        steered = TokenMap(served[name].maps["m"], support[name])(steered, lam)
     expected = a.clone()
     for index, spec in batch.requests.items():
         rows = slice(int(boundaries[index]), int(boundaries[index + 1]))
@@ -119,3 +119,49 @@ def test_per_token_stages_equal_each_request_steered_alone(served):
     assert torch.equal(steered, expected)
     assert torch.equal(steered[2:5], a[2:5]) and torch.equal(steered[6], a[6])
     assert batch.token_stages(7) is batch.token_stages(7)  # built once per pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("support", ["q0-100", "all"])
+def test_transport_on_the_fused_kernel_equals_the_plain_path(dtype, support, monkeypatch):
+    """The one-pass kernel the vLLM hooks run on CPU gives the torch ops' result bit for bit,
+    and both AffineMap's own (inside and outside the support, per-token λ, a padding token at
+    λ = 0)."""
+    from actsteer import kernels
+
+    kernel = kernels.fused_kernel()
+    if kernel is None:
+        pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
+    calls = []
+
+    class Counting:
+        def transport_tokens(self, *args):
+            calls.append(args[-1].shape)
+            return kernel.transport_tokens(*args)
+
+    monkeypatch.setattr("actsteer.integrations.batch.fused_kernel", lambda: Counting())
+    amap = steering("linear-act", 3, bounded=True).maps["m"]
+    a = (2 * torch.randn(9, 4, generator=torch.Generator().manual_seed(4))).to(dtype)
+    lam = torch.tensor([0.25, 0.5, 0.5, 1.0, 1.0, 1.0, -0.5, 2.0, 0.0])
+    fused = TokenMap(amap, support)(a, lam)
+    assert calls == [(9, 4)]  # the kernel did the work
+    plain = TokenMap(amap, support, fused=False)(a, lam)
+    assert fused.dtype == dtype and torch.equal(fused, plain)
+    for row in range(9):
+        assert torch.equal(fused[row], amap(a[row : row + 1], float(lam[row]), support)[0])
+    assert torch.equal(fused[-1], a[-1]) and not torch.equal(fused, a)
+    if support == "q0-100":
+        outside = (a.float() < -1) | (a.float() > 1)
+        assert outside.any() and torch.equal(fused[outside], a[outside])
+
+
+def test_transport_declined_by_the_kernel_takes_the_plain_path():
+    """A tensor the kernel does not take (not contiguous) is steered by the torch ops, the same
+    way."""
+    amap = steering("linear-act", 5, bounded=True).maps["m"]
+    wide = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    a, lam = wide[:, ::2], torch.tensor([1.0, 0.5, 0.0, 2.0])
+    assert not a.is_contiguous()
+    steered = TokenMap(amap, "q0-100")(a, lam)
+    assert torch.equal(steered, TokenMap(amap, "q0-100")(a.contiguous(), lam))
+    assert torch.equal(steered, TokenMap(amap, "q0-100", fused=False)(a, lam))

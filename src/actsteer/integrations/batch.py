@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from actsteer.errors import ActSteerError
+from actsteer.kernels import fused_kernel
 from actsteer.maps import AffineMap
 from actsteer.steering import Steering
 
@@ -136,13 +137,53 @@ def token_strengths(
     return padded[owner]
 
 
-def transport(amap: AffineMap, a: torch.Tensor, lam: torch.Tensor, support: str) -> torch.Tensor:
-    """T_λ(a) with one λ per row of a (tokens, units) tensor: AffineMap.at's (ω̃, λβ) and the
-    plain path of the HF hooks (addcmul, the support's bounds by torch.where)."""
-    scale, shift = amap.at(lam)
-    moved = torch.addcmul(shift.to(a.dtype), a, scale.to(a.dtype))
-    bounds = amap.support(support)
-    return moved if bounds is None else torch.where((a >= bounds[0]) & (a <= bounds[1]), moved, a)
+class TokenMap:
+    """One map ready to steer a (tokens, units) tensor with one λ per token: ω − 1, β and the
+    support's bounds prepared once, in float32 on `device`.
+
+    Per call: the fused CPU kernel's one pass (actsteer.kernels `transport_tokens`) where it
+    takes the tensor, else AffineMap.at's (ω̃, λβ) (the same formula, from the prepared ω − 1)
+    and the plain path of the HF hooks (addcmul, the bounds by torch.where); the two agree bit
+    for bit. fused=False: the plain path only.
+    """
+
+    def __init__(
+        self, amap: AffineMap, support: str, device: torch.device | str = "cpu", fused: bool = True
+    ) -> None:
+        self.omega_minus_one = (amap.omega.float() - 1).to(device)
+        self.beta = amap.beta.float().to(device)
+        bounds = amap.support(support)
+        self.bounds = None if bounds is None else (bounds[0].to(device), bounds[1].to(device))
+        self.fused = fused
+        self.kernel_bounds: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, a: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        kernel = fused_kernel() if self.fused and a.device.type == "cpu" else None
+        if kernel is not None:
+            lo, hi = self._kernel_bounds(a.dtype)
+            steered = kernel.transport_tokens(self.omega_minus_one, self.beta, lo, hi, lam, a)
+            if steered is not None:
+                return steered
+        column = lam.unsqueeze(1)
+        scale = (column * self.omega_minus_one).add_(1).to(a.dtype)  # 1 + λ(ω − 1)
+        shift = (column * self.beta).to(a.dtype)
+        moved = torch.addcmul(shift, a, scale)
+        bounds = self.bounds
+        return (
+            moved if bounds is None else torch.where((a >= bounds[0]) & (a <= bounds[1]), moved, a)
+        )
+
+    def _kernel_bounds(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounds in `dtype` (±∞ for support "all"), made once per dtype."""
+        bounds = self.kernel_bounds.get(dtype)
+        if bounds is None:
+            if self.bounds is None:
+                infinity = torch.full(self.beta.shape, torch.inf, dtype=dtype)
+                bounds = (-infinity, infinity)
+            else:
+                bounds = (self.bounds[0].to(dtype), self.bounds[1].to(dtype))
+            self.kernel_bounds[dtype] = bounds
+        return bounds
 
 
 class BatchSteering:

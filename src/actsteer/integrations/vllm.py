@@ -58,11 +58,10 @@ from actsteer.integrations.batch import (
     ENV,
     BatchSteering,
     Spec,
+    TokenMap,
     load_table,
     parse_request,
-    transport,
 )
-from actsteer.maps import AffineMap
 
 LOAD_FORMAT = "actsteer"
 LOGITS_PROCESSOR = "actsteer.integrations.vllm:RequestSteering"
@@ -256,7 +255,7 @@ def mapped_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     """Hook every module the served steerings touch, and the model's per-pass pre-hook."""
     device = next(model.parameters()).device
-    per_module: dict[str, dict[str, tuple[AffineMap, str]]] = {}
+    per_module: dict[str, dict[str, TokenMap]] = {}
     for steering_name, steering in batch.steerings.items():
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
@@ -266,12 +265,8 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
                     f"steering {steering_name!r} has {amap.dim} units for {name!r}, whose "
                     f"output in this model has {width}: it was fitted on another model"
                 )
-            placed = AffineMap(
-                amap.omega.to(device),
-                amap.beta.to(device),
-                {k: (lo.to(device), hi.to(device)) for k, (lo, hi) in amap.bounds.items()},
-            )
-            per_module.setdefault(name, {})[steering_name] = (placed, steering.default_support)
+            placed = TokenMap(amap, steering.default_support, device)
+            per_module.setdefault(name, {})[steering_name] = placed
     lookup = dict(model.named_modules())
     for name, maps in per_module.items():
         hook = ModuleSteering(batch, maps, stream=bool(_BLOCK.fullmatch(name)))
@@ -297,9 +292,7 @@ class ModuleSteering:
     """Forward hook of one module: each stage's map at its per-token λ (AffineMap's formula),
     in stage order, on the tensor the HF module outputs."""
 
-    def __init__(
-        self, batch: BatchSteering, maps: dict[str, tuple[AffineMap, str]], stream: bool
-    ) -> None:
+    def __init__(self, batch: BatchSteering, maps: dict[str, TokenMap], stream: bool) -> None:
         self.batch = batch
         self.maps = maps
         self.stream = stream  # a decoder block: (hidden, residual) sum to the residual stream
@@ -313,9 +306,9 @@ class ModuleSteering:
         if not stages:
             return None
         for steering_name, lam in stages:
-            entry = self.maps.get(steering_name)
-            if entry is not None:
-                a = transport(entry[0], a, lam, entry[1])
+            token_map = self.maps.get(steering_name)
+            if token_map is not None:
+                a = token_map(a, lam)
         if self.stream and pair:
             return (torch.zeros_like(a), a)
         return (a, *output[1:]) if pair else a

@@ -56,6 +56,27 @@ __attribute__((noinline)) void transport_channel(const T* a, T scale, T shift, T
   }
 }
 
+// One row with its own λ: ω̃ = 1 + λ(ω − 1) and λβ computed in float32 and rounded to the
+// dtype, as AffineMap.at and `.to(dtype)` do in torch (two roundings, no fma: -ffp-contract=off),
+// then the same fma and bounds as transport_units.
+template <typename T>
+__attribute__((noinline)) void transport_row(const T* a, float lam,
+                                             const float* __restrict__ omega_minus_one,
+                                             const float* __restrict__ beta,
+                                             const T* __restrict__ lo, const T* __restrict__ hi,
+                                             T* out, int64_t n) {
+  using Math = at::opmath_type<T>;
+  for (int64_t k = 0; k < n; ++k) {
+    const float scaled = lam * omega_minus_one[k];
+    const Math scale = static_cast<Math>(static_cast<T>(scaled + 1.0f));
+    const Math shift = static_cast<Math>(static_cast<T>(lam * beta[k]));
+    const Math v = static_cast<Math>(a[k]);
+    const Math moved = std::fma(v, scale, shift);
+    const bool inside = (v >= static_cast<Math>(lo[k])) & (v <= static_cast<Math>(hi[k]));
+    out[k] = inside ? static_cast<T>(moved) : a[k];
+  }
+}
+
 // One map as the loops read it: its parameters checked once (when a hook is bound) rather
 // than on every call. `rows` is 0 for parameters shared by all rows, else the number of
 // steered rows, each with its own scale and shift.
@@ -239,6 +260,69 @@ PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssi
   END_HANDLE_TH_ERRORS
 }
 
+// transport_tokens(omega_minus_one, beta, lo, hi, lam, a): a (tokens, units) tensor with one λ
+// per token (a flattened batch of requests, as vLLM runs it), ω − 1 and β in float32, the
+// bounds in a's dtype; a new tensor, or None where the kernel does not apply.
+PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
+                                    Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) {
+    PyErr_Format(PyExc_TypeError, "transport_tokens() takes 6 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  if (!plain_tensors(args, {0, 1, 2, 3, 4, 5})) {
+    Py_RETURN_NONE;
+  }
+  const at::Tensor& omega_minus_one = THPVariable_Unpack(args[0]);
+  const at::Tensor& beta = THPVariable_Unpack(args[1]);
+  const at::Tensor& lam = THPVariable_Unpack(args[4]);
+  const at::Tensor& a = THPVariable_Unpack(args[5]);
+  // lo and hi stand in for scale and shift in read_map's checks: a's dtype, CPU, contiguous
+  const auto bounds = read_map(THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
+                               THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]), 0);
+  if (!bounds || a.dim() != 2 || a.scalar_type() != bounds->dtype || !a.device().is_cpu() ||
+      !a.is_contiguous() || (a.requires_grad() && at::GradMode::is_enabled())) {
+    Py_RETURN_NONE;
+  }
+  const int64_t tokens = a.size(0), units = bounds->units;
+  for (const auto* t : {&omega_minus_one, &beta, &lam}) {
+    if (t->scalar_type() != at::kFloat || !t->device().is_cpu() || !t->is_contiguous()) {
+      Py_RETURN_NONE;
+    }
+  }
+  if (a.size(1) != units || omega_minus_one.numel() != units || beta.numel() != units ||
+      lam.numel() != tokens) {
+    Py_RETURN_NONE;
+  }
+  at::Tensor out = at::detail::empty_cpu(a.sizes(), bounds->dtype);
+  if (tokens == 0) {
+    return THPVariable_Wrap(std::move(out));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bounds->dtype, "actsteer_tokens", [&] {
+    const auto* a_ = a.const_data_ptr<scalar_t>();
+    auto* out_ = out.mutable_data_ptr<scalar_t>();
+    const auto* lam_ = lam.const_data_ptr<float>();
+    const auto* om1 = omega_minus_one.const_data_ptr<float>();
+    const auto* beta_ = beta.const_data_ptr<float>();
+    const auto* lo = static_cast<const scalar_t*>(bounds->lo);
+    const auto* hi = static_cast<const scalar_t*>(bounds->hi);
+    const auto rows = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        transport_row<scalar_t>(a_ + r * units, lam_[r], om1, beta_, lo, hi, out_ + r * units,
+                                units);
+      }
+    };
+    const int64_t grain = std::max<int64_t>(1, 32768 / units);
+    if (tokens <= grain) {
+      rows(0, tokens);  // small: skip the thread pool's bookkeeping
+    } else {
+      at::parallel_for(0, tokens, grain, rows);
+    }
+  });
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 // A forward hook with its map bound (see hook() below); it holds the parameter tensors whose
 // memory the map reads.
 struct BoundHook {
@@ -335,6 +419,11 @@ PyMethodDef methods[] = {
      "transport(scale, shift, lo, hi, rows, in_place, second_half_only, a): affine map inside "
      "per-unit bounds, identity outside, optionally on the second half of the rows only, "
      "optionally in place; None where the kernel does not apply"},
+    {"transport_tokens",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(transport_tokens_fastcall)),
+     METH_FASTCALL,
+     "transport_tokens(omega_minus_one, beta, lo, hi, lam, a): the map at one λ per row of a "
+     "(tokens, units) tensor; None where the kernel does not apply"},
     {"hook", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hook_fastcall)),
      METH_FASTCALL,
      "hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook running "
