@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (float32, CPU), toxic (source) → neutral (target) lines of
 $ACTSTEER_DATA/toxicity_fit: fits on the first N train lines (source.txt, target.txt), every
 measure on the held-out pairs (source_val.txt, target_val.txt; 128 each by default), which no
-fit sees. For every candidate (method, modules, pooling, support, mode, N):
+fit sees. For every candidate (method, modules, pooling, support and the pooling its bounds
+come from, mode, N):
 1. fit it, then calibrate it (actsteer.calibrate) to ΔPPL ≤ +1 on held-out WikiText-2, so all
    candidates are compared at the same cost, the rule the paper tables use;
 2. effect at that λ: the change of the held-out likelihood gap (mean NLL per token of toxic
@@ -44,11 +45,19 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "pooling": "all",
         "support": "all",
     },  # fmt: skip
+    "linear-act post-attn-ln mean, support from tokens": {
+        "modules": "post-attn-ln",
+        "support_pooling": "all",
+    },  # fmt: skip
     "linear-act post-attn-ln sequential": {"modules": "post-attn-ln", "mode": "sequential"},
     "linear-act post-attn-ln 32 pairs": {"modules": "post-attn-ln", "pairs": 32},
     "linear-act post-attn-ln 1200 pairs": {"modules": "post-attn-ln", "pairs": 1200},
     "linear-act attn-out": {"modules": "attn-out"},
     "linear-act attn-out all-tokens": {"modules": "attn-out", "pooling": "all"},
+    "linear-act attn-out mean, support from tokens": {
+        "modules": "attn-out",
+        "support_pooling": "all",
+    },  # fmt: skip
     "linear-act attn-out sequential": {"modules": "attn-out", "mode": "sequential"},
     "linear-act residual": {"modules": "residual"},
     "linear-act layernorms": {"modules": "layernorms"},

@@ -95,3 +95,23 @@ def test_cli_fit_and_generate_from_files_with_chat(tiny_cli, neutral, football, 
     assert "favourite sport" in result.output and "im_start" not in result.output
     refused = tiny_cli.invoke(cli.app, ["eval", "perplexity", "--chat"])
     assert refused.exit_code == 1 and "toxicity, concept" in refused.output
+
+
+def test_cli_sweep_with_chat_formats_only_the_generation_tasks(tiny_cli, monkeypatch, tmp_path):
+    from actsteer.evaluation import sweep
+
+    seen = {}
+
+    def run_sweep(model, tok, steerings, options, strengths, out, **kwargs):
+        seen.update(options)
+        return {"entries": []}
+
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    out = str(tmp_path / "r.json")
+    command = ["sweep", "-t", "perplexity", "-t", "concept", "--set", "concept.concept=book"]
+    result = tiny_cli.invoke(cli.app, [*command, "--chat", "-o", out])
+    assert result.exit_code == 0, result.output
+    assert seen["concept"] == {"concept": "book", "sampling": {"chat": True}}
+    assert seen["perplexity"] == {}  # scores its text as it is
+    refused = tiny_cli.invoke(cli.app, ["sweep", "-t", "perplexity", "--chat", "-o", out])
+    assert refused.exit_code == 1 and "none of these tasks generates" in refused.output

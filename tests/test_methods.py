@@ -151,3 +151,44 @@ def test_extrapolation_is_explicit_and_transient(tiny_llama, tokenizer, tmp_path
     reloaded = actsteer.Steering.load(beyond.save(tmp_path / "s.safetensors"))
     with pytest.raises(actsteer.ActSteerError, match="outside"):
         reloaded.attach(tiny_llama, 1.5)
+
+
+def test_support_pooling_all_takes_the_bounds_from_token_activations(
+    tiny_llama, tokenizer, tmp_path
+):
+    """The map is the mean-pooled fit's; the support is the min–max of the source's tokens, so
+    every source token is inside it (with mean pooling many are not); the choice round-trips."""
+    options = dict(modules=[MODULE], progress=False)
+    pooled = actsteer.fit(tiny_llama, tokenizer, SOURCE, TARGET, **options)
+    tokens = actsteer.fit(tiny_llama, tokenizer, SOURCE, TARGET, support_pooling="all", **options)
+    plain, wide = pooled.maps[MODULE], tokens.maps[MODULE]
+    assert torch.equal(plain.omega, wide.omega) and torch.equal(plain.beta, wide.beta)
+    activations = record(tiny_llama, tokenizer, SOURCE, [MODULE], pooling="all", progress=False)
+    x = activations[MODULE]
+    lo, hi = wide.bounds["q0-100"]
+    assert torch.equal(lo, x.min(0).values) and torch.equal(hi, x.max(0).values)
+    lo_mean, hi_mean = plain.bounds["q0-100"]
+    inside_mean = ((x >= lo_mean) & (x <= hi_mean)).float().mean()
+    assert inside_mean < 0.9 and bool((lo <= lo_mean).all() and (hi >= hi_mean).all())
+    assert tokens.info.support_pooling == "all" and pooled.info.support_pooling is None
+    loaded = actsteer.Steering.load(tokens.save(tmp_path / "s.safetensors"))
+    assert loaded.info.support_pooling == "all"
+    assert torch.equal(loaded.maps[MODULE].bounds["q0-100"][0], lo)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"support_pooling": "median"}, "unknown support_pooling 'median'"),
+        (
+            {"support_pooling": "all", "mode": "sequential"},
+            "support_pooling applies to independent",
+        ),
+        ({"support_pooling": "all", "method": "lineas"}, "support_pooling applies to independent"),
+    ],
+)
+def test_support_pooling_refusals(tiny_llama, tokenizer, options, message):
+    with pytest.raises(actsteer.ActSteerError, match=message):
+        actsteer.fit(
+            tiny_llama, tokenizer, SOURCE, TARGET, modules=[MODULE], progress=False, **options
+        )

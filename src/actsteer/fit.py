@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap, warn_truncated
 from actsteer.chat import chat_texts
-from actsteer.choices import MODES, SUPPORTS
+from actsteer.choices import MODES, POOLINGS, SUPPORTS
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import DENOISING, record_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.lineas import Settings, fit_end_to_end
-from actsteer.maps import AffineMap
+from actsteer.maps import AffineMap, support_bounds
 from actsteer.methods import Method, get_method
 from actsteer.sequential import SequentialFitter
 from actsteer.steering import Steering, SteeringInfo
@@ -42,6 +42,7 @@ def fit(
     mode: str = "independent",
     pooling: str | None = None,
     support: str | None = None,
+    support_pooling: str | None = None,
     batch_size: int = 16,
     max_length: int = 128,
     budget_mb: float = 1024,
@@ -67,6 +68,10 @@ def fit(
       the method's default when None (mean for the AcT methods).
     support: the support the steering applies with by default (and, in sequential mode, the
       one upstream maps use while fitting); the method's default when None.
+    support_pooling: the pooling of the source samples the support's bounds come from (None:
+      the fit's own pooling). "all" estimates them from token activations while the map is
+      fitted on pooled samples, so a q-support covers the tokens it is applied to (with mean
+      pooling it holds only about half of them); independent mode, language models.
     data: a free description of the prompt sets, stored with the steering.
     A diffusers pipeline takes no tokenizer; pipeline_options (steps, guidance_scale, every,
     seed, batch_size, and any pipeline keyword such as height) go to its denoising runs, and
@@ -99,12 +104,23 @@ def fit(
     if not estimator.trained and mode not in MODES:
         raise ActSteerError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     settings = Settings.resolve(**training) if estimator.trained else None
+    if support_pooling is not None and support_pooling not in POOLINGS:
+        raise ActSteerError(
+            f"unknown support_pooling {support_pooling!r}; choose one of {', '.join(POOLINGS)}"
+        )
+    if support_pooling is not None and (mode != "independent" or estimator.trained):
+        raise ActSteerError(
+            "support_pooling applies to independent fits (the sequential and end-to-end fits "
+            "use the support while fitting): drop it or use mode='independent'"
+        )
     support = support or estimator.default_support
     if support not in SUPPORTS:
         raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     pipeline = is_pipeline(model)
     if pipeline and settings is not None:
         raise ActSteerError(f"method {method!r} is for language models, not pipelines")
+    if pipeline and support_pooling is not None:
+        raise ActSteerError("support_pooling is for language models, not pipelines")
     if pipeline and (mode != "independent" or tokenizer is not None):
         raise ActSteerError(
             "text-to-image pipelines are fitted in independent mode and bring their own "
@@ -145,6 +161,8 @@ def fit(
         names = resolve_modules(model, modules or "post-attn-ln")
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
+        if support_pooling not in (None, info.pooling):
+            info.support_pooling = support_pooling
         assert tokenizer is not None  # refused above for a language model
         for what, texts in (("source", source), ("target", target)):
             warn_truncated(tokenizer, texts, max_length, what)
@@ -203,7 +221,14 @@ def _fit_language_model(
     if info.mode == "independent":
         target_samples = record(model, tokenizer, target, names, desc="target", **settings)
         source_samples = record(model, tokenizer, source, names, desc="source", **settings)
-        return estimate(estimator, names, source_samples, target_samples, progress)
+        maps = estimate(estimator, names, source_samples, target_samples, progress)
+        if info.support_pooling is not None:
+            settings["pooling"] = info.support_pooling
+            del source_samples
+            support = record(model, tokenizer, source, names, desc="support", **settings)
+            for name in names:
+                maps[name].bounds = support_bounds(support[name])
+        return maps
 
     def fit_module(name: str, source: torch.Tensor, target: torch.Tensor) -> AffineMap:
         return estimator.fit(source, target, what=f"activations of {name!r}")

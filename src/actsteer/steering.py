@@ -55,6 +55,8 @@ class SteeringInfo:
     denoising: for a pipeline, the settings its samples were recorded under.
     calibration: how default_strength was chosen, when `actsteer.calibrate` chose it (the
       cost, budget and curve of (λ, cost)).
+    support_pooling: the pooling the support's bounds were estimated with, where it is not
+      `pooling` (fit's support_pooling).
     """
 
     method: str = "linear-act"
@@ -69,6 +71,7 @@ class SteeringInfo:
     denoising: dict[str, Any] | None = None
     inverted: bool = False
     calibration: dict[str, Any] | None = None
+    support_pooling: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The artifact's JSON header entries (the model as {"name", "fingerprint"})."""

@@ -203,6 +203,7 @@ def sweep(
     ] = Path("results/sweep.json"),
     model: ModelOption = None,
     extrapolate: ExtrapolateOption = None,
+    chat: ChatOption = False,
 ) -> None:
     """Run tasks × steerings × a λ grid into a resumable JSON file with one PNG per task.
 
@@ -210,7 +211,7 @@ def sweep(
     or extended sweep picks up where it stopped. A --steering needs the grid as --strength;
     --model defaults to the first steering's.
     """
-    from actsteer.evaluation.registry import get_task
+    from actsteer.evaluation.registry import TASKS, get_task
     from actsteer.evaluation.sweep import load_results, parse_task_options, run_sweep
     from actsteer.models import model_for
     from actsteer.strengths import parse_strength_specs, resolve_strengths
@@ -221,6 +222,16 @@ def sweep(
     if out.suffix.lower() != ".json":
         raise ActSteerError(f"--out should end in .json, got {out}")
     options = parse_task_options(settings or [], tasks)
+    if chat:
+        generating = [task for task in tasks if get_task(task).generation]
+        if not generating:
+            raise ActSteerError(
+                "--chat formats generation prompts, and none of these tasks generates (tasks "
+                f"with prompts: {', '.join(n for n, t in TASKS.items() if t.generation)})"
+            )
+        for task in generating:  # scoring tasks read their text as it is
+            task_options = options.setdefault(task, {})
+            task_options["sampling"] = {**dict(task_options.get("sampling") or {}), "chat": True}
     named = parse_named_steerings(steering_specs or [])
     if not named and not baseline:
         raise ActSteerError("nothing to evaluate: give --steering NAME=FILE or keep the baseline")

@@ -168,6 +168,15 @@ def fit(
         ),
     ] = None,
     support: SupportOption = None,
+    support_pooling: Annotated[
+        str | None,
+        typer.Option(
+            help="Estimate the support's bounds from source samples pooled this way (default: "
+            "--pooling); `all`: from token activations, so the support covers the tokens the "
+            "map is applied to. Independent mode.",
+            metavar="|".join(POOLINGS),
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.", min=1)] = 16,
     max_length: MaxLengthOption = 128,
     pipeline: Annotated[
@@ -212,6 +221,7 @@ def fit(
     get_method(method)
     check_choice(mode, MODES, "--mode")
     check_choice(pooling, POOLINGS, "--pooling")
+    check_choice(support_pooling, POOLINGS, "--support-pooling")
     if output.suffix != ".safetensors":
         raise ActSteerError(f"--output should end in .safetensors, got {output}")
     check_output(output, force)  # before fitting: a refused or failed fit leaves it untouched
@@ -251,6 +261,7 @@ def fit(
         mode=mode,
         pooling=pooling,
         support=support,
+        support_pooling=support_pooling,
         batch_size=batch_size,
         max_length=max_length,
         data=data,
