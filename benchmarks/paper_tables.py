@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -56,6 +57,7 @@ from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.sweep import steering_digest
 from actsteer.evaluation.truthfulqa import load_truthfulqa
 from actsteer.families import find_family
+from actsteer.methods import get_method
 from actsteer.steering import Steering
 
 PARTS = ("toxicity", "truthfulqa", "concept")
@@ -167,8 +169,15 @@ class Runner:
     def fitted(
         self, key: str, method: str, source: Sequence[str], target: Sequence[str], **options: Any
     ) -> Steering:
-        """actsteer.fit, cached in <out>/steerings/<key>-<hash of modules, data, options>."""
-        setup = json.dumps([self.modules, list(source), list(target), options], sort_keys=True)
+        """actsteer.fit, cached in <out>/steerings/<key>-<hash of modules, data, options and
+        the library's defaults for them (fit's signature, the method's pooling and support),
+        so a changed default fits again>."""
+        estimator = get_method(method)
+        defaults = [str(inspect.signature(actsteer.fit)), estimator.default_pooling]
+        defaults.append(estimator.default_support)
+        setup = json.dumps(
+            [self.modules, list(source), list(target), options, defaults], sort_keys=True
+        )
         path = self.out / "steerings" / f"{key}-{hashlib.sha256(setup.encode()).hexdigest()[:8]}"
         path = path.with_suffix(".safetensors")
         if path.exists():
