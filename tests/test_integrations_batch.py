@@ -124,9 +124,9 @@ def test_per_token_stages_equal_each_request_steered_alone(served):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("support", ["q0-100", "all"])
 def test_transport_on_the_fused_kernel_equals_the_plain_path(dtype, support, monkeypatch):
-    """The one-pass kernel the vLLM hooks run on CPU gives the torch ops' result bit for bit,
-    and both AffineMap's own (inside and outside the support, per-token λ, a padding token at
-    λ = 0)."""
+    """The one-pass kernel the vLLM hooks run on CPU gives the torch ops' result bit for bit
+    (inside and outside the support, per-token λ, a padding token at λ = 0), and where the
+    bounds are exact in the dtype, AffineMap's own."""
     from actsteer import kernels
 
     kernel = kernels.fused_kernel()
@@ -147,8 +147,9 @@ def test_transport_on_the_fused_kernel_equals_the_plain_path(dtype, support, mon
     assert calls == [(9, 4)]  # the kernel did the work
     plain = TokenMap(amap, support, fused=False)(a, lam)
     assert fused.dtype == dtype and torch.equal(fused, plain)
-    for row in range(9):
-        assert torch.equal(fused[row], amap(a[row : row + 1], float(lam[row]), support)[0])
+    if dtype in (torch.float32, torch.float64):  # bounds exact in the dtype: AffineMap's own
+        for row in range(9):
+            assert torch.equal(fused[row], amap(a[row : row + 1], float(lam[row]), support)[0])
     assert torch.equal(fused[-1], a[-1]) and not torch.equal(fused, a)
     if support == "q0-100":
         outside = (a.float() < -1) | (a.float() > 1)

@@ -144,7 +144,8 @@ class TokenMap:
     Per call: the fused CPU kernel's one pass (actsteer.kernels `transport_tokens`) where it
     takes the tensor, else AffineMap.at's (ω̃, λβ) (the same formula, from the prepared ω − 1)
     and the plain path of the HF hooks (addcmul, the bounds by torch.where); the two agree bit
-    for bit. fused=False: the plain path only.
+    for bit. Both compare with the bounds in the tensor's dtype, as the HF hooks do.
+    fused=False: the plain path only.
     """
 
     def __init__(
@@ -155,12 +156,12 @@ class TokenMap:
         bounds = amap.support(support)
         self.bounds = None if bounds is None else (bounds[0].to(device), bounds[1].to(device))
         self.fused = fused
-        self.kernel_bounds: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.in_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, a: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         kernel = fused_kernel() if self.fused and a.device.type == "cpu" else None
         if kernel is not None:
-            lo, hi = self._kernel_bounds(a.dtype)
+            lo, hi = self._bounds(a.dtype)
             steered = kernel.transport_tokens(self.omega_minus_one, self.beta, lo, hi, lam, a)
             if steered is not None:
                 return steered
@@ -168,21 +169,21 @@ class TokenMap:
         scale = (column * self.omega_minus_one).add_(1).to(a.dtype)  # 1 + λ(ω − 1)
         shift = (column * self.beta).to(a.dtype)
         moved = torch.addcmul(shift, a, scale)
-        bounds = self.bounds
-        return (
-            moved if bounds is None else torch.where((a >= bounds[0]) & (a <= bounds[1]), moved, a)
-        )
+        if self.bounds is None:
+            return moved
+        lo, hi = self._bounds(a.dtype)
+        return torch.where((a >= lo) & (a <= hi), moved, a)
 
-    def _kernel_bounds(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bounds(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The bounds in `dtype` (±∞ for support "all"), made once per dtype."""
-        bounds = self.kernel_bounds.get(dtype)
+        bounds = self.in_dtype.get(dtype)
         if bounds is None:
             if self.bounds is None:
-                infinity = torch.full(self.beta.shape, torch.inf, dtype=dtype)
+                infinity = torch.full_like(self.beta, torch.inf, dtype=dtype)
                 bounds = (-infinity, infinity)
             else:
                 bounds = (self.bounds[0].to(dtype), self.bounds[1].to(dtype))
-            self.kernel_bounds[dtype] = bounds
+            self.in_dtype[dtype] = bounds
         return bounds
 
 
