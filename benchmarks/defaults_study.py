@@ -35,35 +35,97 @@ from actsteer.calibration import likelihood_gap
 from actsteer.capture import record
 from actsteer.lineas import end_to_end_distance
 
-#: name → fit options (pairs: how many train lines per set). The first is the library default.
+#: name → fit options (pairs: how many train lines per set), every pooling explicit (mean is
+#: linear-act's default; run D1 relied on it, hence RENAMED).
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "linear-act post-attn-ln mean q0-100 (default)": {"modules": "post-attn-ln"},
-    "linear-act post-attn-ln mean all": {"modules": "post-attn-ln", "support": "all"},
+    "linear-act post-attn-ln mean q0-100": {"modules": "post-attn-ln", "pooling": "mean"},
+    "linear-act post-attn-ln mean all": {
+        "modules": "post-attn-ln",
+        "pooling": "mean",
+        "support": "all",
+    },
     "linear-act post-attn-ln all-tokens q0-100": {"modules": "post-attn-ln", "pooling": "all"},
     "linear-act post-attn-ln all-tokens all": {
         "modules": "post-attn-ln",
         "pooling": "all",
         "support": "all",
-    },  # fmt: skip
+    },
     "linear-act post-attn-ln mean, support from tokens": {
         "modules": "post-attn-ln",
+        "pooling": "mean",
         "support_pooling": "all",
-    },  # fmt: skip
-    "linear-act post-attn-ln sequential": {"modules": "post-attn-ln", "mode": "sequential"},
-    "linear-act post-attn-ln 32 pairs": {"modules": "post-attn-ln", "pairs": 32},
-    "linear-act post-attn-ln 1200 pairs": {"modules": "post-attn-ln", "pairs": 1200},
-    "linear-act attn-out": {"modules": "attn-out"},
+    },
+    "linear-act post-attn-ln mean sequential": {
+        "modules": "post-attn-ln",
+        "pooling": "mean",
+        "mode": "sequential",
+    },
+    "linear-act post-attn-ln mean 32 pairs": {
+        "modules": "post-attn-ln",
+        "pooling": "mean",
+        "pairs": 32,
+    },
+    "linear-act post-attn-ln mean 1200 pairs": {
+        "modules": "post-attn-ln",
+        "pooling": "mean",
+        "pairs": 1200,
+    },
+    "linear-act attn-out mean": {"modules": "attn-out", "pooling": "mean"},
     "linear-act attn-out all-tokens": {"modules": "attn-out", "pooling": "all"},
     "linear-act attn-out mean, support from tokens": {
         "modules": "attn-out",
+        "pooling": "mean",
         "support_pooling": "all",
-    },  # fmt: skip
-    "linear-act attn-out sequential": {"modules": "attn-out", "mode": "sequential"},
-    "linear-act residual": {"modules": "residual"},
-    "linear-act layernorms": {"modules": "layernorms"},
-    "mean-act post-attn-ln": {"method": "mean-act", "modules": "post-attn-ln"},
+    },
+    "linear-act attn-out mean sequential": {
+        "modules": "attn-out",
+        "pooling": "mean",
+        "mode": "sequential",
+    },
+    "linear-act residual mean": {"modules": "residual", "pooling": "mean"},
+    "linear-act layernorms mean": {"modules": "layernorms", "pooling": "mean"},
+    "mean-act post-attn-ln mean": {
+        "method": "mean-act",
+        "modules": "post-attn-ln",
+        "pooling": "mean",
+    },
     "lineas post-attn-ln": {"method": "lineas", "modules": "post-attn-ln"},
     "lineas attn-out": {"method": "lineas", "modules": "attn-out"},
+    # the all-tokens counterparts of D1's mean-pooled candidates
+    "linear-act post-attn-ln all-tokens 32 pairs": {
+        "modules": "post-attn-ln",
+        "pooling": "all",
+        "pairs": 32,
+    },
+    "linear-act post-attn-ln all-tokens 1200 pairs": {
+        "modules": "post-attn-ln",
+        "pooling": "all",
+        "pairs": 1200,
+    },
+    "linear-act post-attn-ln all-tokens sequential": {
+        "modules": "post-attn-ln",
+        "pooling": "all",
+        "mode": "sequential",
+    },
+    "linear-act residual all-tokens": {"modules": "residual", "pooling": "all"},
+    "linear-act layernorms all-tokens": {"modules": "layernorms", "pooling": "all"},
+    "mean-act post-attn-ln all-tokens": {
+        "method": "mean-act",
+        "modules": "post-attn-ln",
+        "pooling": "all",
+    },
+}
+#: The names of run D1, which relied on the then default (mean) pooling, → these.
+RENAMED = {
+    "linear-act post-attn-ln mean q0-100 (default)": "linear-act post-attn-ln mean q0-100",
+    "linear-act post-attn-ln sequential": "linear-act post-attn-ln mean sequential",
+    "linear-act post-attn-ln 32 pairs": "linear-act post-attn-ln mean 32 pairs",
+    "linear-act post-attn-ln 1200 pairs": "linear-act post-attn-ln mean 1200 pairs",
+    "linear-act attn-out": "linear-act attn-out mean",
+    "linear-act attn-out sequential": "linear-act attn-out mean sequential",
+    "linear-act residual": "linear-act residual mean",
+    "linear-act layernorms": "linear-act layernorms mean",
+    "mean-act post-attn-ln": "mean-act post-attn-ln mean",
 }
 PAIRS = 400
 
@@ -136,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         read_lines("target_val", count=args.held_out),
     )
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = {RENAMED.get(name, name): result for name, result in results.items()}
     if "plain gap" not in results:
         results["plain gap"] = likelihood_gap(model, tok, *held)
     for name in args.only or CANDIDATES:

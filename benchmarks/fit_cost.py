@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             target=target,
             modules=preset,
             mode=mode,
+            pooling="mean",
             batch_size=BATCH_SIZE,
             max_length=MAX_LENGTH,
             progress=False,
@@ -220,7 +221,14 @@ def main(argv: list[str] | None = None) -> None:
             t_fwd = timed(lambda: forward_passes(model, tok, (n_tgt, n_src), False))
             t_seq = timed(
                 lambda p=preset: actsteer.fit(
-                    model, tok, n_src, n_tgt, modules=p, mode="sequential", progress=False
+                    model,
+                    tok,
+                    n_src,
+                    n_tgt,
+                    modules=p,
+                    mode="sequential",
+                    pooling="mean",
+                    progress=False,
                 )
             )
             t_naive = timed(lambda p=preset: naive_sequential_fit(model, tok, n_src, n_tgt, p))
