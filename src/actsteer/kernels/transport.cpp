@@ -262,7 +262,8 @@ PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssi
 
 // transport_tokens(omega_minus_one, beta, lo, hi, lam, a): a (tokens, units) tensor with one λ
 // per token (a flattened batch of requests, as vLLM runs it), ω − 1 and β in float32, the
-// bounds in a's dtype; a new tensor, or None where the kernel does not apply.
+// bounds in a's dtype; a new tensor, or None where the kernel does not apply (an empty one
+// included: the caller's torch ops handle it).
 PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
                                     Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -280,8 +281,8 @@ PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
   // lo and hi stand in for scale and shift in read_map's checks: a's dtype, CPU, contiguous
   const auto bounds = read_map(THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
                                THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]), 0);
-  if (!bounds || a.dim() != 2 || a.scalar_type() != bounds->dtype || !a.device().is_cpu() ||
-      !a.is_contiguous() || (a.requires_grad() && at::GradMode::is_enabled())) {
+  // fits: a 2-D output of the bounds' dtype and units, with at least one token
+  if (!bounds || a.dim() != 2 || !fits(*bounds, a, false)) {
     Py_RETURN_NONE;
   }
   const int64_t tokens = a.size(0), units = bounds->units;
@@ -290,14 +291,10 @@ PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
       Py_RETURN_NONE;
     }
   }
-  if (a.size(1) != units || omega_minus_one.numel() != units || beta.numel() != units ||
-      lam.numel() != tokens) {
+  if (omega_minus_one.numel() != units || beta.numel() != units || lam.numel() != tokens) {
     Py_RETURN_NONE;
   }
   at::Tensor out = at::detail::empty_cpu(a.sizes(), bounds->dtype);
-  if (tokens == 0) {
-    return THPVariable_Wrap(std::move(out));
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bounds->dtype, "actsteer_tokens", [&] {
     const auto* a_ = a.const_data_ptr<scalar_t>();
     auto* out_ = out.mutable_data_ptr<scalar_t>();
