@@ -18,6 +18,7 @@ from transformers import (
 import actsteer
 from actsteer import fold
 from actsteer.capture import resolve_modules
+from actsteer.choices import DEFAULT_MODULES
 from actsteer.families import family_of, find_family
 from actsteer.maps import AffineMap
 
@@ -82,7 +83,7 @@ def test_fit_and_steer_on_each_family(family_model, tokenizer, neutral, football
 def test_every_family_names_its_presets_and_known_types_resolve(family_model):
     model, _ = family_model
     family = find_family(model)
-    assert family is not None and family.default_preset in family.presets
+    assert family is not None and DEFAULT_MODULES in family.presets
     assert family is family_of(model, "a test")
 
 

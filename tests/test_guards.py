@@ -15,16 +15,21 @@ from actsteer import cli
 from actsteer.errors import ActSteerError
 
 
+# Norm outputs: they feed the MLP directly, so a huge λ turns the hooked output itself
+# non-finite (at attn-out, the default, the next norm would absorb it into finite garbage).
 @pytest.fixture(scope="module")
 def actadd(tiny_llama, tokenizer, neutral, football):
     return actsteer.fit(
-        tiny_llama, tokenizer, neutral[:8], football[:8], method="actadd", progress=False
-    )
+        tiny_llama, tokenizer, neutral[:8], football[:8], method="actadd",
+        modules="post-attn-ln", progress=False,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def linear(tiny_llama, tokenizer, neutral, football):
-    return actsteer.fit(tiny_llama, tokenizer, neutral[:8], football[:8], progress=False)
+    return actsteer.fit(
+        tiny_llama, tokenizer, neutral[:8], football[:8], modules="post-attn-ln", progress=False
+    )
 
 
 def prompt(tokenizer):

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import actsteer
 from actsteer import cli
 from actsteer.capture import record, resolve_modules
+from actsteer.choices import DEFAULT_MODULES
 from actsteer.errors import ActSteerError
 from actsteer.lineas import end_to_end_distance, proximal_step, w2_per_unit
 from actsteer.methods import get_method
@@ -90,7 +91,7 @@ def test_result_is_an_ordinary_steering(trained, tiny_llama, tmp_path):
     assert steering.info.mode == "end-to-end"
     assert steering.default_support == "all"
     assert steering.info.pooling == "mean"
-    assert steering.modules == resolve_modules(tiny_llama, "post-attn-ln")
+    assert steering.modules == resolve_modules(tiny_llama, DEFAULT_MODULES)
     training = steering.info.data["training"]
     assert training["steps"] == 60 and training["learning_rate"] == 0.05
     assert training["sparsity"] == 0.0 and training["init"] == "identity"

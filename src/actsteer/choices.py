@@ -19,6 +19,9 @@ SUPPORTS = (*SUPPORT_QUANTILES, SUPPORT_ALL)
 
 #: How token activations become samples (actsteer.capture).
 POOLINGS = ("mean", "last", "max", "all")
+#: The language-model modules fit steers when none are named: the attention outputs, the
+#: strongest layer-wise setting of the defaults study (docs/benchmarks.md, issue 14 §2b).
+DEFAULT_MODULES = "attn-out"
 #: How modules are fitted (actsteer.fit).
 MODES = ("independent", "sequential")
 #: Which token positions a hook steers (actsteer.hooks).

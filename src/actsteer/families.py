@@ -46,7 +46,7 @@ _LLAMA_PRESETS = {
 class Family:
     """One architecture family.
 
-    presets: name → full-match regex over module names; the first is the default.
+    presets: name → full-match regex over module names (fit's default: choices.DEFAULT_MODULES).
     norm_readers: RMSNorm leaf name → the Linear layers (relative to the block) that alone read
       its output; a norm missing here feeds something else (the residual stream, the LM head)
       and its shift cannot be folded.
@@ -66,10 +66,6 @@ class Family:
     bias_flags: dict[str, str] = field(default_factory=dict)
     residual_writer: str | None = None
     transposed_linears: tuple[str, ...] = ()
-
-    @property
-    def default_preset(self) -> str:
-        return next(iter(self.presets))
 
 
 #: model_type of the module tree of a diffusers pipeline (see `actsteer.tree`).

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap, warn_truncated
 from actsteer.chat import chat_texts
-from actsteer.choices import MODES, POOLINGS, SUPPORTS
+from actsteer.choices import DEFAULT_MODULES, MODES, POOLINGS, SUPPORTS
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import DENOISING, record_pipeline
 from actsteer.errors import ActSteerError
@@ -58,8 +58,9 @@ def fit(
 ) -> Steering:
     """Fit a steering that moves the model's activations on `source` texts onto `target`'s.
 
-    modules: a preset ("post-attn-ln" (default), "layernorms", "attn-out", "mlp-out"), a regex
-      fully matching module names, or a list of names.
+    modules: a preset ("attn-out" (default: the attention outputs, the strongest setting of the
+      defaults study in docs/benchmarks.md), "post-attn-ln", "layernorms", "mlp-out",
+      "residual"), a regex fully matching module names, or a list of names.
     mode: "independent" fits each module on the plain model's activations; "sequential" fits
       each on activations already transported by the maps of all upstream modules.
     pooling: how token activations become one sample per text: "mean" (real tokens only),
@@ -158,7 +159,7 @@ def fit(
         info.denoising = {k: v for k, v in denoising.items() if k != "batch_size"}
     else:
         tree = model
-        names = resolve_modules(model, modules or "post-attn-ln")
+        names = resolve_modules(model, modules or DEFAULT_MODULES)
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
         if support_pooling not in (None, info.pooling):

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from actsteer.choices import MODES, POOLINGS, POSITIONS
+from actsteer.choices import DEFAULT_MODULES, MODES, POOLINGS, POSITIONS
 from actsteer.cli.core import (
     LM_PANEL,
     app,
@@ -143,7 +143,7 @@ def fit(
     modules: Annotated[
         str | None,
         typer.Option(
-            help="A preset of the model's family (the first is the default; "
+            help=f"A preset of the model's family (default for language models {DEFAULT_MODULES}; "
             f"{presets_help()}) or a regex fully matching module names.",
             metavar="PRESET|REGEX",
         ),
@@ -248,7 +248,7 @@ def fit(
     lm, tok = load_lm(model)
     status(
         f"Fitting {method} ({mode}) on {model}: {len(source_texts)} source → "
-        f"{len(target_texts)} target texts, modules {modules or 'post-attn-ln'!r} …"
+        f"{len(target_texts)} target texts, modules {modules or DEFAULT_MODULES!r} …"
     )
     start = time.perf_counter()
     steering = fit_steering(
