@@ -108,8 +108,8 @@ class _Folder:
                 f"cannot fold the map of {name!r}: it scales {scaled} unit(s) of the residual "
                 "stream (ω ≠ 1), which is the sum of every earlier block's writes and has no "
                 "weight of its own; only a pure shift (ω = 1: mean-act, actadd, iti-c) of a "
-                "block's output folds. To fold Linear-AcT steer norms (post-attn-ln, "
-                "layernorms), or keep the steering as hooks"
+                "block's output folds. To fold Linear-AcT steer linear outputs (attn-out, "
+                "mlp-out) or norms (post-attn-ln, layernorms), or keep the steering as hooks"
             )
         writer = self.family.residual_writer
         if writer is None:
