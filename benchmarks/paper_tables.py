@@ -25,7 +25,7 @@ Parts (--parts):
   (AcT up to λ = 1.5: beyond 1 by explicit extrapolation), plus a trade-off plot of presence
   vs perplexity.
 
-Steered modules: --modules, default DEFAULT_MODULES per architecture family. Data sizes:
+Steered modules: --modules, default FAMILY_MODULES or fit's default (attn-out). Data sizes:
 --sizes (SIZES: "paper" by default, "gemma" for Gemma-3-270M, "quick" is a smoke test).
 A killed run resumes where it stopped (cached steerings, calibrations and sweep points).
 Every method uses its
@@ -50,6 +50,7 @@ import torch
 from _common import ROOT, machine, table
 
 import actsteer
+from actsteer.choices import DEFAULT_MODULES
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.concept import CONCEPT_FILE, N_OFF, OFF_CONCEPT, load_concept_sentences
 from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, read_jsonl
@@ -90,12 +91,11 @@ CONCEPT_METHODS: Methods = {
     "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0, 16.0), {}),
 }
 ORIGINAL = "Original"
-#: Gemma: the paper's modules (post-attention and post-feedforward norms). Llama family: the
-#: attention output projection, which like Gemma's post-attention norm writes into the residual
-#: stream (it beat post-attn-ln, layernorms and mlp-out in a quick held-out likelihood check).
-DEFAULT_MODULES = {
+#: Gemma: the paper's modules (post-attention and post-feedforward norms). Other families:
+#: fit's own default (attn-out, the attention output projection, which like Gemma's
+#: post-attention norm writes into the residual stream; the defaults study's strongest).
+FAMILY_MODULES = {
     "gemma": r"(?:.*\.)?layers\.\d+\.(?:post_attention|post_feedforward)_layernorm",
-    "llama": "attn-out",
 }
 
 
@@ -162,8 +162,8 @@ class Runner:
         self.out: Path = args.out or ROOT / "out" / "paper_tables" / args.model
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tok = actsteer.load_model(args.model)
-        self.modules = args.modules or DEFAULT_MODULES.get(
-            getattr(find_family(self.model), "name", ""), "attn-out"
+        self.modules = args.modules or FAMILY_MODULES.get(
+            getattr(find_family(self.model), "name", ""), DEFAULT_MODULES
         )
 
     def fitted(

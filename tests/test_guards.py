@@ -20,9 +20,14 @@ from actsteer.errors import ActSteerError
 @pytest.fixture(scope="module")
 def actadd(tiny_llama, tokenizer, neutral, football):
     return actsteer.fit(
-        tiny_llama, tokenizer, neutral[:8], football[:8], method="actadd",
-        modules="post-attn-ln", progress=False,
-    )  # fmt: skip
+        tiny_llama,
+        tokenizer,
+        neutral[:8],
+        football[:8],
+        method="actadd",
+        modules="post-attn-ln",
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
