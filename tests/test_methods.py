@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 import actsteer
 from actsteer.capture import record
 from actsteer.methods import METHODS
+from actsteer.methods.iti_c import probe_direction
 
 SOURCE = [f"the rude driver shouted at pedestrian number {i} for no reason" for i in range(14)]
 TARGET = [f"a kind gardener waters flower bed {i} every morning with care" for i in range(11)]
@@ -92,6 +96,22 @@ def test_iti_c_shifts_along_the_probe_normal_by_the_projected_spread(tiny_llama,
     direction = beta / np.linalg.norm(beta)
     assert direction @ normal > 0.999, "β points along the probe normal, toward the target"
     assert np.linalg.norm(beta) == pytest.approx((features @ normal).std(ddof=1), rel=1e-2)
+
+
+def test_iti_c_probe_converges_on_badly_scaled_units():
+    """Units whose scales span four decades (as Gemma's post-norms do): the probe reaches the
+    optimum without a convergence warning (L-BFGS stopped short of it at its iteration cap)."""
+    rng = np.random.default_rng(0)
+    scale = 10.0 ** rng.uniform(-1, 3, 16)
+    source = rng.normal(size=(200, 16)) * scale
+    target = (rng.normal(size=(200, 16)) + 0.5) * scale
+    features, labels = np.r_[source, target], np.r_[np.zeros(200), np.ones(200)]
+    optimum = LogisticRegression(solver="newton-cg", tol=1e-12, max_iter=100_000)
+    reference = optimum.fit(features, labels).coef_[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        normal = probe_direction(torch.from_numpy(source), torch.from_numpy(target)).numpy()
+    assert normal @ reference / np.linalg.norm(reference) > 0.99999
 
 
 def test_aura_dampens_by_auroc(tiny_llama, tokenizer):

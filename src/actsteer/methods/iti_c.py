@@ -18,14 +18,19 @@ if TYPE_CHECKING:
 
 
 def probe_direction(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Unit normal of a logistic-regression probe, pointing from source to target."""
+    """Unit normal of a logistic-regression probe, pointing from source to target.
+
+    Solved by Newton's method with a Cholesky step: a few iterations reach the optimum even on
+    badly scaled activations (Gemma's post-norms), where L-BFGS stopped unconverged at its
+    iteration cap after ≈ 25 s per module on Gemma-3-270M.
+    """
     import numpy as np
     import torch
 
     linear_model = require("sklearn.linear_model", "eval", "ITI-c (a logistic-regression probe)")
     x = torch.cat([source, target]).double().numpy()
     y = np.r_[np.zeros(len(source)), np.ones(len(target))]
-    probe = linear_model.LogisticRegression(max_iter=2000).fit(x, y)
+    probe = linear_model.LogisticRegression(solver="newton-cholesky", max_iter=200).fit(x, y)
     normal = torch.from_numpy(probe.coef_[0])
     return normal / normal.norm()
 
