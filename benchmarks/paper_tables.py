@@ -312,13 +312,24 @@ def per_prompt(entry: Mapping[str, Any], stratum: str) -> dict[str, tuple[float,
     }
 
 
+def paired_text(treated: Mapping[Any, float], control: Mapping[Any, float]) -> str:
+    """'mean difference [paired 95% bootstrap CI]' of per-item values on the same items; bold
+    where the interval excludes 0."""
+    ids = sorted(treated)
+    mean, (lo, hi) = paired_bootstrap_diff([treated[i] for i in ids], [control[i] for i in ids])
+    mark = "**" if hi < 0 or lo > 0 else ""
+    return f"{mark}{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}"
+
+
 def paired(treated: Mapping[str, Any], control: Mapping[str, Any], stratum: str) -> str:
     """'Δ% toxic [paired 95% CI]' of two toxicity entries on the same prompts."""
     a, b = per_prompt(treated, stratum), per_prompt(control, stratum)
-    ids = sorted(a)
-    mean, (lo, hi) = paired_bootstrap_diff([a[i][0] for i in ids], [b[i][0] for i in ids])
-    mark = "**" if hi < 0 or lo > 0 else ""
-    return f"{mark}{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}"
+    return paired_text({i: v[0] for i, v in a.items()}, {i: v[0] for i, v in b.items()})
+
+
+def per_question(entry: Mapping[str, Any], metric: str) -> dict[int, float]:
+    """{question idx: 100 × metric} of one TruthfulQA entry."""
+    return {q["idx"]: 100 * q[metric] for q in entry["result"]["per_question"]}
 
 
 def toxicity_part(run: Runner) -> str:
@@ -461,16 +472,23 @@ def truthfulqa_part(run: Runner) -> str:
         {name: [s] for name, s in chosen.items()},
     )
     mmlu = run.mmlu({f"truthfulqa {n}": (steerings[n], s) for n, s in chosen.items()})
+    entry = {n: point(test, n, "truthfulqa", s, steerings[n]) for n, s in chosen.items()}
     table_rows = [
         [
             name,
             "–" if name == ORIGINAL else f"{strength:g}",
-            ci(point(test, name, "truthfulqa", strength, steerings[name]), "mc1", 100),
-            ci(point(test, name, "truthfulqa", strength, steerings[name]), "mc2", 100),
+            ci(entry[name], "mc1", 100),
+            ci(entry[name], "mc2", 100),
+            *(
+                paired_text(per_question(entry[name], m), per_question(entry[ORIGINAL], m))
+                for m in ("mc1", "mc2")
+            ),
             ci(mmlu[f"truthfulqa {name}"], "accuracy", 100),
         ]
         for name, strength in chosen.items()
     ]
+    header = ["method", "λ", "MC1 % [95% CI]", "MC2 % [95% CI]"]
+    header += ["MC1 − Original [paired]", "MC2 − Original [paired]", "MMLU %"]
     detail = [
         [name, f"{s:g}", *(f"{100 * v:.1f}" for v in score(select, name, s))]
         for name, grid in tuned.items()
@@ -479,7 +497,9 @@ def truthfulqa_part(run: Runner) -> str:
     return "\n\n".join(
         [
             "### TruthfulQA (paper Table 3)",
-            table(["method", "λ", "MC1 % [95% CI]", "MC2 % [95% CI]", "MMLU %"], table_rows),
+            table(header, table_rows),
+            "Paired: per-question differences in points (same questions; 95% paired bootstrap; "
+            "bold: the interval excludes 0).",
             f"λ selection by MC1 (then MC2) on {sizes.tqa_select_questions} even-fold questions "
             "not used for fitting (MC1 %, MC2 %):",
             table(["method", "λ", "MC1", "MC2"], detail),
