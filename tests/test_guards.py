@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 import actsteer
 from actsteer import cli
 from actsteer.errors import ActSteerError
+from actsteer.guards import reach, warn_far_strength
+from actsteer.maps import AffineMap
 
 
 # Norm outputs: they feed the MLP directly, so a huge λ turns the hooked output itself
@@ -122,3 +124,21 @@ def test_cli_generate_at_a_huge_strength_says_so_in_one_line(
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: steering made activations non-finite") and "1e+38" in last
+
+
+def test_a_unit_the_fit_data_never_moves_is_no_false_alarm():
+    """A dead channel (range 0 on the fit data, as Gemma's post-norms have) shifted by a small
+    β is measured against its module's typical range, not read as an infinite shift; a shift
+    many module ranges wide still counts."""
+    lo, hi = torch.tensor([-1.0, 0.0, -2.0, -1.5, 0.0]), torch.tensor([1.0, 0.0, 2.0, 1.5, 3.0])
+    bounds = {"q0-100": (lo, hi)}  # ranges 2, 0, 4, 3, 3: the median is 3
+    small = AffineMap(torch.ones(5), torch.tensor([0.0, 0.06, 0.0, 0.0, 0.0]), bounds)
+    worst, where = reach({"m": small})
+    assert worst == pytest.approx(0.06 / (0.1 * 3)) and where == "m"
+    large = AffineMap(torch.ones(5), torch.tensor([0.0, 60.0, 0.0, 0.0, 0.0]), bounds)
+    assert reach({"small": small, "large": large}) == (pytest.approx(60 / 0.3), "large")
+    with pytest.warns(UserWarning, match="by up to 200×"):
+        warn_far_strength(reach({"large": large}), torch.tensor(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_far_strength(reach({"small": small}), torch.tensor(1.0))

@@ -23,6 +23,10 @@ from actsteer.maps import AffineMap
 
 #: a shift larger than this many times the source's per-unit range (q0-100) gets a warning
 SPREAD_WARNING = 10.0
+#: a unit's range counts as at least this fraction of its module's median unit range, so a
+#: unit the fit data never moves (a dead norm channel: range 0) and a small shift of it is not
+#: read as an infinite one
+RANGE_FLOOR = 0.1
 
 
 class Guarded(Protocol):
@@ -43,7 +47,8 @@ def describe_strength(strength: torch.Tensor) -> str:
 
 def reach(maps: dict[str, AffineMap]) -> tuple[float, str]:
     """The largest shift a map makes at |λ| = 1, over the source's range [lo, hi] of its unit,
-    in units of hi − lo, and the module it occurs in (λ scales it linearly)."""
+    in units of hi − lo (floored at RANGE_FLOOR × the module's median range), and the module it
+    occurs in (λ scales it linearly)."""
     worst, where = 0.0, ""
     for name, amap in maps.items():
         bounds = amap.bounds.get("q0-100")
@@ -52,7 +57,9 @@ def reach(maps: dict[str, AffineMap]) -> tuple[float, str]:
         lo, hi = (b.float() for b in bounds)
         omega, beta = amap.omega.float(), amap.beta.float()
         shift = torch.maximum(((omega - 1) * lo + beta).abs(), ((omega - 1) * hi + beta).abs())
-        ratio = float((shift / (hi - lo).clamp_min(1e-12)).max())
+        spread = hi - lo
+        floor = max(RANGE_FLOOR * float(spread.median()), 1e-12)
+        ratio = float((shift / spread.clamp_min(floor)).max())
         if ratio > worst:
             worst, where = ratio, name
     return worst, where
