@@ -1,5 +1,6 @@
-"""The steering hook's transport equals the map's reference formula, bit for bit, on both of its
-paths (the fused kernel of actsteer.kernels and plain torch ops), for every layout it serves."""
+"""The one transport (actsteer.transport), as the steering hooks apply it, equals the map's
+reference formula bit for bit on both of its paths (the fused kernel of actsteer.kernels and
+plain torch ops), for every layout and strength source it serves."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from actsteer import ActSteerError, Steering, kernels
-from actsteer.hooks import SteeringHandle
+from actsteer.hooks import SteeringHandle, sees_output_first
 from actsteer.maps import AffineMap, support_bounds
+from actsteer.sources import ConditionalHalf
 
 PATHS = ["fused", "torch-ops"]
 
@@ -31,7 +33,12 @@ class CountingKernel:
         self.declined = 0
 
     def transport(self, *args):
-        out = self.kernel.transport(*args)
+        return self.counted(self.kernel.transport(*args))
+
+    def transport_tokens(self, *args):
+        return self.counted(self.kernel.transport_tokens(*args))
+
+    def counted(self, out):
         self.calls += out is not None
         self.declined += out is None
         return out
@@ -58,13 +65,13 @@ class CountingKernel:
 def path(request, monkeypatch) -> CountingKernel | None:
     """Run the test with the fused kernel (counting its calls), and again with torch ops."""
     if request.param == "torch-ops":
-        monkeypatch.setattr("actsteer.hooks.fused_kernel", lambda: None)
+        monkeypatch.setattr("actsteer.transport.fused_kernel", lambda: None)
         return None
     kernel = kernels.fused_kernel()
     if kernel is None:
         pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
     counting = CountingKernel(kernel)
-    monkeypatch.setattr("actsteer.hooks.fused_kernel", lambda: counting)
+    monkeypatch.setattr("actsteer.transport.fused_kernel", lambda: counting)
     return counting
 
 
@@ -109,14 +116,23 @@ def reference(amap: AffineMap, a: torch.Tensor, strength, support: str) -> torch
         moved = torch.addcmul((lam * amap.beta).to(a.dtype), row, scale)
         if bounds is not None:
             lo, hi = (b.to(a.dtype) for b in bounds)
-            moved = torch.where((row >= lo) & (row <= hi), moved, row)
+            moved = torch.where((row > lo) & (row < hi), moved, row)
         rows.append(moved)
     return torch.stack(rows)
 
 
 def uses_kernel(amap: AffineMap, support: str) -> bool:
     steering = Steering({"": amap})
-    return SteeringHandle(steering, Probe(), 1.0, support).hooks[""].kernel is not None
+    hook = SteeringHandle(steering, Probe(), 1.0, support).hooks[""]
+    return hook.transport.kernel_for(torch.zeros(1, amap.dim)) is not None
+
+
+def conditional_half(handle: SteeringHandle, a: torch.Tensor) -> torch.Tensor:
+    """The hook's transport of a classifier-free-guidance batch [unconditional; conditional]
+    at the strength its ConditionalHalf source makes of the handle's λ."""
+    hook = handle.hooks[""]
+    lam = ConditionalHalf(types.SimpleNamespace(split=True))(hook.lam, a)
+    return hook.transport(a, lam)
 
 
 # the `path` fixture holds for every generated input: one code path per test run
@@ -137,7 +153,7 @@ def test_hook_output_equals_the_reference_map(
     g = torch.Generator().manual_seed(seed)
     amap = fitted_map(g, 256)
     a = torch.randn(8, tokens, 256, generator=g) * 1.5  # some outside the source range
-    a[0, 0, :4] = amap.bounds["q0-100"][0][:4]  # exactly on the bounds: inside
+    a[0, 0, :4] = amap.bounds["q0-100"][0][:4]  # exactly on the bounds: outside (open support)
     a[0, 0, 4:8] = amap.bounds["q0-100"][1][4:8]
     a = a.to(dtype)
     lam = torch.linspace(0.1, 1.0, 8) * strength if per_row else strength
@@ -169,15 +185,15 @@ def test_per_channel_map_on_feature_maps(path, spatial):
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("support", ["q0-100", "all"])
 def test_conditional_half_of_a_guidance_batch(path, shape, per_row, support):
-    """second_half_only: the first half passes unchanged, the rest is transported (with its own
-    λ per row)."""
+    """The conditional half only: the first half passes unchanged, the rest is transported
+    (with its own λ per row)."""
     g = torch.Generator().manual_seed(1)
     amap = fitted_map(g, 32)
     lam = torch.tensor([0.3, 0.9]) if per_row else 0.7
     handle = SteeringHandle(Steering({"": amap}), Probe(), lam, support)
     a = torch.randn(*shape, generator=g) * 1.5
     with torch.inference_mode():
-        out = handle.hooks[""]._transport(a, second_half_only=True)
+        out = conditional_half(handle, a)
     assert ran_fused(path) == (path is not None)
     assert torch.equal(out[:2], a[:2])
     units_last = a[2:].movedim(1, -1) if a.ndim == 4 else a[2:]
@@ -198,7 +214,7 @@ def test_outputs_split_over_threads_inside_a_row(path, shape):
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            out = handle.hooks[""]._transport(a, second_half_only=True)
+            out = conditional_half(handle, a)
     finally:
         torch.set_num_threads(threads)
     assert ran_fused(path) == (path is not None)
@@ -217,7 +233,7 @@ def test_the_kernel_binds_no_hook_to_parameters_it_cannot_read():
     ones, inf = torch.ones(4), torch.full((4,), torch.inf)
 
     def bind(scale, shift, lo, hi):
-        return kernel.hook(scale, shift, lo, hi, 0, False, None, lambda *args: None)
+        return kernel.hook(scale, shift, lo, hi, 0, False, lambda *args: None)
 
     assert bind(ones, ones, -inf, inf) is not None
     assert bind(ones, ones.double(), -inf, inf) is None
@@ -379,3 +395,17 @@ def test_the_kernel_hook_is_registered_and_freed_with_the_handle():
     del handle, registered
     gc.collect()
     assert fallback() is None, "nothing keeps the hook alive after remove()"
+
+
+def test_whether_a_hook_sees_the_output_first_reads_torchs_global_hooks():
+    """sees_output_first reads torch's private table of global forward hooks (the one private
+    torch name the library uses): this fails on a torch that lacks it or stops filling it."""
+    module = nn.LayerNorm(4)
+    assert sees_output_first(module)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert not sees_output_first(module)
+    finally:
+        handle.remove()
+    module.register_forward_hook(lambda m, a, o: None)
+    assert not sees_output_first(module)

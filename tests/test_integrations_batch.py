@@ -11,7 +11,6 @@ import torch
 from actsteer import ActSteerError, Steering, SteeringInfo
 from actsteer.integrations.batch import (
     BatchSteering,
-    TokenMap,
     build_stages,
     load_table,
     parse_request,
@@ -110,7 +109,7 @@ def test_per_token_stages_equal_each_request_steered_alone(served):
     batch.begin_pass(boundaries)
     steered = a.clone()
     for name, lam in batch.token_stages(7):
-        steered = TokenMap(served[name].maps["m"], support[name])(steered, lam)
+        steered = served[name].maps["m"].transport(support[name])(steered, lam)
     expected = a.clone()
     for index, spec in batch.requests.items():
         rows = slice(int(boundaries[index]), int(boundaries[index + 1]))
@@ -135,17 +134,20 @@ def test_transport_on_the_fused_kernel_equals_the_plain_path(dtype, support, mon
     calls = []
 
     class Counting:
+        def __getattr__(self, name):  # the kernel's other entries, uncounted
+            return getattr(kernel, name)
+
         def transport_tokens(self, *args):
             calls.append(args[-1].shape)
             return kernel.transport_tokens(*args)
 
-    monkeypatch.setattr("actsteer.integrations.batch.fused_kernel", lambda: Counting())
+    monkeypatch.setattr("actsteer.transport.fused_kernel", lambda: Counting())
     amap = steering("linear-act", 3, bounded=True).maps["m"]
     a = (2 * torch.randn(9, 4, generator=torch.Generator().manual_seed(4))).to(dtype)
     lam = torch.tensor([0.25, 0.5, 0.5, 1.0, 1.0, 1.0, -0.5, 2.0, 0.0])
-    fused = TokenMap(amap, support)(a, lam)
+    fused = amap.transport(support)(a, lam)
     assert calls == [(9, 4)]  # the kernel did the work
-    plain = TokenMap(amap, support, fused=False)(a, lam)
+    plain = amap.transport(support, fused=False)(a, lam)
     assert fused.dtype == dtype and torch.equal(fused, plain)
     if dtype in (torch.float32, torch.float64):  # bounds exact in the dtype: AffineMap's own
         for row in range(9):
@@ -163,6 +165,6 @@ def test_transport_declined_by_the_kernel_takes_the_plain_path():
     wide = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
     a, lam = wide[:, ::2], torch.tensor([1.0, 0.5, 0.0, 2.0])
     assert not a.is_contiguous()
-    steered = TokenMap(amap, "q0-100")(a, lam)
-    assert torch.equal(steered, TokenMap(amap, "q0-100")(a.contiguous(), lam))
-    assert torch.equal(steered, TokenMap(amap, "q0-100", fused=False)(a, lam))
+    steered = amap.transport("q0-100")(a, lam)
+    assert torch.equal(steered, amap.transport("q0-100")(a.contiguous(), lam))
+    assert torch.equal(steered, amap.transport("q0-100", fused=False)(a, lam))

@@ -122,7 +122,9 @@ def test_inverse_after_map_is_identity_inside_the_support(g):
     target = torch.randn(60, 4, generator=g) + 3
     omega, beta = fit_linear(source, target)
     amap = AffineMap(omega, beta, support_bounds(source))
-    inside = source[5:20]
+    lo, hi = amap.bounds["q0-100"]
+    # source samples strictly inside the open support (the extremes lie on its bounds)
+    inside = source[5:20].clamp(lo.nextafter(hi), hi.nextafter(lo))
     for support in ("q0-100", "all"):
         moved = amap(inside, 1.0, support)
         back = amap.inverse()(moved, 1.0, support)
@@ -135,7 +137,8 @@ def test_support_leaves_values_outside_untouched():
     a = torch.tensor([[-3.0], [-1.0], [0.5], [1.0], [3.0]])
     out = amap(a, 1.0, "q0-100")
     assert torch.equal(out[[0, 4]], a[[0, 4]]), "outside [min, max] of the source: unchanged"
-    assert torch.allclose(out[1:4], 2 * a[1:4] + 10), "inside (bounds included): transported"
+    assert torch.equal(out[[1, 3]], a[[1, 3]]), "on a bound: unchanged (the support is open)"
+    assert torch.allclose(out[2], 2 * a[2] + 10), "strictly inside: transported"
     narrow = amap(torch.tensor([[-0.95], [0.0]]), 1.0, "q5-95")
     assert narrow[0, 0] == -0.95 and narrow[1, 0] == 10.0
     assert torch.allclose(amap(a, 1.0, "all"), 2 * a + 10)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from actsteer.choices import POOLINGS
 from actsteer.errors import ActSteerError
 from actsteer.families import PRESET_NAMES, find_family, model_type
-from actsteer.tree import model_device
+from actsteer.tree import model_device, output_tensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,17 +75,6 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
         )
     order = {n: i for i, n in enumerate(names)}
     return sorted(wanted, key=order.__getitem__)
-
-
-def output_tensor(output: object, index: int = 0) -> torch.Tensor:
-    """The activation tensor of a module output (element `index` of a tuple output)."""
-    tensor = output[index] if isinstance(output, tuple) else output
-    if not isinstance(tensor, torch.Tensor):
-        raise ActSteerError(
-            f"module output of type {type(tensor).__name__} cannot be steered; "
-            "choose modules that return a tensor"
-        )
-    return tensor
 
 
 def pool(activations: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

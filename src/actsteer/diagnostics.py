@@ -23,6 +23,7 @@ from torch import nn
 
 from actsteer.capture import record
 from actsteer.steering import Steering
+from actsteer.transport import inside
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,12 +71,8 @@ def module_reports(
     for name in names:
         bounds = steering.maps[name].support(support)
         a = tokens[name].float()
-        inside = (
-            1.0
-            if bounds is None
-            else float(((a >= bounds[0]) & (a <= bounds[1])).mean(dtype=torch.float32))
-        )
-        reports.append(ModuleReport(name, inside))
+        share = 1.0 if bounds is None else float(inside(a, *bounds).mean(dtype=torch.float32))
+        reports.append(ModuleReport(name, share))
     if target is not None:
         pooling = steering.info.pooling or "mean"
         pooled = {

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.capture import HookedBuffers, check_texts, output_tensor
+from actsteer.capture import HookedBuffers, check_texts
 from actsteer.errors import ActSteerError
 from actsteer.extras import require
 from actsteer.guidance import Guidance
 from actsteer.steering import Steering
-from actsteer.tree import DENOISERS, module_tree, stream_index
+from actsteer.tree import DENOISERS, module_tree, output_tensor, stream_index
 
 #: The denoising settings a pipeline fit records under, and their defaults.
 DENOISING = {"steps": 20, "guidance_scale": 5.0, "every": 2, "seed": 0, "batch_size": 8}

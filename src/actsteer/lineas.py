@@ -60,7 +60,8 @@ from tqdm.auto import tqdm
 from actsteer.capture import POOLINGS, batches, forward_body, pool, record
 from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap, fit_linear, quantile_grid, support_bounds
-from actsteer.tree import model_device, stream_index
+from actsteer.transport import Transport
+from actsteer.tree import model_device, output_tensor, stream_index, with_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -234,9 +235,9 @@ class Trainable:
 
 
 class TrainingHooks:
-    """Differentiable forward hooks: each applies its module's ω ⊙ a + β (inside the support,
-    a outside), keeps the pooled output of the steered activations for the loss, and the pass
-    stops once every module has been seen.
+    """Differentiable forward hooks: each applies its module's map at λ = 1 through the one
+    transport (inside the support, a outside), keeps the pooled steered activations for the
+    loss, and the pass stops once every module has been seen.
 
     Set `mask` (the batch's attention mask) and `rows` (for `all` pooling: which real tokens
     to keep, or None for all) before each pass.
@@ -261,24 +262,15 @@ class TrainingHooks:
 
         def hook(module: nn.Module, args: object, output: object) -> object:
             stream = stream_index(module)
-            a = output[stream] if isinstance(output, tuple) else output
-            if not isinstance(a, torch.Tensor):
-                raise ActSteerError(
-                    f"module {name!r} returns {type(a).__name__}, which cannot be steered; "
-                    "choose modules that return a tensor"
-                )
-            steered = a * trainable.omega.to(a.dtype) + trainable.beta().to(a.dtype)
-            if trainable.bounds is not None:
-                lo, hi = (b.to(a.dtype) for b in trainable.bounds)
-                steered = torch.where((a >= lo) & (a <= hi), steered, a)
+            a = output_tensor(output, stream)
+            transport = Transport(trainable.omega, trainable.beta(), trainable.bounds)
+            steered = transport(a, 1.0)
             assert self.mask is not None, "TrainingHooks.mask must be set before a forward pass"
             samples = pool(steered.float(), self.mask, self.pooling)
             self.pooled[name] = samples if self.rows is None else samples[self.rows]
             if len(self.pooled) == len(self.params):
                 raise _Stop
-            if isinstance(output, tuple):
-                return (*output[:stream], steered, *output[stream + 1 :])
-            return steered
+            return with_output(output, steered, stream)
 
         return hook
 

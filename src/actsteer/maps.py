@@ -11,6 +11,7 @@ import torch
 
 from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES
 from actsteer.errors import ActSteerError
+from actsteer.transport import Transport, coefficients
 
 _ZERO_VARIANCE = 1e-12
 
@@ -39,27 +40,26 @@ class AffineMap:
         return self.bounds[name]
 
     def at(self, strength: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The map at strength λ: (ω̃, λβ) with ω̃ = 1 + λ(ω − 1), so T_λ(a) = ω̃ ⊙ a + λβ.
+        """The map at strength λ: (ω̃, λβ) with ω̃ = 1 + λ(ω − 1), so T_λ(a) = ω̃ ⊙ a + λβ
+        (actsteer.transport.coefficients). λ is a number, giving (D,) tensors, or a (B,)
+        tensor of per-row strengths, giving (B, D) tensors."""
+        return coefficients(self.omega.float() - 1, self.beta.float(), strength)
 
-        The one place the λ formula lives (maps, hooks and folding use it). λ is a number,
-        giving (D,) tensors, or a (B,) tensor of per-row strengths, giving (B, D) tensors.
-        """
-        lam = torch.as_tensor(strength, dtype=torch.float32)
-        if lam.ndim == 1:
-            lam = lam.unsqueeze(1)
-        return 1 + lam * (self.omega.float() - 1), lam * self.beta.float()
+    def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> Transport:
+        """This map ready to apply with a support (actsteer.transport)."""
+        return Transport(self.omega, self.beta, self.support(support), fused)
 
     def __call__(
-        self, a: torch.Tensor, strength: float = 1.0, support: str = SUPPORT_ALL
+        self, a: torch.Tensor, strength: float | torch.Tensor = 1.0, support: str = SUPPORT_ALL
     ) -> torch.Tensor:
-        """T_λ(a) = a + λ(T(a) − a) inside the support, a outside it (last axis = units)."""
-        scale, shift = self.at(strength)
-        moved = torch.addcmul(shift.to(a.dtype), a, scale.to(a.dtype))
-        bounds = self.support(support)
-        if bounds is None:
-            return moved
-        lo, hi = bounds
-        return torch.where((a >= lo) & (a <= hi), moved, a)
+        """T_λ(a) = a + λ(T(a) − a) inside the open support, a outside it: units on the last
+        axis of any shape, one λ or one per row (shaped (B,) or (B, 1, …, 1))."""
+        transport = self.transport(support)
+        lam = torch.as_tensor(strength, dtype=torch.float32)
+        if lam.ndim == 0:
+            return transport(a.reshape(-1, self.dim), lam).view(a.shape)
+        rows = lam.reshape(-1)
+        return transport(a.reshape(rows.shape[0], -1, self.dim), rows).view(a.shape)
 
     def inverse(self) -> AffineMap:
         """T⁻¹(b) = (b − β)/ω, whose supports are the images of this map's supports.

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.capture import Recorder, batches, forward_body, output_tensor
+from actsteer.capture import Recorder, batches, forward_body
 from actsteer.errors import ActSteerError
 from actsteer.maps import AffineMap
 from actsteer.steering import Steering, SteeringInfo
-from actsteer.tree import model_device
+from actsteer.tree import model_device, output_tensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

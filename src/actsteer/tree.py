@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actsteer.errors import ActSteerError
 from actsteer.families import PIPELINE_MODEL_TYPE
 
 #: Pipeline components that denoise (their batch holds both classifier-free-guidance halves).
@@ -67,3 +68,30 @@ def model_device(model: nn.Module) -> torch.device:
 def stream_index(module: nn.Module) -> int:
     """Which element of the module's tuple output carries its activations (usually the first)."""
     return 1 if type(module).__name__ in TEXT_FIRST_BLOCKS else 0
+
+
+def output_tensor(output: object, stream: int = 0, residual: bool = False) -> torch.Tensor:
+    """The activations in a module's output: the output itself, or element `stream` of a tuple
+    output; with `residual`, a (hidden, residual) pair's sum (vLLM's decoder layers return the
+    two parts of the residual stream that a Hugging Face decoder layer returns as one)."""
+    if residual and isinstance(output, tuple):
+        return output[0] + output[1]
+    tensor = output[stream] if isinstance(output, tuple) else output
+    if not isinstance(tensor, torch.Tensor):
+        raise ActSteerError(
+            f"module output of type {type(tensor).__name__} cannot be steered; "
+            "choose modules that return a tensor"
+        )
+    return tensor
+
+
+def with_output(
+    output: object, tensor: torch.Tensor, stream: int = 0, residual: bool = False
+) -> object:
+    """The module output with `tensor` in place of what `output_tensor` read from it (other
+    elements of a tuple, such as vLLM's (output, bias), kept; a residual pair as (0, tensor))."""
+    if not isinstance(output, tuple):
+        return tensor
+    if residual:
+        return (torch.zeros_like(tensor), tensor)
+    return (*output[:stream], tensor, *output[stream + 1 :])

@@ -211,3 +211,38 @@ def test_compilation_prefix_caching_and_a_missing_logits_processor_are_refused()
     with pytest.raises(ActSteerError, match=r"--logits-processors"):
         check(logits_processors=None)
     check()
+
+
+def count_transport_calls(worker, on: bool) -> int:
+    """In vLLM's worker: start (on) or stop counting the calls of the one transport; the count
+    so far."""
+    from actsteer.transport import Transport
+
+    original = getattr(Transport, "uncounted", None)
+    if on and original is None:
+        Transport.uncounted = Transport.__call__
+        Transport.calls = 0
+
+        def counted(self, a, strength):
+            Transport.calls += 1
+            return Transport.uncounted(self, a, strength)
+
+        Transport.__call__ = counted
+    elif not on and original is not None:
+        Transport.__call__ = original
+        del Transport.uncounted
+    return getattr(Transport, "calls", 0)
+
+
+def test_the_plugins_hooks_steer_through_the_one_transport(llm, prompt_ids):
+    """Each steered module's hook in vLLM calls actsteer.transport.Transport (per-token λ)."""
+    llm.collective_rpc(count_transport_calls, args=(True,))
+    try:
+        run(llm, prompt_ids[:1], [None])
+        (unsteered,) = llm.collective_rpc(count_transport_calls, args=(True,))
+        run(llm, prompt_ids[:1], [{"actsteer": {"football": 1.0}}])
+        (steered,) = llm.collective_rpc(count_transport_calls, args=(True,))
+    finally:
+        llm.collective_rpc(count_transport_calls, args=(False,))
+    assert unsteered == 0
+    assert steered - unsteered >= 30 * TOKENS  # the 30 post-attn-ln of every forward pass

@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 
 from actsteer.errors import ActSteerError
-from actsteer.kernels import fused_kernel
-from actsteer.maps import AffineMap
 from actsteer.steering import Steering
 
 #: The key of SamplingParams.extra_args (and of vLLM's `vllm_xargs`) that carries a request's
@@ -135,56 +133,6 @@ def token_strengths(
     owner = torch.searchsorted(ends, torch.arange(tokens, device=device), right=True)
     padded = torch.cat([per_request, per_request.new_zeros(1)]).to(device)
     return padded[owner]
-
-
-class TokenMap:
-    """One map ready to steer a (tokens, units) tensor with one λ per token: ω − 1, β and the
-    support's bounds prepared once, in float32 on `device`.
-
-    Per call: the fused CPU kernel's one pass (actsteer.kernels `transport_tokens`) where it
-    takes the tensor, else AffineMap.at's (ω̃, λβ) (the same formula, from the prepared ω − 1)
-    and the plain path of the HF hooks (addcmul, the bounds by torch.where); the two agree bit
-    for bit. Both compare with the bounds in the tensor's dtype, as the HF hooks do.
-    fused=False: the plain path only.
-    """
-
-    def __init__(
-        self, amap: AffineMap, support: str, device: torch.device | str = "cpu", fused: bool = True
-    ) -> None:
-        self.omega_minus_one = (amap.omega.float() - 1).to(device)
-        self.beta = amap.beta.float().to(device)
-        bounds = amap.support(support)
-        self.bounds = None if bounds is None else (bounds[0].to(device), bounds[1].to(device))
-        self.fused = fused
-        self.in_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, a: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        kernel = fused_kernel() if self.fused and a.device.type == "cpu" else None
-        if kernel is not None:
-            lo, hi = self._bounds(a.dtype)
-            steered = kernel.transport_tokens(self.omega_minus_one, self.beta, lo, hi, lam, a)
-            if steered is not None:
-                return steered
-        column = lam.unsqueeze(1)
-        scale = (column * self.omega_minus_one).add_(1).to(a.dtype)  # 1 + λ(ω − 1)
-        shift = (column * self.beta).to(a.dtype)
-        moved = torch.addcmul(shift, a, scale)
-        if self.bounds is None:
-            return moved
-        lo, hi = self._bounds(a.dtype)
-        return torch.where((a >= lo) & (a <= hi), moved, a)
-
-    def _bounds(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bounds in `dtype` (±∞ for support "all"), made once per dtype."""
-        bounds = self.in_dtype.get(dtype)
-        if bounds is None:
-            if self.bounds is None:
-                infinity = torch.full_like(self.beta, torch.inf, dtype=dtype)
-                bounds = (-infinity, infinity)
-            else:
-                bounds = (self.bounds[0].to(dtype), self.bounds[1].to(dtype))
-            self.in_dtype[dtype] = bounds
-        return bounds
 
 
 class BatchSteering:

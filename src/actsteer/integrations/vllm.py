@@ -58,10 +58,11 @@ from actsteer.integrations.batch import (
     ENV,
     BatchSteering,
     Spec,
-    TokenMap,
     load_table,
     parse_request,
 )
+from actsteer.transport import Transport
+from actsteer.tree import output_tensor, with_output
 
 LOAD_FORMAT = "actsteer"
 LOGITS_PROCESSOR = "actsteer.integrations.vllm:RequestSteering"
@@ -254,8 +255,9 @@ def mapped_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 
 def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     """Hook every module the served steerings touch, and the model's per-pass pre-hook."""
-    device = next(model.parameters()).device
-    per_module: dict[str, dict[str, TokenMap]] = {}
+    first = next(model.parameters())
+    device, model_dtype = first.device, first.dtype
+    per_module: dict[str, dict[str, Transport]] = {}
     for steering_name, steering in batch.steerings.items():
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
@@ -265,8 +267,9 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
                     f"steering {steering_name!r} has {amap.dim} units for {name!r}, whose "
                     f"output in this model has {width}: it was fitted on another model"
                 )
-            placed = TokenMap(amap, steering.default_support, device)
-            per_module.setdefault(name, {})[steering_name] = placed
+            transport = amap.transport(steering.default_support)
+            transport.parameters(device, model_dtype)  # placed now, not in the first pass
+            per_module.setdefault(name, {})[steering_name] = transport
     lookup = dict(model.named_modules())
     for name, maps in per_module.items():
         hook = ModuleSteering(batch, maps, stream=bool(_BLOCK.fullmatch(name)))
@@ -289,10 +292,10 @@ class PassStart:
 
 
 class ModuleSteering:
-    """Forward hook of one module: each stage's map at its per-token λ (AffineMap's formula),
-    in stage order, on the tensor the HF module outputs."""
+    """Forward hook of one module: each stage's map at its per-token λ, in stage order, on the
+    tensor the HF module outputs (actsteer.tree's helpers read it and put it back)."""
 
-    def __init__(self, batch: BatchSteering, maps: dict[str, TokenMap], stream: bool) -> None:
+    def __init__(self, batch: BatchSteering, maps: dict[str, Transport], stream: bool) -> None:
         self.batch = batch
         self.maps = maps
         self.stream = stream  # a decoder block: (hidden, residual) sum to the residual stream
@@ -300,15 +303,12 @@ class ModuleSteering:
     def __call__(self, module: nn.Module, args: object, output: Any) -> Any:
         if not self.batch.stages:
             return None
-        pair = isinstance(output, tuple)
-        a = output[0] + output[1] if self.stream and pair else output[0] if pair else output
+        a = output_tensor(output, residual=self.stream)
         stages = self.batch.token_stages(a.shape[0])
         if not stages:
             return None
         for steering_name, lam in stages:
-            token_map = self.maps.get(steering_name)
-            if token_map is not None:
-                a = token_map(a, lam)
-        if self.stream and pair:
-            return (torch.zeros_like(a), a)
-        return (a, *output[1:]) if pair else a
+            transport = self.maps.get(steering_name)
+            if transport is not None:
+                a = transport(a, lam)
+        return with_output(output, a, residual=self.stream)

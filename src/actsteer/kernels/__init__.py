@@ -1,26 +1,26 @@
-"""A fused CPU kernel for the steering hook's transport, built once per machine.
+"""A fused CPU kernel for the one transport (actsteer.transport), built once per machine.
 
-With a bounded support (the default q0-100) the hook computes ω̃·a + λβ inside per-unit bounds
-and keeps a outside them. As separate torch ops that is six passes and as many dispatches,
-several times the cost of the unbounded map at decoding sizes; transport.cpp does it in
-one pass, bit for bit the same result. It also applies per-channel maps to (B, C, H, W) outputs
-without broadcasting and leaves the unconditional half of a classifier-free-guidance batch
-untouched without a concatenation. A norm's fresh output that no other hook has seen is
-overwritten in place, saving an allocation. Support "all" passes infinite bounds. The kernel is
-called through CPython's fast calling convention rather than pybind11: inside a model, where
-caches are cold, pybind11's dispatch cost more than the arithmetic. `hook(...)` binds the
-parameters, checked once, into a forward hook implemented in C++, so no Python frame runs per
-call; what it does not handle (other devices or dtypes, non-contiguous outputs, a gradient to
-carry, tensor subclasses, tuple outputs, shapes that do not fit) goes to the Python hook and its
-torch ops. On Linux, outputs above 32 k elements are shared among torch's threads (OpenMP, the
-runtime torch itself loaded).
+With a bounded support (the default q0-100) the transport computes ω̃·a + λβ inside per-unit
+open bounds and keeps a outside them. As separate torch ops that is five passes and as many
+dispatches, several times the cost of the unbounded map at decoding sizes; transport.cpp does it
+in one pass, bit for bit the same result. It applies per-channel maps to (B, C, H, W) outputs
+without broadcasting, computes ω̃ and λβ itself for one λ per token (an engine's flattened
+batch), and overwrites a norm's fresh output that no other hook has seen, saving an allocation.
+Support "all" passes infinite bounds. The kernel is called through CPython's fast calling
+convention rather than pybind11: inside a model, where caches are cold, pybind11's dispatch cost
+more than the arithmetic. `hook(...)` binds a map's coefficients, checked once, into a forward
+hook implemented in C++, so no Python frame runs per call; what it does not handle (other
+devices or dtypes, non-contiguous outputs, a gradient to carry, tensor subclasses, tuple
+outputs, shapes that do not fit) goes to the Python hook and the transport's torch ops. On
+Linux, outputs above 32 k elements are shared among torch's threads (OpenMP, the runtime torch
+itself loaded).
 
 It is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja) into
 $ACTSTEER_CACHE/kernels, in a folder named by a hash of everything the build depends on (the
 source, the flags, the interpreter and its environment, torch's version, build and C++ ABI, the
 compiler, the CPU), and imported from there afterwards without asking the builder again. Every
 build says so on stderr; a file lock makes a second process wait for a build under way and then
-use it. Without a compiler, or with ACTSTEER_FUSED_KERNEL=0, the hook uses torch ops.
+use it. Without a compiler, or with ACTSTEER_FUSED_KERNEL=0, the transport uses torch ops.
 """
 
 from __future__ import annotations

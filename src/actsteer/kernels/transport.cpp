@@ -1,8 +1,7 @@
-// The steering hook's transport as one CPU pass (see actsteer/kernels.py):
-// out = fma(a, scale, shift) where lo <= a <= hi, a elsewhere; with `second_half_only`, the
-// first half of the rows is left unchanged (the unconditional half of a classifier-free-guidance
-// batch). `out` is a new tensor, or `a` itself when the caller owns it (`in_place`: a norm's
-// fresh output that no other hook has seen).
+// The transport of actsteer.transport as one CPU pass (built by actsteer/kernels/__init__.py):
+// out = fma(a, scale, shift) where lo < a < hi (the support is open, as in the reference
+// implementation), a elsewhere. `out` is a new tensor, or `a` itself when the caller owns it
+// (`in_place`: a norm's fresh output that no other hook has seen).
 //
 // `lo` and `hi` hold one value per unit; `scale` and `shift` the same units once (shared,
 // rows = 0) or once per steered batch row (per-row strength, rows = the steered rows). The
@@ -38,7 +37,7 @@ __attribute__((noinline)) void transport_units(const T* a,
   for (int64_t k = 0; k < n; ++k) {
     const Math v = static_cast<Math>(a[k]);
     const Math moved = std::fma(v, static_cast<Math>(scale[k]), static_cast<Math>(shift[k]));
-    const bool inside = (v >= static_cast<Math>(lo[k])) & (v <= static_cast<Math>(hi[k]));
+    const bool inside = (v > static_cast<Math>(lo[k])) & (v < static_cast<Math>(hi[k]));
     out[k] = inside ? static_cast<T>(moved) : a[k];
   }
 }
@@ -52,7 +51,7 @@ __attribute__((noinline)) void transport_channel(const T* a, T scale, T shift, T
   for (int64_t k = 0; k < n; ++k) {
     const Math v = static_cast<Math>(a[k]);
     const Math moved = std::fma(v, s, b);
-    out[k] = (v >= l) & (v <= h) ? static_cast<T>(moved) : a[k];
+    out[k] = (v > l) & (v < h) ? static_cast<T>(moved) : a[k];
   }
 }
 
@@ -72,7 +71,7 @@ __attribute__((noinline)) void transport_row(const T* a, float lam,
     const Math shift = static_cast<Math>(static_cast<T>(lam * beta[k]));
     const Math v = static_cast<Math>(a[k]);
     const Math moved = std::fma(v, scale, shift);
-    const bool inside = (v >= static_cast<Math>(lo[k])) & (v <= static_cast<Math>(hi[k]));
+    const bool inside = (v > static_cast<Math>(lo[k])) & (v < static_cast<Math>(hi[k]));
     out[k] = inside ? static_cast<T>(moved) : a[k];
   }
 }
@@ -120,25 +119,22 @@ std::optional<Map> read_map(const at::Tensor& scale, const at::Tensor& shift,
 
 // Whether the kernel takes `a`: a 2-, 3- or 4-D contiguous CPU tensor of the map's dtype with
 // no gradient to carry, the map's units on axis 1 (4-D: a per-channel map over H×W) or last,
-// an even batch for second_half_only, and one parameter set per steered row if per-row.
-bool fits(const Map& map, const at::Tensor& a, bool second_half_only) {
+// and one parameter set per row if per-row.
+bool fits(const Map& map, const at::Tensor& a) {
   const int64_t dims = a.dim();
   if (dims < 2 || dims > 4 || a.scalar_type() != map.dtype || !a.device().is_cpu() ||
       !a.is_contiguous() || (a.requires_grad() && at::GradMode::is_enabled())) {
     return false;
   }
   const int64_t batch = a.size(0);
-  const int64_t steered = second_half_only ? batch / 2 : batch;
   return a.size(dims == 4 ? 1 : dims - 1) == map.units && batch > 0 &&
-         !(second_half_only && batch % 2 != 0) && (map.rows == 0 || steered == map.rows);
+         (map.rows == 0 || batch == map.rows);
 }
 
-// The transport of `a` written to `out` (a's own memory, or a new buffer of a's size): rows of the
-// first half copied unchanged with second_half_only.
-void transport_into(const Map& map, const at::Tensor& a, bool second_half_only, void* out) {
+// The transport of `a` written to `out` (a's own memory, or a new buffer of a's size).
+void transport_into(const Map& map, const at::Tensor& a, void* out) {
   const bool channels = a.dim() == 4;
   const int64_t batch = a.size(0);
-  const int64_t first_row = second_half_only ? batch / 2 : 0;
   const int64_t run = channels ? a.size(2) * a.size(3) : map.units;  // one parameter layout
   const int64_t runs_per_row = run == 0 ? 0 : a.numel() / batch / run;
   if (runs_per_row == 0) {
@@ -151,15 +147,12 @@ void transport_into(const Map& map, const at::Tensor& a, bool second_half_only, 
     const auto* shift = static_cast<const scalar_t*>(map.shift);
     const auto* lo = static_cast<const scalar_t*>(map.lo);
     const auto* hi = static_cast<const scalar_t*>(map.hi);
-    if (out_ != a_) {
-      std::copy(a_, a_ + first_row * runs_per_row * run, out_);
-    }
     // runs [begin, end), a row at a time: no division per run
     const auto steer_runs = [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end;) {
         const int64_t row = r / runs_per_row;
         const int64_t row_end = std::min(end, (row + 1) * runs_per_row);
-        const int64_t params = map.rows > 0 ? (row - first_row) * map.units : 0;
+        const int64_t params = map.rows > 0 ? row * map.units : 0;
         for (; r < row_end; ++r) {
           if (channels) {
             const int64_t u = r - row * runs_per_row;  // runs_per_row == units
@@ -172,13 +165,12 @@ void transport_into(const Map& map, const at::Tensor& a, bool second_half_only, 
         }
       }
     };
-    const int64_t begin = first_row * runs_per_row;
     const int64_t end = batch * runs_per_row;
     const int64_t grain = std::max<int64_t>(1, 32768 / run);
-    if (end - begin <= grain) {
-      steer_runs(begin, end);  // small: skip the thread pool's bookkeeping
+    if (end <= grain) {
+      steer_runs(0, end);  // small: skip the thread pool's bookkeeping
     } else {
-      at::parallel_for(begin, end, grain, steer_runs);
+      at::parallel_for(0, end, grain, steer_runs);
     }
   });
 }
@@ -201,12 +193,12 @@ bool plain_tensors(PyObject* const* args, std::initializer_list<int> indices) {
   return true;
 }
 
-// The shared head of both entry points: 8 arguments, `rows` (an int) at 4 and `in_place` (a
+// The shared head of both entry points: 7 arguments, `rows` (an int) at 4 and `in_place` (a
 // truth value) at 5. False with a Python error set when they are not.
 bool read_rows_in_place(const char* name, PyObject* const* args, Py_ssize_t nargs,
                         int64_t& rows, bool& in_place) {
-  if (nargs != 8) {
-    PyErr_Format(PyExc_TypeError, "%s() takes 8 arguments (%zd given)", name, nargs);
+  if (nargs != 7) {
+    PyErr_Format(PyExc_TypeError, "%s() takes 7 arguments (%zd given)", name, nargs);
     return false;
   }
   rows = PyLong_AsLongLong(args[4]);
@@ -222,20 +214,20 @@ std::optional<Map> map_of(PyObject* const* args, int64_t rows) {
 
 // The transport of the tensor `a_obj` (which fits the map) as a new reference: `a_obj` itself,
 // overwritten, where in_place allows (not an inference tensor outside inference mode).
-PyObject* transported(const Map& map, PyObject* a_obj, bool second_half_only, bool in_place) {
+PyObject* transported(const Map& map, PyObject* a_obj, bool in_place) {
   const at::Tensor& a = THPVariable_Unpack(a_obj);
   if (in_place && (!a.is_inference() || c10::InferenceMode::is_enabled())) {
-    transport_into(map, a, second_half_only, a.mutable_data_ptr());
+    transport_into(map, a, a.mutable_data_ptr());
     a.unsafeGetTensorImpl()->bump_version();
     Py_INCREF(a_obj);
     return a_obj;
   }
   at::Tensor out = at::detail::empty_cpu(a.sizes(), map.dtype);
-  transport_into(map, a, second_half_only, out.mutable_data_ptr());
+  transport_into(map, a, out.mutable_data_ptr());
   return THPVariable_Wrap(std::move(out));
 }
 
-// transport(scale, shift, lo, hi, rows, in_place, second_half_only, a): the transport of `a`,
+// transport(scale, shift, lo, hi, rows, in_place, a): the transport of `a`,
 // or None where this kernel does not apply (see read_map and fits) and the caller uses torch
 // ops, also to raise their errors. With in_place, `a` is overwritten and returned.
 PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -245,18 +237,14 @@ PyObject* transport_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssi
   if (!read_rows_in_place("transport", args, nargs, rows, in_place)) {
     return nullptr;
   }
-  if (!plain_tensors(args, {0, 1, 2, 3, 7})) {
+  if (!plain_tensors(args, {0, 1, 2, 3, 6})) {
     Py_RETURN_NONE;
-  }
-  const int second_half_only = PyObject_IsTrue(args[6]);
-  if (second_half_only < 0) {
-    return nullptr;
   }
   const auto map = map_of(args, rows);
-  if (!map || !fits(*map, THPVariable_Unpack(args[7]), second_half_only)) {
+  if (!map || !fits(*map, THPVariable_Unpack(args[6]))) {
     Py_RETURN_NONE;
   }
-  return transported(*map, args[7], second_half_only, in_place);
+  return transported(*map, args[6], in_place);
   END_HANDLE_TH_ERRORS
 }
 
@@ -282,7 +270,7 @@ PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
   const auto bounds = read_map(THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
                                THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]), 0);
   // fits: a 2-D output of the bounds' dtype and units, with at least one token
-  if (!bounds || a.dim() != 2 || !fits(*bounds, a, false)) {
+  if (!bounds || a.dim() != 2 || !fits(*bounds, a)) {
     Py_RETURN_NONE;
   }
   const int64_t tokens = a.size(0), units = bounds->units;
@@ -326,7 +314,6 @@ struct BoundHook {
   torch::Tensor scale, shift, lo, hi;
   Map map;
   bool in_place;
-  PyObject* halves;    // an object whose `split` says "second half only", or None
   PyObject* fallback;  // the Python hook, for every output the kernel does not take
 };
 
@@ -334,7 +321,6 @@ constexpr const char* kBoundHook = "actsteer.BoundHook";
 
 void free_bound_hook(PyObject* capsule) {
   auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, kBoundHook));
-  Py_XDECREF(bound->halves);
   Py_XDECREF(bound->fallback);
   delete bound;
 }
@@ -343,20 +329,9 @@ void free_bound_hook(PyObject* capsule) {
 PyObject* bound_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   const auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, kBoundHook));
-  if (nargs == 3 && THPVariable_CheckExact(args[2])) {
-    int second_half_only = 0;
-    if (bound->halves != Py_None) {
-      static PyObject* const split_name = PyUnicode_InternFromString("split");
-      PyObject* split = PyObject_GetAttr(bound->halves, split_name);
-      second_half_only = split ? PyObject_IsTrue(split) : -1;
-      Py_XDECREF(split);
-      if (second_half_only < 0) {
-        return nullptr;
-      }
-    }
-    if (fits(bound->map, THPVariable_Unpack(args[2]), second_half_only)) {
-      return transported(bound->map, args[2], second_half_only, bound->in_place);
-    }
+  if (nargs == 3 && THPVariable_CheckExact(args[2]) &&
+      fits(bound->map, THPVariable_Unpack(args[2]))) {
+    return transported(bound->map, args[2], bound->in_place);
   }
   return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
   END_HANDLE_TH_ERRORS
@@ -366,7 +341,7 @@ PyMethodDef bound_hook_def = {
     "steering_hook", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bound_hook_call)),
     METH_FASTCALL, "A steering forward hook: hook(module, args, output)"};
 
-// hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook that transports
+// hook(scale, shift, lo, hi, rows, in_place, fallback): a forward hook that transports
 // a plain tensor output in this kernel, with no Python frame on the way, and hands any other
 // output (or one the kernel declines) to fallback(module, args, output). None where the
 // kernel cannot read the parameters (see read_map).
@@ -377,7 +352,7 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   if (!read_rows_in_place("hook", args, nargs, rows, in_place)) {
     return nullptr;
   }
-  if (!plain_tensors(args, {0, 1, 2, 3}) || !PyCallable_Check(args[7])) {
+  if (!plain_tensors(args, {0, 1, 2, 3}) || !PyCallable_Check(args[6])) {
     PyErr_SetString(PyExc_TypeError,
                     "hook() takes plain tensors for scale, shift, lo and hi, and a callable "
                     "fallback last");
@@ -393,13 +368,10 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
                               THPVariable_Unpack(args[3]),
                               *map,
                               in_place,
-                              args[6],
-                              args[7]};
-  Py_INCREF(bound->halves);
+                              args[6]};
   Py_INCREF(bound->fallback);
   PyObject* capsule = PyCapsule_New(bound, kBoundHook, free_bound_hook);
   if (capsule == nullptr) {
-    Py_DECREF(bound->halves);
     Py_DECREF(bound->fallback);
     delete bound;
     return nullptr;
@@ -413,9 +385,8 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
 PyMethodDef methods[] = {
     {"transport", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(transport_fastcall)),
      METH_FASTCALL,
-     "transport(scale, shift, lo, hi, rows, in_place, second_half_only, a): affine map inside "
-     "per-unit bounds, identity outside, optionally on the second half of the rows only, "
-     "optionally in place; None where the kernel does not apply"},
+     "transport(scale, shift, lo, hi, rows, in_place, a): affine map inside the open per-unit "
+     "bounds, identity outside, optionally in place; None where the kernel does not apply"},
     {"transport_tokens",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(transport_tokens_fastcall)),
      METH_FASTCALL,
@@ -423,9 +394,9 @@ PyMethodDef methods[] = {
      "(tokens, units) tensor; None where the kernel does not apply"},
     {"hook", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hook_fastcall)),
      METH_FASTCALL,
-     "hook(scale, shift, lo, hi, rows, in_place, halves, fallback): a forward hook running "
-     "transport() on tensor outputs (second half only where halves.split), fallback(module, "
-     "args, output) for the rest; None where the kernel cannot read the parameters"},
+     "hook(scale, shift, lo, hi, rows, in_place, fallback): a forward hook running "
+     "transport() on tensor outputs, fallback(module, args, output) for the rest; None where "
+     "the kernel cannot read the parameters"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
