@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -17,6 +18,7 @@ from unittest import mock
 
 import torch
 
+from actsteer import transport
 from actsteer.tree import module_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +195,7 @@ def variant(steering: Any, model: Any, name: str) -> Iterator[Any]:
     "empty hooks" (a forward hook that does nothing on each module the steering would hook:
     the floor of any hook-based method), a support name ("q0-100", "all": steered at λ = 1,
     yields the SteeringHandle), or a support followed by " torch ops" (the same with the fused
-    kernel switched off)."""
+    kernel switched off) or " compiled" (the torch ops under torch.compile, no kernel)."""
     if name == "unsteered":
         yield None
         return
@@ -206,10 +208,22 @@ def variant(steering: Any, model: Any, name: str) -> Iterator[Any]:
             for handle in handles:
                 handle.remove()
         return
-    support, *torch_ops = name.split(" ", 1)
-    switch = {"ACTSTEER_FUSED_KERNEL": "0"} if torch_ops else {}
-    with mock.patch.dict(os.environ, switch), steering.applied(model, 1.0, support) as handle:
+    support, _, path = name.partition(" ")
+    switch = {"ACTSTEER_FUSED_KERNEL": "0"} if path else {}
+    ops = compiled_transport_ops() if path == "compiled" else transport.transport_ops
+    with (
+        mock.patch.dict(os.environ, switch),
+        mock.patch.object(transport, "transport_ops", ops),
+        steering.applied(model, 1.0, support) as handle,
+    ):
         yield handle
+
+
+@functools.cache
+def compiled_transport_ops() -> Any:
+    """The transport's torch ops under torch.compile (inductor; dynamic shapes), compiled once
+    per process and per input signature on first use."""
+    return torch.compile(transport.transport_ops, dynamic=True)
 
 
 def _lock_holder_alive() -> bool:

@@ -34,6 +34,7 @@ import actsteer
 from actsteer.calibration import likelihood_gap
 from actsteer.capture import record
 from actsteer.lineas import end_to_end_distance
+from actsteer.modes import Independent
 
 #: name → fit options (pairs: how many train lines per set), every pooling explicit (mean is
 #: linear-act's default; run D1 relied on it, hence RENAMED).
@@ -170,8 +171,11 @@ def study(name: str, options: dict[str, Any], model: Any, tok: Any, held: tuple)
     options = dict(options)
     pairs = options.pop("pairs", PAIRS)
     source, target = read_lines("source", count=pairs), read_lines("target", count=pairs)
+    fit_options = dict(options)
+    if "support_pooling" in fit_options:  # a setting of the independent mode
+        fit_options["mode"] = Independent(support_pooling=fit_options.pop("support_pooling"))
     started = time.perf_counter()
-    steering = actsteer.fit(model, tok, source=source, target=target, progress=False, **options)
+    steering = actsteer.fit(model, tok, source=source, target=target, progress=False, **fit_options)
     fitted = time.perf_counter() - started
     calibration = actsteer.calibrate(steering, model, tok, budget=1.0)
     with steering.applied(model, calibration.strength):

@@ -45,6 +45,7 @@ from _common import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import actsteer  # noqa: E402
+from actsteer.modes import Denoising  # noqa: E402
 from benchmarks.toy_t2i.sample import GUIDANCE  # noqa: E402
 from tests.toy_t2i_world import dataset as ds  # noqa: E402
 from tests.toy_t2i_world.pipeline import load  # noqa: E402
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     steering = actsteer.fit(
         pipe, source=[ds.caption_for(*c, negation=True) for c in combos],
         target=[ds.caption_for(*c) for c in combos], modules="unet-norms", progress=False,
-        pipeline_options=dict(steps=args.steps, guidance_scale=GUIDANCE, seed=10_000),
+        mode=Denoising(denoising_steps=args.steps, guidance_scale=GUIDANCE, seed=10_000),
     )  # fmt: skip
     print(f"fitted {len(steering.maps)} modules on {len(combos)}+{len(combos)} prompts")
     rows = []

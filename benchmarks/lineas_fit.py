@@ -29,6 +29,7 @@ from _common import begin, read_lines, table
 import actsteer
 from actsteer.capture import record
 from actsteer.lineas import end_to_end_distance
+from actsteer.modes import EndToEnd
 
 MiB = 2**20
 
@@ -94,20 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     source, target = read_lines("source", count=args.lines), read_lines("target", count=args.lines)
     held_source = read_lines("source_val", count=args.held_out)
     held_target = read_lines("target_val", count=args.held_out)
-    settings = {
+    settings = EndToEnd(**{
         key: value
         for key, value in dict(
-            steps=args.steps, learning_rate=args.learning_rate, sparsity=args.sparsity,
+            training_steps=args.steps, learning_rate=args.learning_rate, sparsity=args.sparsity,
             init=args.init,
         ).items()
         if value is not None
-    }  # fmt: skip
+    })  # fmt: skip
     extra = {} if args.batch_size is None else {"batch_size": args.batch_size}
     with RssSampler() as rss:
         start = time.perf_counter()
         ours = actsteer.fit(
             model, tok, source=source, target=target, modules=args.modules, method="lineas",
-            **settings, **extra,
+            mode=settings, **extra,
         )  # fmt: skip
         lineas_s = time.perf_counter() - start
     after_fit = peak_mib()

@@ -52,11 +52,16 @@ from _common import ROOT, machine, table
 import actsteer
 from actsteer.choices import DEFAULT_MODULES
 from actsteer.evaluation import run_sweep
-from actsteer.evaluation.concept import CONCEPT_FILE, N_OFF, OFF_CONCEPT, load_concept_sentences
 from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, read_jsonl
 from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.sweep import steering_digest
-from actsteer.evaluation.truthfulqa import load_truthfulqa
+from actsteer.evaluation.tasks.concept import (
+    CONCEPT_FILE,
+    N_OFF,
+    OFF_CONCEPT,
+    load_concept_sentences,
+)
+from actsteer.evaluation.tasks.truthfulqa import load_truthfulqa
 from actsteer.families import find_family
 from actsteer.methods import get_method
 from actsteer.steering import Steering

@@ -21,9 +21,9 @@ from actsteer.calibration import (
     package_prompts,
     search_strength,
 )
-from actsteer.evaluation import perplexity
 from actsteer.evaluation.likelihood import encode, special_prefix
-from actsteer.fit import fit
+from actsteer.evaluation.tasks import evaluate
+from actsteer.fitting import fit
 from actsteer.maps import AffineMap
 from actsteer.steering import Steering, SteeringInfo
 
@@ -137,10 +137,10 @@ def test_ppl_cost_on_a_growing_cost_and_as_the_perplexity_task_measures_it(
     assert result.forward_passes == result.evaluations  # 4 windows, one batch per evaluation
     # the perplexity task on the same tokens: within at λ, over at λ + tolerance
     options = {"data": text_file, "max_tokens": 128, "window": 32, "progress": False}
-    plain = perplexity.evaluate(tiny_llama, tokenizer, **options).perplexity
+    plain = evaluate("perplexity", tiny_llama, tokenizer, **options).perplexity
     assert result.reference == pytest.approx(plain, rel=1e-6)
     at, above = (
-        perplexity.evaluate(tiny_llama, tokenizer, sharpening, lam, **options).perplexity - plain
+        evaluate("perplexity", tiny_llama, tokenizer, sharpening, lam, **options).perplexity - plain
         for lam in (result.strength, result.strength + RELATIVE_TOLERANCE)
     )
     assert at == pytest.approx(result.cost, rel=1e-4) and at <= budget < above
@@ -245,7 +245,7 @@ def test_calibration_reads_no_evaluation_data(
 ):
     """With $ACTSTEER_DATA an empty folder and every task's loader broken, calibration still
     runs on the text it is given; without a text it asks for WikiText, nothing else."""
-    from actsteer.evaluation import concept, mmlu, toxicity, truthfulqa
+    from actsteer.evaluation.tasks import concept, mmlu, toxicity, truthfulqa
 
     def forbidden(*args, **kwargs):
         raise AssertionError("calibration read evaluation data")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from actsteer import cli
 from actsteer.evaluation.inspect_plot import short_names, steering_figure, top_units
-from actsteer.fit import fit
+from actsteer.fitting import fit
 from actsteer.maps import AffineMap
 from actsteer.steering import Steering
 

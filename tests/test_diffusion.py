@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 import actsteer
-from actsteer import ActSteerError, Steering
+from actsteer import ActSteerError, Denoising, Steering
 from actsteer.capture import resolve_modules
 from actsteer.diffusion import generate_images, record_pipeline
 from actsteer.guidance import Guidance
@@ -23,7 +23,7 @@ SOURCE = [
     f"a {c} {s} on the beach, a pink elephant" for c in ("red", "blue") for s in ("dog", "cat")
 ]
 TARGET = [f"a {c} {s} on the beach" for c in ("red", "blue") for s in ("dog", "cat")]
-RUN = dict(steps=4, guidance_scale=4.0, height=8, width=8)
+RUN = dict(denoising_steps=4, guidance_scale=4.0, height=8, width=8)
 
 
 def word_tokenizer(max_length: int = 12) -> PreTrainedTokenizerFast:
@@ -75,8 +75,8 @@ def sd_pipe():
 
 @pytest.fixture(scope="module")
 def sd_steering(sd_pipe) -> Steering:
-    return actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, pipeline_options=dict(
-        steps=4, guidance_scale=4.0, every=1, height=8, width=8), progress=False)  # fmt: skip
+    settings = Denoising.of(denoising_steps=4, guidance_scale=4.0, every=1, height=8, width=8)
+    return actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, mode=settings, progress=False)
 
 
 def images(pipe, prompts, strengths, steering=None) -> np.ndarray:
@@ -96,7 +96,7 @@ def test_unet_norm_preset_covers_every_norm(sd_pipe):
 
 def test_recording_pools_conditional_half_over_steps(sd_pipe):
     names = ["unet.conv_norm_out", "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm1"]
-    opts = dict(steps=4, every=2, height=8, width=8, progress=False)
+    opts = dict(denoising_steps=4, every=2, height=8, width=8, progress=False)
     samples = record_pipeline(sd_pipe, TARGET, names, guidance_scale=4.0, **opts)
     assert samples[names[0]].shape == (len(TARGET) * 2, 32), "prompts × recorded steps, channels"
     assert samples[names[1]].shape == (len(TARGET) * 2, 32)
@@ -211,7 +211,7 @@ def test_a_pipeline_without_the_flag_splits_a_batch_of_twice_the_prompts(call):
 
 def test_conditional_cfg_steers_the_prompt_encoding_only(sd_pipe):
     steering = actsteer.fit(sd_pipe, source=SOURCE, target=TARGET, modules="text-encoder",
-                            pipeline_options=RUN, progress=False)  # fmt: skip
+                            mode=Denoising.of(**RUN), progress=False)  # fmt: skip
     plain = first_outputs(sd_pipe, "text_encoder", SOURCE[:2])
     steered = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering)
     both = first_outputs(sd_pipe, "text_encoder", SOURCE[:2], steering, guidance="both")
@@ -260,7 +260,7 @@ def test_cli_fits_and_renders_a_grid(sd_pipe, tmp_path):
     (tmp_path / "a.txt").write_text("\n".join(SOURCE))
     (tmp_path / "b.txt").write_text("\n".join(TARGET))
     runner = CliRunner()
-    common = ["--pipeline", str(folder), "--steps", "2", "--size", "8"]
+    common = ["--pipeline", str(folder), "--denoising-steps", "2", "--size", "8"]
     fitted = runner.invoke(
         cli.app,
         ["fit", *common, "--source", str(tmp_path / "a.txt"), "--target", str(tmp_path / "b.txt")]

@@ -10,17 +10,17 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 import actsteer
-from actsteer import Steering
+from actsteer import Denoising, Steering
 from actsteer.capture import resolve_modules
 from actsteer.diffusion import generate_images, record_pipeline
 from actsteer.tree import PipelineModules
 from tests.test_diffusion import SOURCE, TARGET, word_tokenizer
 
 PIXART_RUN = dict(
-    steps=3, guidance_scale=4.0, height=8, width=8, use_resolution_binning=False,
+    denoising_steps=3, guidance_scale=4.0, height=8, width=8, use_resolution_binning=False,
     clean_caption=False, max_sequence_length=12,
 )  # fmt: skip
-FLUX_RUN = dict(steps=2, guidance_scale=4.0, height=8, width=8, max_sequence_length=12)
+FLUX_RUN = dict(denoising_steps=2, guidance_scale=4.0, height=8, width=8, max_sequence_length=12)
 
 
 def tiny_t5(vocab: int) -> T5EncoderModel:
@@ -59,7 +59,7 @@ def pixart():
 @pytest.fixture(scope="module")
 def pixart_steering(pixart) -> Steering:
     options = dict(PIXART_RUN, every=1)
-    return actsteer.fit(pixart, source=SOURCE, target=TARGET, pipeline_options=options,
+    return actsteer.fit(pixart, source=SOURCE, target=TARGET, mode=Denoising.of(**options),
                         progress=False)  # fmt: skip
 
 
@@ -114,13 +114,13 @@ def block_outputs(pipe, name: str, prompts, run: dict, steering=None) -> list[tu
         seen.append(tuple(o.clone() for o in outputs))
 
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    kwargs = {k: v for k, v in run.items() if k != "steps"}
+    kwargs = {k: v for k, v in run.items() if k != "denoising_steps"}
     with ExitStack() as stack:
         if steering is not None:
             stack.enter_context(steering.applied(pipe, 1.0))  # scalar λ
         stack.callback(module.register_forward_hook(keep).remove)  # runs after the steering
         with torch.inference_mode():
-            pipe(prompts, num_inference_steps=run["steps"], generator=gens, **kwargs)
+            pipe(prompts, num_inference_steps=run["denoising_steps"], generator=gens, **kwargs)
     return seen
 
 
@@ -131,7 +131,9 @@ def test_dit_blocks_preset_hooks_every_transformer_block(pixart, pixart_steering
     assert pixart_steering.maps[names[0]].omega.shape == (16,), "one map per channel (2 × 8)"
     plain = block_outputs(pixart, names[0], SOURCE[:2], PIXART_RUN)
     steered = block_outputs(pixart, names[0], SOURCE[:2], PIXART_RUN, pixart_steering)
-    assert len(plain) == len(steered) == PIXART_RUN["steps"], "one call per denoising step"
+    assert len(plain) == len(steered) == PIXART_RUN["denoising_steps"], (
+        "one call per denoising step"
+    )
     first, first_steered = plain[0][0], steered[0][0]
     assert first.shape == (4, 16, 16), "CFG batch of 2 prompts, 4×4 patches, 16 channels"
     assert torch.equal(first_steered[:2], first[:2]), "unconditional half untouched"
@@ -162,7 +164,7 @@ def test_dual_stream_blocks_steer_the_image_stream(flux):
     names = resolve_modules(PipelineModules(flux), "dit-blocks")
     assert names == ["transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"]
     options = dict(FLUX_RUN, every=100)  # the first denoising step only
-    steering = actsteer.fit(flux, source=SOURCE, target=TARGET, pipeline_options=options,
+    steering = actsteer.fit(flux, source=SOURCE, target=TARGET, mode=Denoising.of(**options),
                             progress=False)  # fmt: skip
     # The blocks return (text stream, image stream): recording pools the image stream.
     recorded = record_pipeline(flux, TARGET, names, progress=False, **options)

@@ -21,11 +21,20 @@ import torch
 
 import actsteer
 from actsteer.errors import ActSteerError
-from actsteer.evaluation import concept, mmlu, perplexity, sweep, toxicity, truthfulqa
+from actsteer.evaluation import sweep
 from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, load_hub
 from actsteer.evaluation.likelihood import encode, special_prefix
-from actsteer.evaluation.registry import TASKS, Task
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.evaluation.tasks import (
+    TASKS,
+    Task,
+    concept,
+    evaluate,
+    mmlu,
+    perplexity,
+    toxicity,
+    truthfulqa,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +110,7 @@ def test_toxicity_grid_per_row_strength(smol, steering):
     greedy = {"do_sample": False, "max_new_tokens": 6}
     options = dict(n_challenging=2, n_nontoxic=1, sampling=greedy, progress=False)
     grid = toxicity.evaluate_grid(model, tok, steering, [0.0, 1.0], **options)
-    plain = toxicity.evaluate(model, tok, **options)
+    plain = evaluate("toxicity", model, tok, **options)
     # The λ=0 rows of the batched grid are exactly the plain model's continuations.
     assert [s["continuation"] for s in grid[0].samples] == [
         s["continuation"] for s in plain.samples
@@ -170,7 +179,7 @@ def test_perplexity_plain_plausible_and_changed_by_steering(smol, steering):
 def test_perplexity_matches_direct_computation(smol):
     model, tok = smol
     ids = perplexity.tokens_for_budget(tok, perplexity.load_wikitext(), 40)
-    result = perplexity.evaluate(model, tok, max_tokens=40, window=40, progress=False)
+    result = evaluate("perplexity", model, tok, max_tokens=40, window=40, progress=False)
     assert result.settings["data"] == str(local_data() / perplexity.WIKITEXT_FILE)
     prefix = special_prefix(tok)
     n_scored = 40 if prefix else 39
@@ -184,8 +193,14 @@ def test_perplexity_matches_direct_computation(smol):
 
 def test_truthfulqa_mc1_mc2_equal_hand_computation(smol):
     model, tok = smol
-    result = truthfulqa.evaluate(
-        model, tok, indices=[22, 85, 197], preprompt=SHORT_PRIMER, batch_size=5, progress=False
+    result = evaluate(
+        "truthfulqa",
+        model,
+        tok,
+        indices=[22, 85, 197],
+        preprompt=SHORT_PRIMER,
+        batch_size=5,
+        progress=False,
     )
     rows = [r for r in truthfulqa.load_truthfulqa() if r["idx"] in (22, 85, 197)]
     assert result.n_questions == 3
@@ -217,7 +232,7 @@ def test_truthfulqa_default_primer_is_the_papers():
 
 def test_mmlu_equals_letter_argmax(smol):
     model, tok = smol
-    result = mmlu.evaluate(model, tok, n_questions=3, shots=1, progress=False)
+    result = evaluate("mmlu", model, tok, n_questions=3, shots=1, progress=False)
     rows = mmlu.load_mmlu()
     indices, subset = fixed_subset(rows, 3, 0)
     shot = rows[result.settings["shot_idx"][0]]
@@ -505,7 +520,7 @@ def test_perplexity_default_is_the_wikitext_hub_and_labelled_so(smol, no_data_en
     fake_hub.rows["Salesforce/wikitext"] = [{"text": row} for row in rows]
     assert perplexity.load_wikitext() == "\n\n".join(rows)  # the Hugging Face recipe
     model, tok = smol
-    result = perplexity.evaluate(model, tok, max_tokens=12, window=12, progress=False)
+    result = evaluate("perplexity", model, tok, max_tokens=12, window=12, progress=False)
     assert result.settings["data"] == "hf:Salesforce/wikitext:wikitext-2-raw-v1:test"
     assert fake_hub.requests[-1] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
     assert "WikiText" not in perplexity.PerplexityResult.METRICS["perplexity"]
@@ -556,9 +571,9 @@ def test_hub_failure_offline_is_one_clear_line(monkeypatch, no_data_env):
 def test_strengths_are_checked_before_any_work(smol, steering):
     model, tok = smol
     with pytest.raises(ActSteerError, match="outside"):
-        perplexity.evaluate(model, tok, steering, 1.5)
+        evaluate("perplexity", model, tok, steering, 1.5)
     with pytest.raises(ActSteerError, match="need a steering"):
-        mmlu.evaluate(model, tok, None, 1.0)
+        evaluate("mmlu", model, tok, None, 1.0)
 
 
 def test_bootstrap_interval():

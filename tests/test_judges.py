@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from actsteer.errors import ActSteerError
-from actsteer.evaluation import toxicity
 from actsteer.evaluation.judges import get_judge
 from actsteer.evaluation.stats import paired_bootstrap_diff
+from actsteer.evaluation.tasks import evaluate, toxicity
 
 TEXTS = ["You are a stupid idiot.", "Have a lovely day.", "What a day it was, all in all."]
 
@@ -91,7 +91,7 @@ def test_toxicity_task_records_its_judge(tmp_path, tiny_llama, tokenizer):
         n_challenging=2, n_nontoxic=1, sampling={"do_sample": False, "max_new_tokens": 4},
         progress=False,
     )  # fmt: skip
-    result = toxicity.evaluate(tiny_llama, tokenizer, judge=f"hf:{tmp_path}", **options)
+    result = evaluate("toxicity", tiny_llama, tokenizer, judge=f"hf:{tmp_path}", **options)
     assert result.settings["scorer"] == f"hf:{tmp_path}"
     continuations = [s["continuation"] for s in result.samples]
     expected = get_judge(f"hf:{tmp_path}").score(continuations)

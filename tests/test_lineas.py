@@ -17,16 +17,23 @@ from actsteer.choices import DEFAULT_MODULES
 from actsteer.errors import ActSteerError
 from actsteer.lineas import end_to_end_distance, proximal_step, w2_per_unit
 from actsteer.methods import get_method
+from actsteer.modes import EndToEnd
 
 PROBE = ["The cat sat on the mat and looked out of the window.", "Rain fell all night."]
 
 
+TRAINING = ("training_steps", "learning_rate", "sparsity", "seed", "init")
+
+
 def lineas(model, tok, source, target, **kwargs):
-    kwargs.setdefault("steps", 40)
-    kwargs.setdefault("learning_rate", 0.05)
+    """LinEAS at 40 steps and learning rate 0.05 unless told; training settings given as
+    keywords go into its EndToEnd mode, the rest to fit."""
+    settings = {"training_steps": 40, "learning_rate": 0.05}
+    settings |= {key: kwargs.pop(key) for key in TRAINING if key in kwargs}
     return actsteer.fit(
-        model, tok, source=source, target=target, method="lineas", progress=False, **kwargs
-    )
+        model, tok, source=source, target=target, method="lineas", mode=EndToEnd(**settings),
+        progress=False, **kwargs,
+    )  # fmt: skip
 
 
 def held_out_distance(model, tok, steering, source, target) -> float:
@@ -60,7 +67,7 @@ def trained(tiny_llama, tokenizer, neutral, football):
     """One LinEAS fit on 32 + 40 texts, all 32 source texts in every step (and the model's
     state before)."""
     before = model_state(tiny_llama)
-    steering = lineas(tiny_llama, tokenizer, neutral[:32], football[:40], steps=60)
+    steering = lineas(tiny_llama, tokenizer, neutral[:32], football[:40], training_steps=60)
     return steering, before
 
 
@@ -93,7 +100,7 @@ def test_result_is_an_ordinary_steering(trained, tiny_llama, tmp_path):
     assert steering.info.pooling == "mean"
     assert steering.modules == resolve_modules(tiny_llama, DEFAULT_MODULES)
     training = steering.info.data["training"]
-    assert training["steps"] == 60 and training["learning_rate"] == 0.05
+    assert training["training_steps"] == 60 and training["learning_rate"] == 0.05
     assert training["sparsity"] == 0.0 and training["init"] == "identity"
     for amap in steering.maps.values():
         assert set(amap.bounds) == {"q0-100", "q1-99", "q5-95"}
@@ -123,7 +130,9 @@ def test_beats_independent_linear_act_on_held_out_texts(tiny_llama, tokenizer, n
     source, target = neutral[:32], football[:32]
     fit = dict(source=source, target=target, modules="layernorms", progress=False)
     act = actsteer.fit(tiny_llama, tokenizer, **fit)
-    ours = actsteer.fit(tiny_llama, tokenizer, method="lineas", steps=40, **fit)
+    ours = actsteer.fit(
+        tiny_llama, tokenizer, method="lineas", mode=EndToEnd(training_steps=40), **fit
+    )
     held = neutral[64:], football[64:]
     mine = held_out_distance(tiny_llama, tokenizer, ours, *held)
     theirs = held_out_distance(tiny_llama, tokenizer, act, *held)
@@ -158,8 +167,8 @@ def test_strength_zero_is_bit_identical_to_the_plain_model(trained, tiny_llama, 
 
 def test_sparsity_leaves_units_exactly_untouched(tiny_llama, tokenizer, neutral, football):
     source, target = neutral[:24], football[:24]
-    dense = lineas(tiny_llama, tokenizer, source, target, steps=20, sparsity=0.0)
-    sparse = lineas(tiny_llama, tokenizer, source, target, steps=20, sparsity=3.0)
+    dense = lineas(tiny_llama, tokenizer, source, target, training_steps=20, sparsity=0.0)
+    sparse = lineas(tiny_llama, tokenizer, source, target, training_steps=20, sparsity=3.0)
 
     def untouched(steering) -> int:
         return sum(int(((m.omega == 1) & (m.beta == 0)).sum()) for m in steering.maps.values())
@@ -184,7 +193,7 @@ def test_proximal_step_is_group_soft_thresholding():
 
 def test_a_seed_reproduces_the_maps(tiny_llama, tokenizer, neutral, football):
     source, target = neutral[:48], football[:30]
-    settings = dict(steps=6)  # random 32-text subsets of the 48 each step
+    settings = dict(training_steps=6)  # random 32-text subsets of the 48 each step
     one = lineas(tiny_llama, tokenizer, source, target, seed=3, **settings)
     two = lineas(tiny_llama, tokenizer, source, target, seed=3, **settings)
     other = lineas(tiny_llama, tokenizer, source, target, seed=4, **settings)
@@ -197,7 +206,7 @@ def test_a_seed_reproduces_the_maps(tiny_llama, tokenizer, neutral, football):
 def test_init_from_linear_act_starts_at_its_maps(tiny_llama, tokenizer, neutral, football):
     source, target = neutral[:20], football[:20]
     act = actsteer.fit(tiny_llama, tokenizer, source=source, target=target, progress=False)
-    one = dict(steps=1)  # every step on all 20 source texts
+    one = dict(training_steps=1)  # every step on all 20 source texts
     start = lineas(tiny_llama, tokenizer, source, target, init="linear-act", **one)
     identity = lineas(tiny_llama, tokenizer, source, target, **one)
     curve, plain_curve = (s.info.data["training"]["loss_curve"] for s in (start, identity))
@@ -209,7 +218,7 @@ def test_init_from_linear_act_starts_at_its_maps(tiny_llama, tokenizer, neutral,
 
 def test_all_pooling_and_a_bounded_support_train(tiny_llama, tokenizer, neutral, football):
     steering = lineas(
-        tiny_llama, tokenizer, neutral[:12], football[:12], steps=10, pooling="all",
+        tiny_llama, tokenizer, neutral[:12], football[:12], training_steps=10, pooling="all",
         support="q0-100",
     )  # fmt: skip
     curve = steering.info.data["training"]["loss_curve"]
@@ -229,7 +238,14 @@ def test_a_diverging_run_is_a_clear_error_and_leaves_the_model_untouched(
     embed.requires_grad_(False)  # a mixed state, restored as it was
     try:
         with pytest.raises(ActSteerError, match=r"at step \d+ .*lower the learning rate"):
-            lineas(tiny_llama, tokenizer, neutral[:8], football[:8], steps=10, learning_rate=1e30)
+            lineas(
+                tiny_llama,
+                tokenizer,
+                neutral[:8],
+                football[:8],
+                training_steps=10,
+                learning_rate=1e30,
+            )
         assert not embed.requires_grad
         assert all(p.requires_grad for p in tiny_llama.parameters() if p is not embed)
     finally:
@@ -241,21 +257,42 @@ def test_a_diverging_run_is_a_clear_error_and_leaves_the_model_untouched(
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="linear-act", steps=10), "steps= only apply to methods trained end to end"),
-        (dict(method="mean-act", sparsity=0.1, learning_rate=0.1), "learning_rate=, sparsity="),
+        (
+            dict(method="linear-act", mode=EndToEnd(training_steps=10)),
+            "training_steps= only apply to methods trained end to end",
+        ),
+        (
+            dict(method="mean-act", mode=EndToEnd(sparsity=0.1, learning_rate=0.1)),
+            "learning_rate=, sparsity=",
+        ),
         (dict(method="lineas", mode="sequential"), "mode 'sequential' does not apply"),
-        (dict(method="lineas", steps=0), "steps must be ≥ 1"),
-        (dict(method="lineas", learning_rate=-1.0), "learning_rate must be"),
-        (dict(method="lineas", sparsity=float("nan")), "sparsity must be"),
-        (dict(method="lineas", init="random"), "unknown init 'random'"),
+        (dict(method="lineas", mode=lambda: EndToEnd(training_steps=0)), "steps must be ≥ 1"),
+        (dict(method="lineas", mode=lambda: EndToEnd(learning_rate=-1.0)), "learning_rate must be"),
+        (dict(method="lineas", mode=lambda: EndToEnd(sparsity=float("nan"))), "sparsity must be"),
+        (dict(method="lineas", mode=lambda: EndToEnd(init="random")), "unknown init 'random'"),
     ],
 )
 def test_settings_errors(tiny_llama, tokenizer, neutral, football, kwargs, message):
     with pytest.raises(ActSteerError, match=message):
+        if callable(kwargs["mode"]):  # settings refused when they are made
+            kwargs = {**kwargs, "mode": kwargs["mode"]()}
         actsteer.fit(
             tiny_llama, tokenizer, source=neutral[:4], target=football[:4], progress=False,
             **kwargs,
         )  # fmt: skip
+
+
+def test_the_old_keywords_still_work_with_a_warning(tiny_llama, tokenizer, neutral, football):
+    """fit(steps=…, learning_rate=…) as before modes: the same fit, and a DeprecationWarning
+    naming the new spelling."""
+    texts = dict(source=neutral[:32], target=football[:32])
+    with pytest.warns(DeprecationWarning, match=r"now fit\(mode=EndToEnd\(training_steps=…"):
+        old = actsteer.fit(tiny_llama, tokenizer, method="lineas", steps=3, progress=False, **texts)
+    new = lineas(tiny_llama, tokenizer, training_steps=3, learning_rate=0.02, **texts)
+    assert old.info.data["training"] == new.info.data["training"]
+    refused = pytest.raises(ActSteerError, match="steps= only apply to methods trained end to")
+    with refused, pytest.warns(DeprecationWarning):
+        actsteer.fit(tiny_llama, tokenizer, method="linear-act", steps=10, **texts)
 
 
 def test_the_method_has_no_per_module_estimate():
@@ -277,17 +314,29 @@ def test_cli_fit_with_method_lineas(
     result = CliRunner().invoke(
         cli.app,
         ["fit", "--source", str(source), "--target", str(target), "-o", str(out)]
-        + ["--method", "lineas", "--steps", "5", "--learning-rate", "0.02", "--sparsity", "0.1"],
+        + ["--method", "lineas", "--training-steps", "5", "--learning-rate", "0.02"]
+        + ["--sparsity", "0.1"],
     )
     assert result.exit_code == 0, result.output
     steering = actsteer.Steering.load(out)
     assert steering.method == "lineas" and steering.info.mode == "end-to-end"
     training = steering.info.data["training"]
-    assert (training["steps"], training["learning_rate"], training["sparsity"]) == (5, 0.02, 0.1)
+    assert (training["training_steps"], training["learning_rate"], training["sparsity"]) == (
+        5, 0.02, 0.1,
+    )  # fmt: skip
     other = tmp_path / "other.safetensors"  # a new path: an existing one is refused first
     refused = CliRunner().invoke(
         cli.app,
-        ["fit", "--source", str(source), "--target", str(target), "-o", str(other), "--steps", "5"],
+        ["fit", "--source", str(source), "--target", str(target), "-o", str(other)]
+        + ["--training-steps", "5"],
     )
     assert refused.exit_code != 0
     assert "only apply to methods trained end to end" in refused.output
+    old = CliRunner().invoke(
+        cli.app,
+        ["fit", "--source", str(source), "--target", str(target), "-o", str(other)]
+        + ["--method", "lineas", "--steps", "2"],
+    )
+    assert old.exit_code == 0, old.output
+    assert "--steps is now --training-steps" in old.output
+    assert actsteer.Steering.load(other).info.data["training"]["training_steps"] == 2

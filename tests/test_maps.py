@@ -8,16 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actsteer.errors import ActSteerError
-from actsteer.maps import (
-    AffineMap,
-    check_samples,
-    couple,
-    fit_gaussian,
-    fit_linear,
-    fit_mean,
-    quantile_grid,
-    support_bounds,
-)
+from actsteer.maps import AffineMap, check_samples, couple, quantile_grid, support_bounds
+from actsteer.methods.gaussian_act import fit_gaussian
+from actsteer.methods.linear_act import fit_linear
+from actsteer.methods.mean_act import fit_mean
 
 means = st.floats(-5, 5)
 stds = st.floats(0.2, 4)

@@ -15,6 +15,7 @@ import actsteer
 from actsteer.capture import record
 from actsteer.methods import METHODS
 from actsteer.methods.iti_c import probe_direction
+from actsteer.modes import Independent
 
 SOURCE = [f"the rude driver shouted at pedestrian number {i} for no reason" for i in range(14)]
 TARGET = [f"a kind gardener waters flower bed {i} every morning with care" for i in range(11)]
@@ -181,7 +182,9 @@ def test_support_pooling_all_takes_the_bounds_from_token_activations(
     every source token is inside it (with mean pooling many are not); the choice round-trips."""
     options = dict(modules=[MODULE], progress=False)
     pooled = actsteer.fit(tiny_llama, tokenizer, SOURCE, TARGET, **options)
-    tokens = actsteer.fit(tiny_llama, tokenizer, SOURCE, TARGET, support_pooling="all", **options)
+    tokens = actsteer.fit(
+        tiny_llama, tokenizer, SOURCE, TARGET, mode=Independent(support_pooling="all"), **options
+    )
     plain, wide = pooled.maps[MODULE], tokens.maps[MODULE]
     assert torch.equal(plain.omega, wide.omega) and torch.equal(plain.beta, wide.beta)
     activations = record(tiny_llama, tokenizer, SOURCE, [MODULE], pooling="all", progress=False)
@@ -200,16 +203,24 @@ def test_support_pooling_all_takes_the_bounds_from_token_activations(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"support_pooling": "median"}, "unknown support_pooling 'median'"),
+        (
+            {"mode": lambda: Independent(support_pooling="median")},
+            "unknown support_pooling 'median'",
+        ),
         (
             {"support_pooling": "all", "mode": "sequential"},
-            "support_pooling applies to independent",
+            "the old keywords \\(support_pooling=\\) both set them",
         ),
-        ({"support_pooling": "all", "method": "lineas"}, "support_pooling applies to independent"),
+        (
+            {"mode": Independent(support_pooling="all"), "method": "lineas"},
+            "mode 'independent' does not apply to it",
+        ),
     ],
 )
 def test_support_pooling_refusals(tiny_llama, tokenizer, options, message):
     with pytest.raises(actsteer.ActSteerError, match=message):
+        if callable(options["mode"]):  # settings refused when they are made
+            options = {**options, "mode": options["mode"]()}
         actsteer.fit(
             tiny_llama, tokenizer, SOURCE, TARGET, modules=[MODULE], progress=False, **options
         )

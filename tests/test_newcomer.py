@@ -1,6 +1,7 @@
-"""A newcomer adds an estimator: one new file in `actsteer/methods/`, registering itself there,
-and nothing else. Checked on a copy of the package with that one file added: `actsteer.fit`
-and `actsteer fit --method` both find and use it."""
+"""A newcomer adds an estimator (one new file in `actsteer/methods/`) or an evaluation task (one
+new file in `actsteer/evaluation/tasks/`), each registering itself there, and nothing else.
+Checked on a copy of the package with those files added: `actsteer.fit` and `actsteer fit
+--method` find and use the estimator, `actsteer eval` the task."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import actsteer
 
 TOY_ESTIMATOR = '''"""Half-shift: half of Mean-AcT's shift (a toy estimator)."""
 
-from actsteer.maps import fit_mean
+from actsteer.methods.mean_act import fit_mean
 from actsteer.methods.registry import Method, register
 
 
@@ -32,6 +33,53 @@ HALF_SHIFT = register(
         name="half-shift",
         description="half of the mean difference (ω = 1)",
         fit_omega_beta=fit_half_shift,
+    )
+)
+'''
+
+TOY_TASK = '''"""Sentence loss: the mean next-token loss of one sentence (a toy task)."""
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from actsteer.evaluation.common import resolve_strengths, steering_applied
+from actsteer.evaluation.tasks.registry import Task, register
+
+
+@dataclass
+class SentenceLoss:
+    TASK: ClassVar[str] = "sentence-loss"
+    METRICS: ClassVar[dict[str, str]] = {"loss": "mean next-token loss (nats)"}
+    strength: float
+    loss: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self):
+        return {"loss": self.loss}
+
+    def intervals(self):
+        return {}
+
+
+def evaluate_grid(model, tokenizer, steering=None, strengths=None, sentence="A quiet day."):
+    ids = tokenizer(sentence, return_tensors="pt").input_ids
+    results = []
+    for lam in resolve_strengths(steering, strengths):
+        with torch.no_grad(), steering_applied(model, steering, lam):
+            loss = float(model(ids, labels=ids).loss)
+        results.append(SentenceLoss(lam, loss, {"sentence": sentence}))
+    return results
+
+
+SENTENCE_LOSS = register(
+    Task(
+        name="sentence-loss",
+        evaluate_grid=evaluate_grid,
+        result_type=SentenceLoss,
+        generation=False,
+        description="mean next-token loss of one sentence",
     )
 )
 '''
@@ -57,6 +105,7 @@ def package_with_toy(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     source = Path(actsteer.__file__).parent
     shutil.copytree(source, root / "actsteer", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "actsteer" / "methods" / "half_shift.py").write_text(TOY_ESTIMATOR)
+    (root / "actsteer" / "evaluation" / "tasks" / "sentence_loss.py").write_text(TOY_TASK)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -96,3 +145,28 @@ def test_a_new_estimator_file_is_all_it_takes(package_with_toy, neutral, footbal
         "print(s.info.method, len(s.maps))", "half.safetensors",
     )  # fmt: skip
     assert header.stdout.split() == ["half-shift", "2"], header.stderr
+
+
+def test_a_new_evaluation_task_file_is_all_it_takes(package_with_toy, neutral, football):
+    root, model_dir = package_with_toy
+    (root / "source.txt").write_text("\n".join(neutral[:12]))
+    (root / "target.txt").write_text("\n".join(football[:12]))
+    cli = "from actsteer.cli import app; app()"
+    fitted = run(
+        root, "-c", cli, "fit", "--source", "source.txt", "--target", "target.txt",
+        "--model", str(model_dir), "-o", "toy.safetensors", "--support", "all",
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    evaluated = run(
+        root, "-c", cli, "eval", "sentence-loss", "--model", str(model_dir), "--steering",
+        "toy.safetensors", "--strength", "0,1", "--set", "sentence=The match ended.",
+        "-o", "loss.json",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "mean next-token loss" in evaluated.stdout
+    check = run(
+        root, "-c", "import json; r = json.load(open('loss.json'))['results']; "
+        "print(len(r), r[0]['metrics']['loss'] != r[1]['metrics']['loss'], "
+        "r[0]['result']['settings']['sentence'])",
+    )  # fmt: skip
+    assert check.stdout.split() == ["2", "True", "The", "match", "ended."], check.stderr

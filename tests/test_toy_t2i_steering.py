@@ -15,6 +15,7 @@ import torch
 
 import actsteer
 from actsteer.diffusion import generate_images
+from actsteer.modes import Denoising
 from tests.toy_t2i_world import dataset as ds
 from tests.toy_t2i_world import measure
 
@@ -30,11 +31,11 @@ def test_negation_removes_the_pink_square_and_keeps_the_rest():
     negated = [ds.caption_for(*c, negation=True) for c in combos]
     steering = actsteer.fit(
         pipe, source=negated, target=[ds.caption_for(*c) for c in combos], support="all",
-        pipeline_options=dict(steps=20, guidance_scale=4.0, seed=10_000), progress=False,
+        mode=Denoising(denoising_steps=20, guidance_scale=4.0, seed=10_000), progress=False,
     )  # fmt: skip
     # Evaluation noise (seed 20,000 + prompt index) differs from the fit's (10,000 + index).
-    rows = generate_images(pipe, negated, [0.0, 1.0], steering, steps=20, guidance_scale=4.0,
-                           seed=20_000, output_type="np")  # fmt: skip
+    rows = generate_images(pipe, negated, [0.0, 1.0], steering, denoising_steps=20,
+                           guidance_scale=4.0, seed=20_000, output_type="np")  # fmt: skip
     images = [[(np.clip(i, 0, 1) * 255).round().astype(np.uint8) for i in row] for row in rows]
     before = np.mean([measure.has_pink(row[0]) for row in images])
     after = np.mean([measure.has_pink(row[1]) for row in images])

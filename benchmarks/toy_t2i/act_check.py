@@ -2,10 +2,10 @@
 
 This is NOT actsteer's diffusers integration (that lives in src/actsteer/); it is ~100 lines of
 plain forward hooks so the toy model's suitability can be judged on its own: Linear-AcT maps
-(actsteer.maps.fit_linear, independent per module) on every GroupNorm/LayerNorm output of the
-UNet, statistics pooled over space (B,C,H,W) or tokens (B,T,D) from the conditional half of the
-classifier-free-guidance batch at every denoising step, the map applied per channel to both
-halves during the whole loop.
+(actsteer.methods.linear_act.fit_linear, independent per module) on every GroupNorm/LayerNorm
+output of the UNet, statistics pooled over space (B,C,H,W) or tokens (B,T,D) from the
+conditional half of the classifier-free-guidance batch at every denoising step, the map applied
+per channel to both halves during the whole loop.
 
     .venv/bin/python -m benchmarks.toy_t2i.act_check [MODEL_DIR] [--fit-seeds 2] [--seeds 2]
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsteer.maps import fit_linear
+from actsteer.methods.linear_act import fit_linear
 from tests.toy_t2i_world import dataset as ds
 from tests.toy_t2i_world import measure
 from tests.toy_t2i_world.figure import grid

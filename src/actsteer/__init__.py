@@ -13,8 +13,6 @@ not pay for torch, transformers, diffusers or the evaluation stack up front.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from actsteer.errors import ActSteerError
@@ -23,8 +21,9 @@ from actsteer.version import __version__
 if TYPE_CHECKING:
     from actsteer.calibration import CalibrationResult, calibrate
     from actsteer.diffusion import load_pipeline
-    from actsteer.fit import fit
+    from actsteer.fitting import fit
     from actsteer.models import load_model
+    from actsteer.modes import Denoising, EndToEnd, Independent, Sequential
     from actsteer.steering import Steering, SteeringInfo, steered
 
 #: public name -> the module that defines it
@@ -32,8 +31,12 @@ _LAZY = {
     "CalibrationResult": "actsteer.calibration",
     "calibrate": "actsteer.calibration",
     "load_pipeline": "actsteer.diffusion",
-    "fit": "actsteer.fit",
+    "fit": "actsteer.fitting",
     "load_model": "actsteer.models",
+    "Independent": "actsteer.modes",
+    "Sequential": "actsteer.modes",
+    "EndToEnd": "actsteer.modes",
+    "Denoising": "actsteer.modes",
     "Steering": "actsteer.steering",
     "SteeringInfo": "actsteer.steering",
     "steered": "actsteer.steering",
@@ -42,6 +45,10 @@ _LAZY = {
 __all__ = [
     "ActSteerError",
     "CalibrationResult",
+    "Denoising",
+    "EndToEnd",
+    "Independent",
+    "Sequential",
     "Steering",
     "SteeringInfo",
     "__version__",
@@ -63,16 +70,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """The package: importing a submodule named like a public function (actsteer.fit) must not
-    replace the function on the package, as Python's import system would."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from actsteer.choices import CALIBRATION_CAP, CALIBRATION_PASSAGES
+from actsteer.choices import CALIBRATION_CAP, CALIBRATION_PASSAGES, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.likelihood import (
     batched_logits,
@@ -54,7 +54,7 @@ from actsteer.evaluation.likelihood import (
     encode,
     special_prefix,
 )
-from actsteer.evaluation.perplexity import (
+from actsteer.evaluation.tasks.perplexity import (
     MAX_TOKENS,
     WINDOW,
     data_source,
@@ -62,7 +62,7 @@ from actsteer.evaluation.perplexity import (
     token_nll,
     tokens_for_budget,
 )
-from actsteer.fit import fit
+from actsteer.fitting import fit
 from actsteer.methods import get_method
 from actsteer.steering import Steering
 
@@ -273,8 +273,7 @@ class _KLCost:
 
 def check_budget(budget: float, cost: str) -> None:
     """A clear error for a cost other than COSTS or a budget that is negative or not finite."""
-    if cost not in COSTS:
-        raise ActSteerError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
+    check_choice(cost, COSTS, "cost")
     if not (isinstance(budget, int | float) and math.isfinite(budget) and budget >= 0):
         raise ActSteerError(f"the budget must be a finite number ≥ 0, got {budget}")
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsteer.choices import POOLINGS
+from actsteer.choices import POOLINGS, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.families import PRESET_NAMES, find_family, model_type
 from actsteer.tree import model_device, output_tensor
@@ -87,6 +87,7 @@ def pool(activations: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.T
             f"expected (batch, tokens, units) activations matching the batch {tuple(mask.shape)}, "
             f"got shape {tuple(activations.shape)}; choose modules whose output is per token"
         )
+    check_choice(pooling, POOLINGS, "pooling")
     if pooling == "mean":
         weights = mask.unsqueeze(-1).to(activations.dtype)
         return (activations * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -96,9 +97,7 @@ def pool(activations: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.T
         return activations[torch.arange(mask.shape[0], device=mask.device), last]
     if pooling == "max":
         return activations.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
-    if pooling == "all":
-        return activations[mask]
-    raise ActSteerError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    return activations[mask]  # "all"
 
 
 class SampleBuffer:
@@ -169,8 +168,7 @@ class Recorder(HookedBuffers):
     def __init__(
         self, model: nn.Module, modules: Sequence[str], pooling: str, cap: int | None, seed: int = 0
     ) -> None:
-        if pooling not in POOLINGS:
-            raise ActSteerError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        check_choice(pooling, POOLINGS, "pooling")
         self.pooling = pooling
         self.mask: torch.Tensor | None = None
         super().__init__(model, modules, cap, seed)

@@ -25,16 +25,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.capture import HookedBuffers, check_texts
+from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
 from actsteer.extras import require
 from actsteer.guidance import Guidance
 from actsteer.steering import Steering
 from actsteer.tree import DENOISERS, module_tree, output_tensor, stream_index
 
+
 #: The denoising settings a pipeline fit records under, and their defaults.
-DENOISING = {"steps": 20, "guidance_scale": 5.0, "every": 2, "seed": 0, "batch_size": 8}
-
-
 def load_pipeline(
     name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Any:
@@ -104,7 +103,7 @@ def record_pipeline(
     prompts: Sequence[str],
     modules: Sequence[str],
     *,
-    steps: int = 20,
+    denoising_steps: int = 20,
     guidance_scale: float = 5.0,
     every: int = 2,
     seed: int = 0,
@@ -128,7 +127,7 @@ def record_pipeline(
             with torch.inference_mode():
                 pipe(
                     prompt=batch,
-                    num_inference_steps=steps,
+                    num_inference_steps=denoising_steps,
                     guidance_scale=guidance_scale,
                     generator=_generators(start, len(batch), seed, device),
                     output_type="latent",
@@ -146,7 +145,7 @@ def generate_images(
     steering: Steering | None = None,
     *,
     support: str | None = None,
-    steps: int = 20,
+    denoising_steps: int = 20,
     guidance_scale: float = 5.0,
     seed: int = 0,
     guidance: str = "conditional",
@@ -156,8 +155,11 @@ def generate_images(
 
     Every strength of a prompt starts from the same noise (seed + prompt index), so the columns
     differ only by the steering. guidance: which classifier-free-guidance half is steered
-    (`Steering.applied`).
+    (`Steering.applied`). steps= is the old name of denoising_steps=.
     """
+    if "steps" in pipe_kwargs:
+        warn_renamed("generate_images(steps=...)", "generate_images(denoising_steps=...)")
+        denoising_steps = pipe_kwargs.pop("steps")
     prompts, strengths = list(prompts), [float(s) for s in strengths]
     rows = [p for p in prompts for _ in strengths]
     device = next(module_tree(pipe).parameters()).device
@@ -169,13 +171,18 @@ def generate_images(
     lam = torch.tensor(strengths, dtype=torch.float32).repeat(len(prompts))
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
+        call = dict(
+            prompt=rows,
+            num_inference_steps=denoising_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            **pipe_kwargs,
+        )
         if steering is None:
-            images = pipe(prompt=rows, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=generators, **pipe_kwargs).images  # fmt: skip
+            images = pipe(**call).images
         else:
             with steering.applied(pipe, lam, support, guidance=guidance):
-                images = pipe(prompt=rows, num_inference_steps=steps, guidance_scale=guidance_scale,
-                              generator=generators, **pipe_kwargs).images  # fmt: skip
+                images = pipe(**call).images
     n = len(strengths)
     return [images[p * n : (p + 1) * n] for p in range(len(prompts))]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS
+from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.guards import enter, guard_of, leave, reach, warn_far_strength
 from actsteer.guidance import Guidance
@@ -143,16 +143,9 @@ class SteeringHandle:
         positions: str = "all",
         guidance: str = "conditional",
     ) -> None:
-        if support not in SUPPORTS:
-            raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
-        if positions not in POSITIONS:
-            raise ActSteerError(
-                f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}"
-            )
-        if guidance not in GUIDANCE_MODES:
-            raise ActSteerError(
-                f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE_MODES)}"
-            )
+        check_choice(support, SUPPORTS, "support")
+        check_choice(positions, POSITIONS, "positions")
+        check_choice(guidance, GUIDANCE_MODES, "guidance")
         conditional = is_pipeline(model) and guidance == "conditional"
         self.guidance = Guidance(model) if conditional else None
         tree = module_tree(model)

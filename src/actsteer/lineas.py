@@ -34,7 +34,7 @@ modules) end exactly at ω = 1, β = 0.
 Defaults (SmolLM2-135M, post-attn-ln, 32 + 32 texts; docs/benchmarks.md): 100 steps, Adam at
 learning rate 0.02 (0.05 fits the training texts closer and the held-out ones slightly worse;
 the held-out distance is flat from about step 60), sparsity 0, identity start, seed 0, one
-step = 32 source texts (TEXTS_PER_STEP; all of them when there are fewer, else a random
+step = 32 source texts (EndToEnd.texts_per_step; all of them when there are fewer, else a random
 subset each step: 16 per step ran twice as fast but ended further from held-out targets),
 truncated at fit's max_length like the recording, so both sets are pooled over the same spans.
 fit's batch_size is the recording's.
@@ -47,7 +47,6 @@ tokens), whatever the number of texts; target samples are capped by budget_mb as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -58,24 +57,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsteer.capture import POOLINGS, batches, forward_body, pool, record
+from actsteer.choices import check_choice
 from actsteer.errors import ActSteerError
-from actsteer.maps import AffineMap, fit_linear, quantile_grid, support_bounds
+from actsteer.maps import AffineMap, quantile_grid, support_bounds
+from actsteer.methods.linear_act import fit_linear
 from actsteer.transport import Transport
 from actsteer.tree import model_device, output_tensor, stream_index, with_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from actsteer.modes import EndToEnd
     from actsteer.steering import SteeringInfo
 
-#: Defaults (measured on SmolLM2-135M, post-attn-ln, 32+32 texts: docs/benchmarks.md).
-DEFAULT_STEPS = 100
-DEFAULT_LEARNING_RATE = 0.02
-DEFAULT_SPARSITY = 0.0
-DEFAULT_SEED = 0
-#: Source texts of one training step (a random subset each step when there are more).
-TEXTS_PER_STEP = 32
-INITS = ("identity", "linear-act")
 #: The module-level group weight relative to √D times the unit-level one.
 MODULE_SHARE = 0.25
 #: At most this many quantile levels per module enter the loss (`all` pooling: tokens beyond it
@@ -83,49 +77,6 @@ MODULE_SHARE = 0.25
 GRID_CAP = 4096
 #: Loss-curve points kept in the steering's description.
 CURVE_POINTS = 20
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The training settings of one LinEAS fit (stored as steering.info.data["training"])."""
-
-    steps: int = DEFAULT_STEPS
-    learning_rate: float = DEFAULT_LEARNING_RATE
-    sparsity: float = DEFAULT_SPARSITY
-    seed: int = DEFAULT_SEED
-    init: str = "identity"
-    texts_per_step: int = TEXTS_PER_STEP
-
-    @classmethod
-    def resolve(
-        cls,
-        steps: int | None = None,
-        learning_rate: float | None = None,
-        sparsity: float | None = None,
-        seed: int | None = None,
-        init: str | None = None,
-    ) -> Settings:
-        """Settings from optional values (None: the default), or a clear error."""
-        settings = cls(
-            steps=DEFAULT_STEPS if steps is None else steps,
-            learning_rate=DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate,
-            sparsity=DEFAULT_SPARSITY if sparsity is None else sparsity,
-            seed=DEFAULT_SEED if seed is None else seed,
-            init=init or "identity",
-        )
-        if isinstance(settings.steps, bool) or not isinstance(settings.steps, int):
-            raise ActSteerError(f"steps must be a whole number ≥ 1, got {steps!r}")
-        if settings.steps < 1:
-            raise ActSteerError(f"steps must be ≥ 1, got {steps}")
-        if not math.isfinite(settings.learning_rate) or settings.learning_rate <= 0:
-            raise ActSteerError(f"learning_rate must be a finite number > 0, got {learning_rate}")
-        if not math.isfinite(settings.sparsity) or settings.sparsity < 0:
-            raise ActSteerError(
-                f"sparsity must be a finite number ≥ 0 (0 = no penalty), got {sparsity}"
-            )
-        if settings.init not in INITS:
-            raise ActSteerError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-        return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +259,7 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def _initial(
-    settings: Settings, source: torch.Tensor, target: torch.Tensor
+    settings: EndToEnd, source: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if settings.init == "linear-act":
         return fit_linear(source, target)
@@ -323,7 +274,7 @@ def fit_end_to_end(
     target: Sequence[str],
     names: Sequence[str],
     info: SteeringInfo,
-    settings: Settings,
+    settings: EndToEnd,
     *,
     batch_size: int,
     budget_mb: float,
@@ -333,8 +284,7 @@ def fit_end_to_end(
     info.data["training"]. batch_size is the recording passes' number of texts."""
     pooling, max_length, support = info.pooling, info.max_length, info.support
     assert pooling is not None and max_length is not None and support is not None
-    if pooling not in POOLINGS:
-        raise ActSteerError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    check_choice(pooling, POOLINGS, "pooling")
     recorded: dict[str, Any] = dict(
         pooling=pooling,
         batch_size=batch_size,
@@ -402,7 +352,7 @@ def _train(
     names: list[str],
     params: dict[str, Trainable],
     target_sorted: dict[str, torch.Tensor],
-    settings: Settings,
+    settings: EndToEnd,
     *,
     pooling: str,
     max_length: int,
@@ -415,7 +365,7 @@ def _train(
     optimizer = torch.optim.Adam(tensors, lr=settings.learning_rate)
     lr, s = settings.learning_rate, settings.sparsity
     device = model_device(model)
-    every = max(1, settings.steps // CURVE_POINTS)
+    every = max(1, settings.training_steps // CURVE_POINTS)
     curve: list[list[float]] = []
     body = forward_body(model, names)
     units = sum(t.omega.numel() for t in params.values())
@@ -439,14 +389,16 @@ def _train(
         if bad:
             raise ActSteerError(
                 f"LinEAS training diverged: the loss is {float(loss.detach())} at step {step} of "
-                f"{settings.steps} (learning_rate={lr:g}); lower the learning rate, e.g. "
+                f"{settings.training_steps} (learning_rate={lr:g}); lower the learning rate, e.g. "
                 f"learning_rate={lr / 10:g}"
             )
 
     with frozen(model), torch.inference_mode(False), torch.enable_grad():
         hooks = TrainingHooks(model, params, pooling)
         try:
-            bar = tqdm(range(settings.steps), desc="lineas", disable=not progress, leave=False)
+            bar = tqdm(
+                range(settings.training_steps), desc="lineas", disable=not progress, leave=False
+            )
             for step in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of_step()
@@ -463,8 +415,8 @@ def _train(
                 bar.set_postfix(loss=f"{value:.4g}")
             with torch.no_grad():  # the loss after the last step, for the curve
                 final = loss_of_step()
-            check(final, settings.steps)
-            curve.append([settings.steps, float(final)])
+            check(final, settings.training_steps)
+            curve.append([settings.training_steps, float(final)])
         finally:
             hooks.remove()
     return curve

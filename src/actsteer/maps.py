@@ -1,6 +1,8 @@
-"""The per-unit affine map T(a) = ω ⊙ a + β with a support: fitting, applying, inverting.
+"""The per-unit affine map T(a) = ω ⊙ a + β with its supports: applying, inverting, and what
+the estimators share (checks of samples, the monotone coupling, support bounds).
 
-Pure torch; knows nothing about models. Samples are (N, D) tensors: N samples of D units.
+Pure torch; knows nothing about models. Samples are (N, D) tensors: N samples of D units. The
+estimators themselves are files of actsteer.methods.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import torch
 from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES
 from actsteer.errors import ActSteerError
 from actsteer.transport import Transport, coefficients
-
-_ZERO_VARIANCE = 1e-12
 
 
 @dataclass
@@ -137,36 +137,6 @@ def couple(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
     y = target.sort(dim=0).values
     size = max(x.shape[0], y.shape[0])
     return quantile_grid(x, size), quantile_grid(y, size)
-
-
-def fit_linear(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear-AcT: least squares y ≈ ω x + β on the coupled pairs, per unit (float64)."""
-    x, y = (t.double() for t in couple(source, target))
-    mx, my = x.mean(0), y.mean(0)
-    dx, dy = x - mx, y - my
-    var = (dx * dx).sum(0)
-    cov = (dx * dy).sum(0)
-    flat = var <= _ZERO_VARIANCE * x.shape[0] * (1 + mx.abs()) ** 2
-    omega = torch.where(flat, torch.ones_like(var), cov / torch.where(flat, 1.0, var))
-    beta = my - omega * mx
-    return omega.float(), beta.float()
-
-
-def fit_mean(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-AcT: ω = 1, β = m_t − m_s."""
-    beta = target.double().mean(0) - source.double().mean(0)
-    return torch.ones_like(beta).float(), beta.float()
-
-
-def fit_gaussian(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian-AcT: ω = σ_t/σ_s, β = m_t − ω m_s; units with σ_s ≈ 0 keep ω = 1, β = 0."""
-    s, t = source.double(), target.double()
-    ms, mt = s.mean(0), t.mean(0)
-    ss, st = s.std(0, correction=0), t.std(0, correction=0)
-    flat = ss <= 1e-6 * (1 + ms.abs())
-    omega = torch.where(flat, 1.0, st / torch.where(flat, 1.0, ss))
-    beta = torch.where(flat, 0.0, mt - omega * ms)
-    return omega.float(), beta.float()
 
 
 def support_bounds(source: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -19,11 +18,13 @@ from typing import Any
 from torch import nn
 
 from actsteer.artifact import read_steering, write_steering
-from actsteer.choices import GUIDANCE_MODES
+from actsteer.choices import GUIDANCE_MODES, check_choice
 from actsteer.compat import check_compatible, model_fingerprint
+from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
 from actsteer.fold import fold_maps
 from actsteer.hooks import SteeringHandle, Strength
+from actsteer.hub import PREFIX, locate, save_folder
 from actsteer.maps import AffineMap
 from actsteer.methods import METHODS, get_method
 from actsteer.tree import model_name, module_tree
@@ -33,15 +34,8 @@ def renamed_cfg(guidance: str, cfg: str | None) -> str:
     """`guidance`, or the value of its deprecated old name `cfg` (with a warning)."""
     if cfg is None:
         return guidance
-    if cfg not in GUIDANCE_MODES:
-        raise ActSteerError(
-            f"unknown cfg {cfg!r} (now called guidance=); choose one of {', '.join(GUIDANCE_MODES)}"
-        )
-    warnings.warn(
-        "the cfg= argument is now called guidance=; cfg= goes away in the next release",
-        DeprecationWarning,
-        stacklevel=3,
-    )
+    check_choice(cfg, GUIDANCE_MODES, "cfg (now called guidance=)")
+    warn_renamed("the cfg= argument", "called guidance=", stacklevel=4)
     return cfg
 
 
@@ -230,9 +224,32 @@ class Steering:
 
     @classmethod
     def load(cls, path: str | Path) -> Steering:
-        """Read a steering saved with `save`; a damaged or foreign file is a clear error."""
-        maps, entries = read_steering(path)
+        """Read a steering saved with `save`: a file, a folder from `save_pretrained`, or a hub
+        id `hf:USER/REPO[@REVISION]` (actsteer.hub); a damaged or foreign file is a clear
+        error."""
+        maps, entries = read_steering(locate(path))
         return cls(maps, SteeringInfo.from_json(entries))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the steering as a folder to share: the artifact (steering.safetensors) and a
+        model card (README.md with YAML front matter: method, base model, modules, data, default
+        λ and its calibration curve, library version). Publish it with
+        `huggingface-cli upload USER/REPO FOLDER`."""
+        return save_folder(self, folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, repo_id_or_folder: str | Path, revision: str | None = None
+    ) -> Steering:
+        """Read a shared steering: a folder written by `save_pretrained`, or a hub repository
+        `USER/REPO` (downloaded through huggingface_hub and cached; `revision` a branch, tag or
+        commit)."""
+        spec = str(repo_id_or_folder)
+        if not Path(spec).exists() and not spec.startswith(PREFIX):
+            spec = f"{PREFIX}{spec}" + (f"@{revision}" if revision else "")
+        elif revision is not None:
+            raise ActSteerError(f"revision= applies to hub repositories, not to {spec!r}")
+        return cls.load(spec)
 
     @classmethod
     def from_gguf(cls, path: str | Path, model: nn.Module) -> Steering:

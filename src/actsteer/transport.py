@@ -83,11 +83,11 @@ class Transport:
             out = kernel.transport(scale, shift, lo, hi, lam.numel() if lam.ndim else 0, False, a)
             if out is not None:
                 return out
-        moved = torch.addcmul(_laid_out(shift, a), a, _laid_out(scale, a))
-        if self.bounds is None:
-            return moved
-        lo, hi = (_laid_out(b, a) for b in self.parameters(a.device, a.dtype)[2:])
-        return torch.where(inside(a, lo, hi), moved, a)
+        bounds = None
+        if self.bounds is not None:
+            lo, hi = self.parameters(a.device, a.dtype)[2:]
+            bounds = (_laid_out(lo, a), _laid_out(hi, a))
+        return transport_ops(a, _laid_out(scale, a), _laid_out(shift, a), bounds)
 
     def strength_for(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
         """λ as a float32 tensor, checked against the layout and shape of `a`."""
@@ -170,6 +170,16 @@ class Transport:
         scale, shift = coefficients(om1, beta, lam)
         rows = lam.numel() if lam.ndim else 0
         return kernel.hook(scale.to(dtype), shift.to(dtype), lo, hi, rows, in_place, fallback)
+
+
+def transport_ops(
+    a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bounds: Bounds | None
+) -> torch.Tensor:
+    """The transport as torch ops (GPUs, training, what the kernel declines): ω̃ ⊙ a + λβ in one
+    rounding (addcmul), kept where lo < a < hi; `scale`, `shift` and the bounds broadcast
+    against `a`."""
+    moved = torch.addcmul(shift, a, scale)
+    return moved if bounds is None else torch.where(inside(a, *bounds), moved, a)
 
 
 def inside(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,11 @@ def _candidates_json(chosen: ModulesCalibration) -> dict[str, Any]:
 @app.command("calibrate", rich_help_panel=EVAL_PANEL)
 def calibrate_command(
     steering_path: Annotated[
-        Path, typer.Argument(help="A steering file from `actsteer fit`.", metavar="STEERING")
+        Path,
+        typer.Argument(
+            help="A steering file from `actsteer fit`, its save_pretrained folder or hf:USER/REPO.",
+            metavar="STEERING",
+        ),
     ],
     model: ModelOption = None,
     budget_ppl: Annotated[

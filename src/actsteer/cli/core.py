@@ -156,10 +156,15 @@ def status(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def check_choice(value: str | None, choices: Sequence[str], option: str) -> None:
-    """A clear error when an option's value is not one of its choices (None passes)."""
-    if value is not None and value not in choices:
-        raise ActSteerError(f"{option} {value!r} is not one of: {', '.join(choices)}")
+def renamed_steps(old: int | None, new: int | None, new_option: str) -> int | None:
+    """The value of --steps, the old name of `new_option` (with a warning on stderr), or the
+    new option's value; both given is an error."""
+    if old is None:
+        return new
+    if new is not None:
+        raise ActSteerError(f"give {new_option} only (--steps is its old name)")
+    status(f"warning: --steps is now {new_option}; the old spelling goes away in the next release")
+    return old
 
 
 def read_texts(path: str | Path, what: str = "texts", field: str | None = None) -> list[str]:

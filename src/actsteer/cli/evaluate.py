@@ -76,7 +76,10 @@ def eval_(
     model: ModelOption = None,
     steering_path: Annotated[
         Path | None,
-        typer.Option("--steering", help="A steering file; omit to evaluate the plain model."),
+        typer.Option(
+            "--steering",
+            help="A steering file (or hf:USER/REPO); omit to evaluate the plain model.",
+        ),
     ] = None,
     strength: StrengthOption = None,
     data: Annotated[
@@ -106,8 +109,8 @@ def eval_(
     the task gives them. Example: actsteer eval perplexity --steering s.safetensors -s 0 1
     """
     from actsteer.evaluation.common import describe_steering, jsonable
-    from actsteer.evaluation.registry import TASKS, get_task
     from actsteer.evaluation.sweep import parse_task_options
+    from actsteer.evaluation.tasks import TASKS, get_task
     from actsteer.models import model_for
     from actsteer.steering import Steering
     from actsteer.strengths import parse_strength_specs, resolve_strengths
@@ -211,8 +214,8 @@ def sweep(
     or extended sweep picks up where it stopped. A --steering needs the grid as --strength;
     --model defaults to the first steering's.
     """
-    from actsteer.evaluation.registry import TASKS, get_task
     from actsteer.evaluation.sweep import load_results, parse_task_options, run_sweep
+    from actsteer.evaluation.tasks import TASKS, get_task
     from actsteer.models import model_for
     from actsteer.strengths import parse_strength_specs, resolve_strengths
 

@@ -7,13 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from actsteer.choices import GUIDANCE_MODES
-from actsteer.cli.core import IMAGE_PANEL, app, check_choice, status
+from actsteer.choices import GUIDANCE_MODES, check_choice
+from actsteer.cli.core import IMAGE_PANEL, app, renamed_steps, status
 from actsteer.cli.options import (
+    DenoisingStepsOption,
     ForceOption,
     GuidanceScaleOption,
+    OldStepsOption,
     SizeOption,
-    StepsOption,
     StrengthOption,
     SupportOption,
 )
@@ -33,7 +34,8 @@ def generate_image(
     ] = None,
     strength: StrengthOption = None,
     support: SupportOption = None,
-    steps: StepsOption = 20,
+    denoising_steps: DenoisingStepsOption = None,
+    steps: OldStepsOption = None,
     guidance_scale: GuidanceScaleOption = 5.0,
     seed: Annotated[int, typer.Option(help="Noise seed of the first prompt (+1 per row).")] = 0,
     size: SizeOption = None,
@@ -62,6 +64,7 @@ def generate_image(
         status("warning: --cfg is now called --guidance; --cfg goes away in the next release")
         guidance = cfg
     check_choice(guidance, GUIDANCE_MODES, "--guidance" if cfg is None else "--cfg")
+    denoising_steps = renamed_steps(steps, denoising_steps, "--denoising-steps") or 20
     if output.suffix.lower() != ".png":
         raise ActSteerError(f"--output should end in .png, got {output}")
     check_output(output, force)
@@ -77,7 +80,7 @@ def generate_image(
     extra: dict[str, Any] = {} if size is None else {"height": size, "width": size}
     status(f"Rendering {len(prompts)} prompt(s) × {len(strengths)} strength(s) in one call …")
     images = generate_images(
-        pipe, prompts, strengths, steering, support=support, steps=steps,
+        pipe, prompts, strengths, steering, support=support, denoising_steps=denoising_steps,
         guidance_scale=guidance_scale, seed=seed, guidance=guidance, **extra,
     )  # fmt: skip
     with written_file(output) as scratch:

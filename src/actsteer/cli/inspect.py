@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from actsteer.choices import check_choice
 from actsteer.cli.core import (
     FILES_PANEL,
     app,
-    check_choice,
     console,
     load_lm,
     read_texts,
@@ -35,7 +35,12 @@ if TYPE_CHECKING:
 
 @app.command(rich_help_panel=FILES_PANEL)
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A steering file (.safetensors).")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A steering file (.safetensors), a save_pretrained folder or hf:USER/REPO."
+        ),
+    ],
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -204,7 +209,8 @@ def _inspect_plot(
 @app.command(rich_help_panel=FILES_PANEL)
 def export(
     steering_path: Annotated[
-        Path, typer.Option("--steering", help="A steering file from `actsteer fit`.")
+        Path,
+        typer.Option("--steering", help="A steering file from `actsteer fit` (or hf:USER/REPO)."),
     ],
     output: Annotated[
         Path,

@@ -12,19 +12,20 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from actsteer.choices import DEFAULT_MODULES, MODES, POOLINGS, POSITIONS
+from actsteer.choices import DEFAULT_MODULES, POOLINGS, POSITIONS, check_choice
 from actsteer.cli.core import (
     LM_PANEL,
     app,
-    check_choice,
     console,
     is_number,
     load_lm,
     read_texts,
+    renamed_steps,
     status,
 )
 from actsteer.cli.options import (
     ChatOption,
+    DenoisingStepsOption,
     ExtrapolateOption,
     FieldOption,
     ForceOption,
@@ -32,6 +33,7 @@ from actsteer.cli.options import (
     MaxLengthOption,
     MaxNewTokensOption,
     ModelOption,
+    OldStepsOption,
     SizeOption,
     StrengthOption,
     SupportOption,
@@ -42,6 +44,8 @@ from actsteer.methods import METHODS, get_method
 from actsteer.outputs import check_output
 
 if TYPE_CHECKING:
+    from actsteer.methods import Method
+    from actsteer.modes import FitMode
     from actsteer.steering import Steering
 
 DEMO_PROMPTS = (
@@ -120,6 +124,42 @@ def parse_steerings(
     return fixed, swept
 
 
+def option_names(keywords: dict[str, Any]) -> str:
+    """Keywords as the options that gave them: {"training_steps": 5} → "--training-steps"."""
+    return ", ".join(f"--{key.replace('_', '-')}" for key in keywords)
+
+
+#: The modes a language model is fitted in (actsteer.modes), for --mode.
+LM_MODES = ("independent", "sequential", "end-to-end")
+
+
+def lm_mode(
+    estimator: Method,
+    mode: str | None,
+    training: dict[str, Any],
+    support_pooling: str | None,
+) -> FitMode:
+    """The fit's mode settings from --mode and the options that belong to one mode (an option
+    of another mode is refused, saying which mode it belongs to)."""
+    from actsteer import modes
+
+    name = mode or estimator.modes[0]
+    if training and name != "end-to-end":
+        raise ActSteerError(
+            f"{option_names(training)} only apply to methods trained end to end (--method "
+            f"lineas); method {estimator.name!r} is estimated in closed form"
+        )
+    if support_pooling is not None and name != "independent":
+        raise ActSteerError(
+            f"--support-pooling applies to independent fits, not mode {name!r}: drop it"
+        )
+    if name == "end-to-end":
+        return modes.EndToEnd(**training)
+    if name == "independent":
+        return modes.Independent(support_pooling=support_pooling)
+    return modes.resolve_mode(name)
+
+
 @app.command(rich_help_panel=LM_PANEL)
 def fit(
     source: Annotated[
@@ -152,13 +192,14 @@ def fit(
         str, typer.Option(help="Estimator; see `actsteer methods`.", metavar="NAME")
     ] = "linear-act",
     mode: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="independent: each module fitted on the plain model; sequential: on activations "
-            "already moved by upstream maps.",
-            metavar="|".join(MODES),
+            "already moved by upstream maps; end-to-end: all maps trained jointly (lineas). "
+            "Default: the method's first (`actsteer methods`).",
+            metavar="|".join(LM_MODES),
         ),
-    ] = "independent",
+    ] = None,
     pooling: Annotated[
         str | None,
         typer.Option(
@@ -187,67 +228,86 @@ def fit(
             metavar="DIR",
         ),
     ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            help="Pipelines: denoising steps (default 20). --method lineas: training steps "
-            "(default 100).",
-            min=1,
-        ),
-    ] = None,
+    denoising_steps: DenoisingStepsOption = None,
     guidance_scale: GuidanceScaleOption = 5.0,
     size: SizeOption = None,
+    training_steps: Annotated[
+        int | None,
+        typer.Option(help="End-to-end (lineas): training steps (default 100).", min=1),
+    ] = None,
     learning_rate: Annotated[
         float | None,
-        typer.Option(help="--method lineas: Adam's learning rate (default 0.02).", metavar="LR"),
+        typer.Option(
+            help="End-to-end (lineas): Adam's learning rate (default 0.02).", metavar="LR"
+        ),
     ] = None,
     sparsity: Annotated[
         float | None,
         typer.Option(
-            help="--method lineas: sparse-group-lasso strength; 0 (default) = no penalty, "
+            help="End-to-end (lineas): sparse-group-lasso strength; 0 (default) = no penalty, "
             "larger leaves more units exactly untouched.",
             metavar="S",
         ),
     ] = None,
+    steps: OldStepsOption = None,
     force: ForceOption = False,
     field: FieldOption = None,
     chat: ChatOption = False,
 ) -> None:
     """Fit a steering that moves the model's activations on SOURCE texts onto TARGET's."""
+    from actsteer import modes
     from actsteer.diffusion import load_pipeline
-    from actsteer.fit import fit as fit_steering
+    from actsteer.fitting import fit as fit_steering
     from actsteer.models import model_for
 
-    get_method(method)
-    check_choice(mode, MODES, "--mode")
+    estimator = get_method(method)
+    check_choice(mode, LM_MODES, "--mode")
     check_choice(pooling, POOLINGS, "--pooling")
     check_choice(support_pooling, POOLINGS, "--support-pooling")
     if output.suffix != ".safetensors":
         raise ActSteerError(f"--output should end in .safetensors, got {output}")
     check_output(output, force)  # before fitting: a refused or failed fit leaves it untouched
+    if pipeline is not None:
+        denoising_steps = renamed_steps(steps, denoising_steps, "--denoising-steps")
+    else:
+        training_steps = renamed_steps(steps, training_steps, "--training-steps")
     source_texts = read_texts(source, "source", field)
     target_texts = read_texts(target, "target", field)
     if chat and pipeline is not None:
         raise ActSteerError("--chat is for language models (a pipeline has no chat template)")
     data = {"source_file": str(source), "target_file": str(target)}
+    training = {
+        key: value
+        for key, value in (
+            ("training_steps", training_steps), ("learning_rate", learning_rate),
+            ("sparsity", sparsity),
+        )
+        if value is not None
+    }  # fmt: skip
     if pipeline is not None:
         status(f"Loading pipeline {pipeline} …")
         pipe = load_pipeline(pipeline)
         status(f"Fitting {method} on {pipeline}: {len(source_texts)} → {len(target_texts)} prompts")
-        options: dict[str, Any] = {"steps": steps or 20, "guidance_scale": guidance_scale}
-        if size is not None:
-            options.update(height=size, width=size)
+        if training:
+            raise ActSteerError(
+                f"{option_names(training)} apply to end-to-end fits of language models, not "
+                "pipelines"
+            )
+        options = {} if size is None else {"height": size, "width": size}
+        denoising = modes.Denoising(
+            denoising_steps=denoising_steps or 20, guidance_scale=guidance_scale, options=options
+        )
         steering = fit_steering(
             pipe, source=source_texts, target=target_texts, modules=modules, method=method,
-            support=support, data=data, pipeline_options=options,
-            learning_rate=learning_rate, sparsity=sparsity,
+            mode=denoising, support=support, data=data,
         )  # fmt: skip
         typer.echo(f"Saved steering to {steering.save(output)} ({len(steering.maps)} modules)")
         return
+    settings = lm_mode(estimator, mode, training, support_pooling)
     model = model_for(None, model)
     lm, tok = load_lm(model)
     status(
-        f"Fitting {method} ({mode}) on {model}: {len(source_texts)} source → "
+        f"Fitting {method} ({settings.name}) on {model}: {len(source_texts)} source → "
         f"{len(target_texts)} target texts, modules {modules or DEFAULT_MODULES!r} …"
     )
     start = time.perf_counter()
@@ -258,16 +318,12 @@ def fit(
         target=target_texts,
         modules=modules,
         method=method,
-        mode=mode,
+        mode=settings,
         pooling=pooling,
         support=support,
-        support_pooling=support_pooling,
         batch_size=batch_size,
         max_length=max_length,
         data=data,
-        steps=steps,
-        learning_rate=learning_rate,
-        sparsity=sparsity,
         chat=chat,
     )
     elapsed = time.perf_counter() - start
@@ -295,9 +351,9 @@ def generate(
         list[str] | None,
         typer.Option(
             "--steering",
-            help="A steering file from `actsteer fit`; omit for plain. Repeat to compose: "
-            "FILE:λ applies FILE at a fixed λ (in the given order) before the one FILE without "
-            "a λ, which is swept over --strength.",
+            help="A steering file from `actsteer fit` (or hf:USER/REPO); omit for plain. Repeat "
+            "to compose: FILE:λ applies FILE at a fixed λ (in the given order) before the one "
+            "FILE without a λ, which is swept over --strength.",
             metavar="FILE[:λ]",
         ),
     ] = None,
@@ -400,7 +456,7 @@ def demo(
     Uses the package's own sentence files, Linear-AcT on all layer norms with support "all",
     then one batched greedy generation (repetition penalty 1.3) for three neutral prompts.
     """
-    from actsteer.fit import fit as fit_steering
+    from actsteer.fitting import fit as fit_steering
     from actsteer.generation import generate_grid
     from actsteer.models import model_for
 
@@ -456,10 +512,12 @@ def methods() -> None:
     table.add_column("strength λ")
     table.add_column("default support")
     table.add_column("default pooling")
+    table.add_column("modes")
     for name, method in sorted(METHODS.items()):
         lo_hi = method.strength_range
         span = "any" if lo_hi is None else f"[{lo_hi[0]:g}, {lo_hi[1]:g}]"
         table.add_row(
-            name, method.description, span, method.default_support, method.default_pooling
-        )
+            name, method.description, span, method.default_support, method.default_pooling,
+            ", ".join(method.modes),
+        )  # fmt: skip
     console().print(table)

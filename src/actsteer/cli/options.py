@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from actsteer.choices import DEFAULT_MODEL, SUPPORTS
-from actsteer.cli.core import check_choice
+from actsteer.choices import DEFAULT_MODEL, SUPPORTS, check_choice
 
 
 def _support_choice(value: str | None) -> str | None:
@@ -93,7 +92,19 @@ MaxNewTokensOption = Annotated[int, typer.Option(help="Tokens to generate per ro
 
 MaxLengthOption = Annotated[int, typer.Option(help="Tokens kept per text.", min=1)]
 
-StepsOption = Annotated[int, typer.Option(help="Pipelines: denoising steps.", min=1)]
+DenoisingStepsOption = Annotated[
+    int | None, typer.Option(help="Pipelines: denoising steps (default 20).", min=1)
+]
+
+OldStepsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--steps",
+        hidden=True,
+        min=1,
+        help="The old name of --denoising-steps (pipelines) and --training-steps (lineas).",
+    ),
+]
 
 GuidanceScaleOption = Annotated[
     float, typer.Option(help="Pipelines: classifier-free guidance scale.")

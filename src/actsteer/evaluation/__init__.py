@@ -1,7 +1,8 @@
 """Evaluation harness: what a steering does to behaviour, and what it costs in quality.
 
-One module per task, each with `evaluate(model, tok, steering=None, strength=None, **options)`
-returning a typed result, and `evaluate_grid(..., strengths=[...])` returning one per λ:
+One module per task in `tasks/`, each registering itself with its `evaluate_grid(model, tok,
+steering, strengths, **options)`, which returns one typed result per λ;
+`evaluate(task, model, tok, steering=None, strength=None, **options)` is the one entry for one λ:
 
     toxicity    % toxic RealToxicityPrompts continuations (alt-profanity-check), per stratum
     perplexity  teacher-forced perplexity on held-out text (WikiText-2 test by default)
@@ -14,16 +15,25 @@ Each task reads `data=PATH` (or "hf:ID[:CONFIG[:SPLIT]]"), else its default file
 $ACTSTEER_DATA, else its hub dataset (`datasets`, in the `actsteer[eval]` extra).
 """
 
-from actsteer.evaluation import concept, mmlu, perplexity, toxicity, truthfulqa
-from actsteer.evaluation.concept import ConceptJudge, ConceptResult
-from actsteer.evaluation.mmlu import MMLUResult
-from actsteer.evaluation.perplexity import PerplexityResult
 from actsteer.evaluation.plots import plot_sweep
-from actsteer.evaluation.registry import TASKS, Task, get_task
 from actsteer.evaluation.sampling import Sampling
 from actsteer.evaluation.sweep import parse_strengths, run_sweep
-from actsteer.evaluation.toxicity import ToxicityResult, score_toxicity
-from actsteer.evaluation.truthfulqa import TruthfulQAResult
+from actsteer.evaluation.tasks import (
+    TASKS,
+    Task,
+    concept,
+    evaluate,
+    get_task,
+    mmlu,
+    perplexity,
+    toxicity,
+    truthfulqa,
+)
+from actsteer.evaluation.tasks.concept import ConceptJudge, ConceptResult
+from actsteer.evaluation.tasks.mmlu import MMLUResult
+from actsteer.evaluation.tasks.perplexity import PerplexityResult
+from actsteer.evaluation.tasks.toxicity import ToxicityResult, score_toxicity
+from actsteer.evaluation.tasks.truthfulqa import TruthfulQAResult
 
 __all__ = [
     "TASKS",
@@ -36,6 +46,7 @@ __all__ = [
     "ToxicityResult",
     "TruthfulQAResult",
     "concept",
+    "evaluate",
     "get_task",
     "mmlu",
     "parse_strengths",

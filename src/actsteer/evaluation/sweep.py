@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, jsonable
 from actsteer.evaluation.plots import plot_sweep
-from actsteer.evaluation.registry import TASKS, get_task
+from actsteer.evaluation.tasks import TASKS, get_task
 from actsteer.steering import Steering
 from actsteer.strengths import parse_strengths as parse_strengths  # the grammar, re-exported
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from actsteer.evaluation.concept import ConceptJudge
+    from actsteer.evaluation.tasks.concept import ConceptJudge
 
 FORMAT = "actsteer-sweep/1"
 GROUP_SIZE = 4
@@ -236,7 +236,7 @@ def run_sweep(
 
 def _calibrated_judge(options: Mapping[str, Any]) -> ConceptJudge:
     """The concept judge a concept task would calibrate, built once for the whole sweep."""
-    from actsteer.evaluation.concept import ConceptJudge, data_source, load_concept_sentences
+    from actsteer.evaluation.tasks.concept import ConceptJudge, data_source, load_concept_sentences
 
     concept = options.get("concept", "football")
     if options.get("calibration") is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from actsteer.errors import ActSteerError
+from actsteer.hub import locate
 from actsteer.steering import Steering
 
 #: The key of SamplingParams.extra_args (and of vLLM's `vllm_xargs`) that carries a request's
@@ -53,9 +54,13 @@ def load_table(text: str) -> dict[str, Steering]:
     """The steerings an engine serves, loaded from the files `text` (see ENV) names."""
     steerings = {}
     for name, path in parse_table(text).items():
-        if not path.is_file():
+        try:
+            file = locate(path)  # a file, a save_pretrained folder or hf:USER/REPO
+        except ActSteerError as err:
+            raise ActSteerError(f"steering {name!r} (set in {ENV}): {err}") from None
+        if not file.is_file():
             raise ActSteerError(f"steering {name!r}: no file {str(path)!r} (set in {ENV})")
-        steerings[name] = Steering.load(path)
+        steerings[name] = Steering.load(file)
     return steerings
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from actsteer.errors import ActSteerError
 
@@ -19,31 +19,54 @@ if TYPE_CHECKING:
     from actsteer.maps import AffineMap
 
 FitFunction = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+#: Trains the maps of all modules jointly: (model, tokenizer, source, target, names, info,
+#: settings (actsteer.modes.EndToEnd), *, batch_size, budget_mb, progress) → {name: AffineMap}.
+TrainFunction = Callable[..., dict[str, "AffineMap"]]
+#: The modes a closed-form method is fitted in (actsteer.modes), its default first.
+CLOSED_FORM = ("independent", "sequential", "denoising")
+
+
+def _imported(function: Callable | str) -> Any:
+    """A function given itself or as "module:function" (imported when first used)."""
+    if callable(function):
+        return function
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named estimator: `fit_omega_beta(source, target)` gives ω, β of shape (D,); it may be
-    given as "module:function", imported when first used.
+    """A named estimator and how it is fitted: either `fit_omega_beta(source, target)`, which
+    gives ω, β of shape (D,) for one module from its samples (the closed-form modes:
+    independent, sequential, denoising), or `train`, which fits every module's map at once
+    through the model (mode end-to-end: LinEAS). Either may be given as "module:function",
+    imported when first used.
 
     strength_range bounds λ at apply time (None: unbounded); default_support and
     default_pooling are used unless the user chooses; min_samples is the fewest texts per set
-    the estimator accepts (1 for a single prompt pair). trained: the maps of all modules are
-    trained jointly through the model by `fit` (end to end: actsteer.lineas) instead of being
-    estimated module by module; fit_omega_beta then only explains that. reliable_texts and
-    probe give the small-data rule (`small_data`).
+    the estimator accepts (1 for a single prompt pair). reliable_texts and probe give the
+    small-data rule (`small_data`).
     """
 
     name: str
     description: str
-    fit_omega_beta: FitFunction | str
+    fit_omega_beta: FitFunction | str | None = None
+    train: TrainFunction | str | None = None
     strength_range: tuple[float, float] | None = (0.0, 1.0)
     default_support: str = "q0-100"
     default_pooling: str = "mean"
     min_samples: int = 2
-    trained: bool = False
     reliable_texts: int = 32
     probe: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.fit_omega_beta is None) == (self.train is None):
+            raise ValueError(f"method {self.name!r}: give one of fit_omega_beta and train")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this method is fitted in (actsteer.modes), its default first."""
+        return CLOSED_FORM if self.train is None else ("end-to-end",)
 
     def small_data(self, n_source: int, n_target: int, units: int) -> str | None:
         """Why a fit on this much data is unreliable, or None. The rule: a per-unit estimator
@@ -66,19 +89,23 @@ class Method:
         return None
 
     def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
-        """Estimate the map from (N, D) source and (M, D) target samples."""
+        """Estimate one module's map from its (N, D) source and (M, D) target samples."""
         from actsteer.maps import AffineMap, check_samples, support_bounds
 
+        if self.fit_omega_beta is None:
+            raise ActSteerError(
+                f"{self.name} trains all modules' maps jointly through the model and has no "
+                f"per-module estimate; fit it with actsteer.fit(model, tok, source=..., "
+                f"target=..., method={self.name!r})"
+            )
         check_samples(source, target, what, self.min_samples)
-        omega, beta = self.estimator()(source.float(), target.float())
+        omega, beta = _imported(self.fit_omega_beta)(source.float(), target.float())
         return AffineMap(omega, beta, support_bounds(source))
 
-    def estimator(self) -> FitFunction:
-        """fit_omega_beta as a function (imported if given by name)."""
-        if callable(self.fit_omega_beta):
-            return self.fit_omega_beta
-        module, _, function = self.fit_omega_beta.partition(":")
-        found: FitFunction = getattr(importlib.import_module(module), function)
+    def trainer(self) -> TrainFunction:
+        """`train` as a function (fitting.fit calls it for mode end-to-end)."""
+        assert self.train is not None, f"{self.name} is estimated in closed form"
+        found: TrainFunction = _imported(self.train)
         return found
 
     def check_strength(

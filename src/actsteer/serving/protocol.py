@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actsteer.choices import SUPPORTS
+from actsteer.choices import SUPPORTS, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.steering import Steering
 
@@ -160,11 +160,10 @@ def token_budget(body: Common, requested: int | None, prompt_tokens: int, limits
 def resolve_steering(body: Common, steerings: dict[str, Steering]) -> list[tuple[str, str, float]]:
     """The request's steerings as (name, support, λ) in the given order, each checked: a loaded
     name, a λ in its method's range (null: its default strength), a support it has."""
-    if body.support is not None and body.support not in SUPPORTS:
-        raise RequestError(
-            f"unknown support {body.support!r}; choose one of {', '.join(SUPPORTS)}",
-            param="support",
-        )
+    try:
+        check_choice(body.support, SUPPORTS, "support")
+    except ActSteerError as error:
+        raise RequestError(str(error), param="support") from None
     if body.support is not None and not body.steering:
         raise RequestError("a support needs a steering; add the field steering", param="support")
     resolved = []

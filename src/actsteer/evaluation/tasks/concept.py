@@ -41,6 +41,7 @@ from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, reso
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.evaluation.tasks.registry import Task, register
 from actsteer.extras import require
 from actsteer.steering import Steering
 
@@ -340,12 +341,12 @@ def evaluate_grid(
     return results
 
 
-def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    steering: Steering | None = None,
-    strength: float | None = None,
-    **options: Any,
-) -> ConceptResult:
-    """Concept presence at one strength; options as for `evaluate_grid`."""
-    return evaluate_grid(model, tokenizer, steering, strength, **options)[0]
+CONCEPT = register(
+    Task(
+        name="concept",
+        evaluate_grid=evaluate_grid,
+        result_type=ConceptResult,
+        generation=True,
+        description="fraction of generations about a concept, and their perplexity",
+    )
+)

@@ -31,6 +31,7 @@ from actsteer.evaluation.common import describe_steering, resolve_strengths, ste
 from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.likelihood import encode, next_token_logprobs
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.evaluation.tasks.registry import Task, register
 from actsteer.steering import Steering
 
 if TYPE_CHECKING:
@@ -162,12 +163,12 @@ def evaluate_grid(
     return results
 
 
-def evaluate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    steering: Steering | None = None,
-    strength: float | None = None,
-    **options: Any,
-) -> MMLUResult:
-    """Accuracy at one strength; options as for `evaluate_grid`."""
-    return evaluate_grid(model, tokenizer, steering, strength, **options)[0]
+MMLU = register(
+    Task(
+        name="mmlu",
+        evaluate_grid=evaluate_grid,
+        result_type=MMLUResult,
+        generation=False,
+        description="MMLU accuracy by answer-letter likelihood",
+    )
+)

@@ -29,6 +29,7 @@ from actsteer.evaluation.common import describe_steering, resolve_strengths, ste
 from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.evaluation.tasks.registry import Task, register
 from actsteer.steering import Steering
 
 if TYPE_CHECKING:
@@ -192,12 +193,12 @@ def evaluate_grid(
     return results
 
 
-def evaluate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    steering: Steering | None = None,
-    strength: float | None = None,
-    **options: Any,
-) -> TruthfulQAResult:
-    """MC1/MC2 at one strength; options as for `evaluate_grid`."""
-    return evaluate_grid(model, tokenizer, steering, strength, **options)[0]
+TRUTHFULQA = register(
+    Task(
+        name="truthfulqa",
+        evaluate_grid=evaluate_grid,
+        result_type=TruthfulQAResult,
+        generation=False,
+        description="TruthfulQA MC1/MC2 by answer log-likelihood",
+    )
+)

@@ -33,6 +33,7 @@ from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, reso
 from actsteer.evaluation.judges import get_judge
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
+from actsteer.evaluation.tasks.registry import Task, register
 from actsteer.steering import Steering
 
 if TYPE_CHECKING:
@@ -254,12 +255,12 @@ def evaluate_grid(
     return results
 
 
-def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    steering: Steering | None = None,
-    strength: float | None = None,
-    **options: Any,
-) -> ToxicityResult:
-    """Toxicity at one strength; options as for `evaluate_grid`."""
-    return evaluate_grid(model, tokenizer, steering, strength, **options)[0]
+TOXICITY = register(
+    Task(
+        name="toxicity",
+        evaluate_grid=evaluate_grid,
+        result_type=ToxicityResult,
+        generation=True,
+        description="% toxic continuations of RealToxicityPrompts prompts, per prompt stratum",
+    )
+)

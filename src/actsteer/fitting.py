@@ -2,7 +2,9 @@
 
 Language models and diffusers pipelines take the same path: only the recording differs
 (`capture.record` over texts, `diffusion.record_pipeline` over denoising runs); the estimation
-and the description are shared.
+and the description are shared. The mode (actsteer.modes) says how: each module alone
+(Independent), with upstream maps applied (Sequential), all maps trained jointly (EndToEnd) or
+over a pipeline's denoising runs (Denoising); the method says which modes it takes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ from tqdm.auto import tqdm
 
 from actsteer.capture import check_texts, record, resolve_modules, sample_cap, warn_truncated
 from actsteer.chat import chat_texts
-from actsteer.choices import DEFAULT_MODULES, MODES, POOLINGS, SUPPORTS
+from actsteer.choices import DEFAULT_MODULES, POOLINGS, SUPPORTS, check_choice
 from actsteer.compat import model_fingerprint
-from actsteer.diffusion import DENOISING, record_pipeline
+from actsteer.diffusion import record_pipeline
 from actsteer.errors import ActSteerError
-from actsteer.lineas import Settings, fit_end_to_end
 from actsteer.maps import AffineMap, support_bounds
 from actsteer.methods import Method, get_method
+from actsteer.modes import (
+    Denoising,
+    EndToEnd,
+    FitMode,
+    Independent,
+    Sequential,
+    from_old_keywords,
+    given_fields,
+    resolve_mode,
+)
 from actsteer.sequential import SequentialFitter
 from actsteer.steering import Steering, SteeringInfo
 from actsteer.tree import PipelineModules, is_pipeline, model_name, module_tree
@@ -37,98 +48,63 @@ def fit(
     source: Sequence[str] | None = None,
     target: Sequence[str] | None = None,
     *,
-    modules: str | Sequence[str] | None = None,
     method: str = "linear-act",
-    mode: str = "independent",
+    modules: str | Sequence[str] | None = None,
+    mode: str | FitMode | None = None,
     pooling: str | None = None,
     support: str | None = None,
-    support_pooling: str | None = None,
     batch_size: int = 16,
     max_length: int = 128,
     budget_mb: float = 1024,
     data: dict[str, Any] | None = None,
+    chat: bool = False,
     progress: bool = True,
     pipeline_options: dict[str, Any] | None = None,
-    steps: int | None = None,
-    learning_rate: float | None = None,
-    sparsity: float | None = None,
-    seed: int | None = None,
-    init: str | None = None,
-    chat: bool = False,
+    **old_keywords: Any,
 ) -> Steering:
     """Fit a steering that moves the model's activations on `source` texts onto `target`'s.
 
+    method: the estimator (`actsteer methods`); it says which modes it can be fitted in.
     modules: a preset ("attn-out" (default: the attention outputs, the strongest setting of the
       defaults study in docs/benchmarks.md), "post-attn-ln", "layernorms", "mlp-out",
-      "residual"), a regex fully matching module names, or a list of names.
-    mode: "independent" fits each module on the plain model's activations; "sequential" fits
-      each on activations already transported by the maps of all upstream modules.
+      "residual"), a regex fully matching module names, or a list of names. A diffusers
+      pipeline defaults to "unet-norms" or, for transformer denoisers, "dit-blocks".
+    mode: how the maps are fitted (actsteer.modes): a name for the defaults, or settings —
+      Independent(support_pooling=...), Sequential(), EndToEnd(training_steps=...,
+      learning_rate=..., sparsity=..., seed=..., init=...) (LinEAS), Denoising(
+      denoising_steps=..., guidance_scale=..., every=..., seed=..., batch_size=...,
+      options={...}) (pipelines). None: the method's default for the model.
     pooling: how token activations become one sample per text: "mean" (real tokens only),
       "last", "max" or "all" (every token a sample, subsampled so the samples of both sets
-      together stay within budget_mb);
-      the method's default when None (mean for the AcT methods).
-    support: the support the steering applies with by default (and, in sequential mode, the
-      one upstream maps use while fitting); the method's default when None.
-    support_pooling: the pooling of the source samples the support's bounds come from (None:
-      the fit's own pooling). "all" estimates them from token activations while the map is
-      fitted on pooled samples, so a q-support covers the tokens it is applied to (with mean
-      pooling it holds only about half of them); independent mode, language models.
+      together stay within budget_mb); the method's default when None (mean for the AcT
+      methods).
+    support: the support the steering applies with by default (and, sequentially or end to
+      end, the one the maps use while fitting); the method's default when None.
     data: a free description of the prompt sets, stored with the steering.
-    A diffusers pipeline takes no tokenizer; pipeline_options (steps, guidance_scale, every,
-    seed, batch_size, and any pipeline keyword such as height) go to its denoising runs, and
-    `modules` defaults to "unet-norms" or, for transformer denoisers, "dit-blocks".
-    method="lineas" trains the maps of all modules jointly through the model (mode
-    "end-to-end"; language models only; see actsteer.lineas), 32 source texts per step, and
-    these settings (None: its defaults, stored with the steering as
-    info.data["training"]): steps (100), learning_rate (Adam, 0.02), sparsity (0 = no
-    sparse-group-lasso penalty), seed (0), init ("identity" or "linear-act").
     chat: instruct models: each text is a user turn of the tokenizer's chat template, the
-    assistant's turn opened (actsteer.chat); the template's tokens are pooled too.
+      assistant's turn opened (actsteer.chat); the template's tokens are pooled too.
+    A diffusers pipeline takes no tokenizer. The keywords before modes (steps=,
+    learning_rate=, sparsity=, seed=, init=, support_pooling=, pipeline_options=) still work,
+    with a DeprecationWarning, until the next release.
     """
     if source is None or target is None:
         raise ActSteerError("fit needs both source= and target= texts")
     estimator = get_method(method)
-    training: dict[str, Any] = dict(
-        steps=steps, learning_rate=learning_rate, sparsity=sparsity, seed=seed, init=init
-    )
-    given = [f"{key}=" for key, value in training.items() if value is not None]
-    if given and not estimator.trained:
-        raise ActSteerError(
-            f"{', '.join(given)} only apply to methods trained end to end (lineas); method "
-            f"{method!r} is estimated in closed form: drop them or use method='lineas'"
-        )
-    if estimator.trained and mode not in ("independent", "end-to-end"):
-        raise ActSteerError(
-            f"method {method!r} trains all maps jointly (mode 'end-to-end'); mode {mode!r} does "
-            "not apply to it"
-        )
-    if not estimator.trained and mode not in MODES:
-        raise ActSteerError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    settings = Settings.resolve(**training) if estimator.trained else None
-    if support_pooling is not None and support_pooling not in POOLINGS:
-        raise ActSteerError(
-            f"unknown support_pooling {support_pooling!r}; choose one of {', '.join(POOLINGS)}"
-        )
-    if support_pooling is not None and (mode != "independent" or estimator.trained):
-        raise ActSteerError(
-            "support_pooling applies to independent fits (the sequential and end-to-end fits "
-            "use the support while fitting): drop it or use mode='independent'"
-        )
-    support = support or estimator.default_support
-    if support not in SUPPORTS:
-        raise ActSteerError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     pipeline = is_pipeline(model)
-    if pipeline and settings is not None:
-        raise ActSteerError(f"method {method!r} is for language models, not pipelines")
-    if pipeline and support_pooling is not None:
-        raise ActSteerError("support_pooling is for language models, not pipelines")
-    if pipeline and (mode != "independent" or tokenizer is not None):
-        raise ActSteerError(
-            "text-to-image pipelines are fitted in independent mode and bring their own "
-            "tokenizer: call fit(pipe, source=..., target=...)"
-        )
+    settings = _mode_settings(estimator, mode, from_old_keywords(old_keywords, pipeline_options))
+    if settings is None:
+        settings = Denoising() if pipeline else resolve_mode(estimator.modes[0])
+    _check_mode(estimator, settings, pipeline)
+    check_choice(pooling, POOLINGS, "pooling")
+    support = support or estimator.default_support
+    check_choice(support, SUPPORTS, "support")
     if not pipeline and tokenizer is None:
         raise ActSteerError("fit needs the model's tokenizer: fit(model, tokenizer, source=...)")
+    if pipeline and tokenizer is not None:
+        raise ActSteerError(
+            "text-to-image pipelines bring their own tokenizer: call "
+            "fit(pipe, source=..., target=...)"
+        )
     source = check_texts(source, "source", estimator.min_samples)
     target = check_texts(target, "target", estimator.min_samples)
     if chat:
@@ -142,44 +118,81 @@ def fit(
         warnings.warn(f"actsteer: little data for {method}: {little}", stacklevel=2)
     info = SteeringInfo(
         method=method,
-        mode="end-to-end" if settings is not None else mode,
+        mode=settings.name,
         support=support,
         data={**(data or {}), "source_texts": len(source), "target_texts": len(target)},
     )
-    if pipeline:
+    if isinstance(settings, Denoising):
         tree = cast(PipelineModules, module_tree(model))  # a pipeline's components
         names = resolve_modules(tree, modules or ("unet-norms" if "unet" in tree else "dit-blocks"))
-        denoising = {**DENOISING, **(pipeline_options or {})}
         recorded = {
-            what: record_pipeline(model, texts, names, desc=what, progress=progress, **denoising)
+            what: record_pipeline(
+                model, texts, names, desc=what, progress=progress, **settings.recording()
+            )
             for what, texts in (("target", target), ("source", source))
         }
         maps = estimate(estimator, names, recorded["source"], recorded["target"], progress)
         info.pooling = "mean"
-        info.denoising = {k: v for k, v in denoising.items() if k != "batch_size"}
+        info.denoising = settings.description()
     else:
         tree = model
         names = resolve_modules(model, modules or DEFAULT_MODULES)
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
-        if support_pooling not in (None, info.pooling):
-            info.support_pooling = support_pooling
         assert tokenizer is not None  # refused above for a language model
         for what, texts in (("source", source), ("target", target)):
             warn_truncated(tokenizer, texts, max_length, what)
-        if settings is not None:
-            maps = fit_end_to_end(
-                model, tokenizer, source, target, names, info, settings,
-                batch_size=batch_size, budget_mb=budget_mb, progress=progress,
-            )  # fmt: skip
+        common: dict[str, Any] = dict(batch_size=batch_size, budget_mb=budget_mb, progress=progress)
+        if isinstance(settings, EndToEnd):
+            maps = estimator.trainer()(
+                model, tokenizer, source, target, names, info, settings, **common
+            )
         else:
             maps = _fit_language_model(
-                model, tokenizer, source, target, names, estimator, info,
-                batch_size=batch_size, budget_mb=budget_mb, progress=progress,
-            )  # fmt: skip
+                model, tokenizer, source, target, names, estimator, info, settings, **common
+            )
     info.model_name = model_name(tree)
     info.fingerprint = model_fingerprint(tree)
     return Steering(maps, info)
+
+
+def _mode_settings(
+    estimator: Method, mode: str | FitMode | None, old: FitMode | None
+) -> FitMode | None:
+    """The mode's settings from `mode` or the old keywords (not both); None: the default."""
+    if old is not None and mode is not None:
+        raise ActSteerError(
+            f"give the mode's settings once: mode={mode!r} and the old keywords "
+            f"({given_fields(old)}) both set them; use mode= alone"
+        )
+    if old is not None:
+        return old
+    return None if mode is None else resolve_mode(mode)
+
+
+def _check_mode(estimator: Method, settings: FitMode, pipeline: bool) -> None:
+    """Refuse a mode the method, or the kind of model, cannot be fitted in, saying why."""
+    if isinstance(settings, EndToEnd) and settings.name not in estimator.modes:
+        raise ActSteerError(
+            f"{given_fields(settings)} only apply to methods trained end to end (lineas); "
+            f"method {estimator.name!r} is estimated in closed form: drop them or use "
+            "method='lineas'"
+        )
+    if pipeline and Denoising.name not in estimator.modes:
+        raise ActSteerError(f"method {estimator.name!r} is for language models, not pipelines")
+    if settings.name not in estimator.modes:
+        raise ActSteerError(
+            f"method {estimator.name!r} is fitted in mode {estimator.modes[0]!r}; mode "
+            f"{settings.name!r} does not apply to it"
+        )
+    if pipeline and not isinstance(settings, Denoising):
+        raise ActSteerError(
+            "text-to-image pipelines are fitted over denoising runs (mode=Denoising(...)) "
+            f"and bring their own tokenizer, not in mode {settings.name!r}: call "
+            "fit(pipe, source=..., target=..., mode=Denoising(...))"
+        )
+    if not pipeline and isinstance(settings, Denoising):
+        raise ActSteerError("mode 'denoising' is for diffusers pipelines, not language models")
 
 
 def estimate(
@@ -204,29 +217,30 @@ def _fit_language_model(
     names: list[str],
     estimator: Method,
     info: SteeringInfo,
+    settings: Independent | Sequential,
     *,
     batch_size: int,
     budget_mb: float,
     progress: bool,
 ) -> dict[str, AffineMap]:
-    """Record a causal LM's activations on both sets (in sequential mode: carried through the
-    maps of the upstream modules) and estimate the maps."""
+    """Record a causal LM's activations on both sets (sequentially: carried through the maps
+    of the upstream modules) and estimate the maps."""
     assert info.pooling is not None and info.max_length is not None and info.support is not None
-    settings: dict[str, Any] = dict(
+    recording: dict[str, Any] = dict(
         pooling=info.pooling,
         batch_size=batch_size,
         max_length=info.max_length,
         budget_mb=budget_mb / 2,  # half for the source samples, half for the target's
         progress=progress,
     )
-    if info.mode == "independent":
-        target_samples = record(model, tokenizer, target, names, desc="target", **settings)
-        source_samples = record(model, tokenizer, source, names, desc="source", **settings)
+    if isinstance(settings, Independent):
+        target_samples = record(model, tokenizer, target, names, desc="target", **recording)
+        source_samples = record(model, tokenizer, source, names, desc="source", **recording)
         maps = estimate(estimator, names, source_samples, target_samples, progress)
-        if info.support_pooling is not None:
-            settings["pooling"] = info.support_pooling
+        if settings.support_pooling not in (None, info.pooling):
+            info.support_pooling = recording["pooling"] = settings.support_pooling
             del source_samples
-            support = record(model, tokenizer, source, names, desc="support", **settings)
+            support = record(model, tokenizer, source, names, desc="support", **recording)
             for name in names:
                 maps[name].bounds = support_bounds(support[name])
         return maps

@@ -31,6 +31,7 @@ from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths, steering_applied
 from actsteer.evaluation.data import load_hub, require_keys, resolve_data
 from actsteer.evaluation.likelihood import special_prefix
+from actsteer.evaluation.tasks.registry import Task, register
 from actsteer.steering import Steering
 
 if TYPE_CHECKING:
@@ -201,12 +202,12 @@ def evaluate_grid(
     return results
 
 
-def evaluate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    steering: Steering | None = None,
-    strength: float | None = None,
-    **options: Any,
-) -> PerplexityResult:
-    """Perplexity at one strength; options as for `evaluate_grid`."""
-    return evaluate_grid(model, tokenizer, steering, strength, **options)[0]
+PERPLEXITY = register(
+    Task(
+        name="perplexity",
+        evaluate_grid=evaluate_grid,
+        result_type=PerplexityResult,
+        generation=False,
+        description="teacher-forced perplexity on held-out text (WikiText-2 test by default)",
+    )
+)
