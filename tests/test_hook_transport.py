@@ -266,6 +266,19 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
         kernels._built_kernel.cache_clear()
 
 
+def test_the_kernel_is_opt_in(monkeypatch):
+    """Without the cpu-kernel extra (its ninja) the transport runs torch ops and nothing is
+    built; ACTSTEER_FUSED_KERNEL=1 opts in all the same."""
+    monkeypatch.setattr(kernels, "_extra_installed", lambda: False)
+    monkeypatch.delenv("ACTSTEER_FUSED_KERNEL", raising=False)
+    assert kernels.fused_kernel() is None
+    amap = fitted_map(torch.Generator().manual_seed(3), 8)
+    assert not uses_kernel(amap, "q0-100")
+    monkeypatch.setenv("ACTSTEER_FUSED_KERNEL", "1")
+    if shutil.which("c++") is not None:
+        assert kernels.fused_kernel() is not None
+
+
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("ACTSTEER_FUSED_KERNEL", "0")
     assert kernels.fused_kernel() is None

@@ -80,7 +80,8 @@ def test_two_processes_build_once_and_both_use_it(tmp_path):
     assert sorted(announced) == [0, 1], "one process builds (and says so), the other waits"
     (folder,) = (tmp_path / "kernels").glob("tiny_*/")
     record = json.loads((folder / "build.json").read_text())
-    assert record["python"] == sys.executable and record["prefix"] == sys.prefix
+    assert record["python"] == str(Path(sys.executable).resolve())
+    assert record["prefix"] == sys.prefix
     assert len(list(folder.glob("*.so"))) == 1
 
 
@@ -120,6 +121,11 @@ def test_the_key_covers_what_the_build_depends_on(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "prefix", "/another/venv")
     other_env = kernels.build_key(source, ["-O3"], [])
     assert other_env["python"] != base["python"] and other_env["prefix"] != base["prefix"]
+    monkeypatch.undo()
+    alias = tmp_path / "python3"  # `python` and `python3` in one venv: one build, not two
+    alias.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(alias))
+    assert kernels.build_key(source, ["-O3"], []) == base
     monkeypatch.undo()
     monkeypatch.setenv("CXX", "clang++-that-is-not-here")
     assert kernels.build_key(source, ["-O3"], [])["compiler"] != base["compiler"]

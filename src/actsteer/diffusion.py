@@ -151,7 +151,7 @@ def generate_images(
     guidance: str = "conditional",
     **pipe_kwargs: Any,
 ) -> list[list[Any]]:
-    """images[p][s]: prompt p at strength s, one pipeline call with a per-row strength.
+    """`images[p][s]`: prompt p at strength s, one pipeline call with a per-row strength.
 
     Every strength of a prompt starts from the same noise (seed + prompt index), so the columns
     differ only by the steering. guidance: which classifier-free-guidance half is steered

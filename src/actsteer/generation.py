@@ -72,7 +72,7 @@ def generate_grid(
 ) -> list[list[str]]:
     """Continuations of every prompt at every strength, from one batched `model.generate` call.
 
-    Returns texts[p][s]: the newly generated text (prompt excluded, special tokens skipped) of
+    Returns `texts[p][s]`: the newly generated text (prompt excluded, special tokens skipped) of
     prompts[p] steered with strengths[s]. Without a steering the model generates untouched and
     each prompt gets one column (strengths must then be omitted or all 0). strengths defaults to
     the steering's default strength. `fixed` steerings, each with its own strength, apply on

@@ -20,7 +20,9 @@ $ACTSTEER_CACHE/kernels, in a folder named by a hash of everything the build dep
 source, the flags, the interpreter and its environment, torch's version, build and C++ ABI, the
 compiler, the CPU), and imported from there afterwards without asking the builder again. Every
 build says so on stderr; a file lock makes a second process wait for a build under way and then
-use it. Without a compiler, or with ACTSTEER_FUSED_KERNEL=0, the transport uses torch ops.
+use it. It is opt-in: the `cpu-kernel` extra (`pip install "actsteer[cpu-kernel]"`, which
+brings ninja) or ACTSTEER_FUSED_KERNEL=1 turns it on. Without it, without a compiler, or with
+ACTSTEER_FUSED_KERNEL=0, the transport uses torch ops (bit for bit the same results).
 """
 
 from __future__ import annotations
@@ -62,12 +64,22 @@ def _cpu_identity() -> str:
 
 
 def fused_kernel() -> ModuleType | None:
-    """The compiled kernel module (built on the first call if needed); None when switched off
-    by ACTSTEER_FUSED_KERNEL=0 or where it cannot be built (then a warning says why).
-    Hooks look it up when they are attached."""
-    if os.environ.get("ACTSTEER_FUSED_KERNEL", "1") == "0":
+    """The compiled kernel module (built on the first call if needed), where it is opted into;
+    else None, and the transport runs torch ops.
+
+    Opted into: the `cpu-kernel` extra is installed (it brings the `ninja` package), or
+    ACTSTEER_FUSED_KERNEL=1; ACTSTEER_FUSED_KERNEL=0 switches it off. Where it cannot be built
+    (no C++ compiler), a warning says why, once."""
+    switch = os.environ.get("ACTSTEER_FUSED_KERNEL")
+    if switch == "0" or (switch != "1" and not _extra_installed()):
         return None
     return _built_kernel()
+
+
+@functools.cache
+def _extra_installed() -> bool:
+    """Whether the `cpu-kernel` extra's build tool (the `ninja` package) is installed."""
+    return importlib.util.find_spec("ninja") is not None
 
 
 def _compiler() -> str:
@@ -90,7 +102,7 @@ def build_key(source: Path, flags: list[str], ldflags: list[str]) -> dict[str, s
         "source": hashlib.sha256(source.read_bytes()).hexdigest(),
         "flags": " ".join(flags),
         "ldflags": " ".join(ldflags),
-        "python": sys.executable,
+        "python": str(Path(sys.executable).resolve()),  # python and python3: one build
         "prefix": sys.prefix,
         "python_version": sys.version,
         "extension_suffix": str(sysconfig.get_config_var("EXT_SUFFIX")),
@@ -151,8 +163,8 @@ def _built_kernel() -> ModuleType | None:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         warnings.warn(
             f"actsteer: could not build the fused steering kernel ({first_line}); steering "
-            "hooks use plain torch ops (same results, slower). Install a C++ compiler and "
-            "ninja, or set ACTSTEER_FUSED_KERNEL=0 to silence this.",
+            "hooks use plain torch ops (same results, slower). Install a C++ compiler, or set "
+            "ACTSTEER_FUSED_KERNEL=0 to silence this.",
             stacklevel=2,
         )
         return None
