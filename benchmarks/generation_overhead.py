@@ -174,8 +174,8 @@ def hook_tensors(hook: Any, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
     plain attributes of the oldest)."""
     transport = getattr(hook, "transport", None)
     if transport is not None:
-        scale, shift = transport.coefficients_for(hook.lam, a)
-        return scale, shift, *transport.parameters(a.device, a.dtype)[2:]
+        prepared = transport.prepare(hook.lam, a)
+        return prepared.scale_view, prepared.shift_view, prepared.lo, prepared.hi
     prepared = getattr(hook, "prepared", None)
     if prepared:
         scale, shift, bounds = prepared[(0, a.ndim)]

@@ -124,7 +124,7 @@ def reference(amap: AffineMap, a: torch.Tensor, strength, support: str) -> torch
 def uses_kernel(amap: AffineMap, support: str) -> bool:
     steering = Steering({"": amap})
     hook = SteeringHandle(steering, Probe(), 1.0, support).hooks[""]
-    return hook.transport.kernel_for(torch.zeros(1, amap.dim)) is not None
+    return hook.transport.kernel is not None
 
 
 def conditional_half(handle: SteeringHandle, a: torch.Tensor) -> torch.Tensor:

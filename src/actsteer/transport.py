@@ -16,6 +16,8 @@ bit for bit; elsewhere (GPUs, tensors the kernel declines, training) torch ops d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from actsteer.errors import ActSteerError
@@ -37,14 +39,32 @@ def coefficients(
     return lam * omega_minus_one + 1, lam * beta
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A strength made ready for outputs of one layout, dtype and device: ω̃ and λβ as the
+    kernel reads them (`rows` = 0 for one λ, B for one per row, -1 where the kernel's
+    per-row entry cannot read them) and as views that broadcast against the output, and the
+    bounds likewise (None for "all" in the views)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    rows: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+    scale_view: torch.Tensor
+    shift_view: torch.Tensor
+    bounds_view: Bounds | None
+
+
 class Transport:
     """One map ready to apply: ω − 1 and β in float32, the support's bounds (None: "all").
 
-    Calling it transports an output at a strength. ω̃ and λβ are computed per strength tensor,
-    dtype and device; those of a strength tensor used a second time are kept (a hook reuses
-    one per `set_strength`, while an engine builds one per pass and uses it once per module,
-    where the kernel's per-token entry computes them in its loop instead). Parameters that
-    need a gradient (LinEAS training) are never kept nor given to the kernel.
+    Calling it transports an output at a strength. ω̃ and λβ are prepared per strength tensor
+    and output layout, dtype and device; those of a strength tensor used a second time are kept
+    (a hook reuses one per `set_strength`, while an engine builds one per pass and uses it once
+    per module, where the kernel's per-token entry computes them in its loop instead).
+    Parameters that need a gradient (LinEAS training) are never kept nor given to the kernel.
+    The kernel is looked up when the Transport is made (`fused=False`: never).
     """
 
     def __init__(
@@ -59,35 +79,31 @@ class Transport:
         self.bounds = bounds
         self.units = omega.shape[0]
         self.trained = omega.requires_grad or beta.requires_grad
-        self.fused = fused and not self.trained
+        self.kernel = fused_kernel() if fused and not self.trained else None
         self.placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
-        self.kept: list[tuple[torch.Tensor, tuple, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.kept: list[tuple[torch.Tensor, tuple, Prepared]] = []
         self.seen: list[torch.Tensor] = []
 
     def __call__(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
         """T_λ(a) for λ = `strength` (a number, per row or per token; see the module)."""
         lam = self.strength_for(a, strength)
-        kernel = self.kernel_for(a)
-        kept = self.kept_coefficients(lam, a)
-        per_token = kernel is not None and kept is None and lam.ndim > 0 and a.ndim < 4
-        if per_token and a.is_contiguous():
-            om1, beta, lo, hi = self.parameters(a.device, a.dtype)
-            spread = lam.view(*lam.shape, *[1] * (a.ndim - 1 - lam.ndim)).expand(a.shape[:-1])
-            tokens = a.view(-1, self.units)
-            out = kernel.transport_tokens(om1, beta, lo, hi, spread.reshape(-1), tokens)
-            if out is not None:
-                return out.view(a.shape)
-        scale, shift = kept or self.coefficients_for(lam, a)
-        if kernel is not None and lam.ndim <= 1:
-            lo, hi = self.parameters(a.device, a.dtype)[2:]
-            out = kernel.transport(scale, shift, lo, hi, lam.numel() if lam.ndim else 0, False, a)
+        kernel = self.kernel if a.is_cpu else None
+        prepared = self.kept_for(lam, a)
+        if prepared is None:  # a per-row or per-token strength's first use
+            if kernel is not None and a.ndim < 4 and a.is_contiguous():
+                om1, beta, lo, hi = self.parameters(a.device, a.dtype)
+                spread = lam.view(*lam.shape, *[1] * (a.ndim - 1 - lam.ndim))
+                per_token = spread.expand(a.shape[:-1]).reshape(-1)
+                out = kernel.transport_tokens(om1, beta, lo, hi, per_token, a.view(-1, self.units))
+                if out is not None:
+                    return out.view(a.shape)
+            prepared = self.prepare(lam, a)
+        if kernel is not None and prepared.rows >= 0:
+            p = prepared
+            out = kernel.transport(p.scale, p.shift, p.lo, p.hi, p.rows, False, a)
             if out is not None:
                 return out
-        bounds = None
-        if self.bounds is not None:
-            lo, hi = self.parameters(a.device, a.dtype)[2:]
-            bounds = (_laid_out(lo, a), _laid_out(hi, a))
-        return transport_ops(a, _laid_out(scale, a), _laid_out(shift, a), bounds)
+        return transport_ops(a, prepared.scale_view, prepared.shift_view, prepared.bounds_view)
 
     def strength_for(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
         """λ as a float32 tensor, checked against the layout and shape of `a`."""
@@ -98,23 +114,18 @@ class Transport:
                 f"cannot steer a module output of shape {tuple(a.shape)} with a map of "
                 f"{self.units} units"
             )
-        lam = torch.as_tensor(strength, dtype=torch.float32)
-        if lam.ndim == 1 and lam.shape[0] != a.shape[0]:
-            raise per_row_mismatch(lam.shape[0], a.shape[0])
-        leading = 1 if a.ndim == 4 else a.ndim - 1
-        if lam.ndim > leading or lam.shape != a.shape[: lam.ndim]:
-            raise ActSteerError(
-                f"a strength of shape {tuple(lam.shape)} does not fit a module output of shape "
-                f"{tuple(a.shape)}: give one λ, one per row or one per token"
-            )
+        lam = strength
+        if not isinstance(lam, torch.Tensor) or lam.dtype != torch.float32:
+            lam = torch.as_tensor(strength, dtype=torch.float32)
+        if lam.ndim:
+            if lam.ndim == 1 and lam.shape[0] != a.shape[0]:
+                raise per_row_mismatch(lam.shape[0], a.shape[0])
+            if lam.ndim > (1 if a.ndim == 4 else a.ndim - 1) or lam.shape != a.shape[: lam.ndim]:
+                raise ActSteerError(
+                    f"a strength of shape {tuple(lam.shape)} does not fit a module output of "
+                    f"shape {tuple(a.shape)}: give one λ, one per row or one per token"
+                )
         return lam
-
-    def kernel_for(self, a: torch.Tensor):
-        """The fused kernel where it may serve `a` (a CPU tensor; it declines what else it
-        cannot take), else None."""
-        if not self.fused or a.device.type != "cpu":
-            return None
-        return fused_kernel()
 
     def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """ω − 1 and β (float32) and the bounds in `dtype` (±∞ for "all"), on `device`."""
@@ -130,31 +141,32 @@ class Transport:
             placed = self.placed[key] = (om1, beta, lo, hi)
         return placed
 
-    def kept_coefficients(
-        self, lam: torch.Tensor, a: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """ω̃, λβ kept for this very strength tensor, or None (computed and kept here when the
-        tensor comes a second time, or is one number)."""
+    def kept_for(self, lam: torch.Tensor, a: torch.Tensor) -> Prepared | None:
+        """What was prepared for this very strength tensor and a's layout, or None (prepared
+        and kept here when the tensor comes a second time, or is one number)."""
         if self.trained:
-            return None
-        key = (a.device, a.dtype)
-        for kept, kept_key, pair in self.kept:
+            return None if lam.ndim else self.prepare(lam, a)
+        key = (a.ndim, a.dtype, a.device)
+        for kept, kept_key, prepared in self.kept:
             if kept is lam and kept_key == key:
-                return pair
-        if lam.ndim > 0 and not any(seen is lam for seen in self.seen):
+                return prepared
+        if lam.ndim and not any(seen is lam for seen in self.seen):
             self.seen = [*self.seen[-KEPT + 1 :], lam]
             return None
-        pair = self.coefficients_for(lam, a)
-        self.kept = [*self.kept[-KEPT + 1 :], (lam, key, pair)]
-        return pair
+        prepared = self.prepare(lam, a)
+        self.kept = [(lam, key, prepared), *self.kept[: KEPT - 1]]
+        return prepared
 
-    def coefficients_for(
-        self, lam: torch.Tensor, a: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ω̃ and λβ for λ, of shape (*λ's shape, D), rounded to a's dtype on a's device."""
-        om1, beta = self.parameters(a.device, a.dtype)[:2]
-        scale, shift = coefficients(om1, beta, lam.to(a.device))
-        return scale.to(a.dtype), shift.to(a.dtype)
+    def prepare(self, lam: torch.Tensor, a: torch.Tensor) -> Prepared:
+        """ω̃ and λβ for λ (of shape (*λ's shape, D), rounded to a's dtype on a's device) and
+        the bounds, for the kernel and as views laid out against `a`."""
+        om1, beta, lo, hi = self.parameters(a.device, a.dtype)
+        scale, shift = (t.to(a.dtype) for t in coefficients(om1, beta, lam.to(a.device)))
+        bounds = None if self.bounds is None else (_laid_out(lo, a), _laid_out(hi, a))
+        rows = -1 if lam.ndim > 1 else lam.numel() if lam.ndim else 0
+        return Prepared(
+            scale, shift, rows, lo, hi, _laid_out(scale, a), _laid_out(shift, a), bounds
+        )
 
     def kernel_hook(
         self, strength: torch.Tensor, dtype: torch.dtype, in_place: bool, fallback: object
@@ -162,14 +174,13 @@ class Transport:
         """A forward hook of the fused kernel with this map at `strength` (one λ, or one per
         row) bound for outputs in `dtype`: no Python frame runs per call, and `fallback`
         serves every output the kernel does not take. None where no kernel serves."""
-        kernel = fused_kernel() if self.fused else None
         lam = torch.as_tensor(strength, dtype=torch.float32)
-        if kernel is None or lam.ndim > 1:
+        if self.kernel is None or lam.ndim > 1:
             return None
         om1, beta, lo, hi = self.parameters(torch.device("cpu"), dtype)
         scale, shift = coefficients(om1, beta, lam)
         rows = lam.numel() if lam.ndim else 0
-        return kernel.hook(scale.to(dtype), shift.to(dtype), lo, hi, rows, in_place, fallback)
+        return self.kernel.hook(scale.to(dtype), shift.to(dtype), lo, hi, rows, in_place, fallback)
 
 
 def transport_ops(
@@ -179,7 +190,9 @@ def transport_ops(
     rounding (addcmul), kept where lo < a < hi; `scale`, `shift` and the bounds broadcast
     against `a`."""
     moved = torch.addcmul(shift, a, scale)
-    return moved if bounds is None else torch.where(inside(a, *bounds), moved, a)
+    if bounds is None:
+        return moved
+    return torch.where((a > bounds[0]) & (a < bounds[1]), moved, a)  # inside(), inlined
 
 
 def inside(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
