@@ -90,6 +90,22 @@ def test_the_output_check_is_one_hook_on_the_model_only_while_steered(actadd, li
     assert not tiny_llama._forward_hooks
 
 
+def test_a_steered_model_is_freed_when_its_user_lets_it_go(actadd, tiny_llama):
+    """The guards' registry holds models weakly: a copy that was steered (its hooks attached,
+    removed, attached again) is collected once nothing else holds it."""
+    import gc
+    import weakref
+
+    model = copy.deepcopy(tiny_llama)
+    with actadd.applied(model, 1.0):
+        model(torch.tensor([[1, 2, 3]]))
+    actadd.attach(model, 0.5).remove()
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
 def test_the_same_steering_twice_on_one_model_is_refused(actadd, linear, tiny_llama):
     other = copy.deepcopy(tiny_llama)
     with actadd.applied(tiny_llama, 1.0) as handle:

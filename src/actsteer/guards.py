@@ -81,13 +81,22 @@ def warn_far_strength(maps_reach: tuple[float, str], strength: torch.Tensor) -> 
 
 
 class ModelGuard:
-    """The steerings applied to one model, and the one forward hook checking its output."""
+    """The steerings applied to one model, and the one forward hook checking its output.
+
+    It holds the model weakly: the registry keys guards by model weakly, and a guard that held
+    its model would keep every model ever steered alive."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model_ref = weakref.ref(model)
         self.active: list[Guarded] = []
         self.hook: torch.utils.hooks.RemovableHandle | None = None
         self.diagnosing = False
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.model_ref()
+        assert model is not None, "a guard outlived its model"
+        return model
 
     def update(self) -> None:
         """Check outputs while some handle has hooks on the model; not otherwise."""
