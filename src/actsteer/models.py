@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import multiprocessing
 import os
 import shutil
 import socket
@@ -79,25 +80,41 @@ ALIASES: dict[str, OfflineModel] = {
 
 
 def _cached_alias(alias: str) -> Path:
-    """Folder with a plain safetensors copy of an alias's model, made on first use."""
+    """Folder with a plain safetensors copy of an alias's model, made on first use in a process
+    of its own: dequantising a GGUF holds several copies of the weights at once (3.3 GB for
+    Gemma-3-270M), memory the caller never gets back from its allocator otherwise."""
     folder = cache_dir() / "models" / alias
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     gguf = ALIASES[alias].gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF weights are dequantised on load: save them as a plain float checkpoint.
-    model.hf_quantizer = None  # type: ignore[assignment]  # not declared on PreTrainedModel
-    del model.config.quantization_config
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_dequantise, args=(str(gguf), str(partial))
+    )
+    worker.start()
+    worker.join()
+    if worker.exitcode != 0 or not (partial / "model.safetensors").exists():
+        raise ActSteerError(
+            f"could not convert {alias!r}'s weights ({gguf.name}) to safetensors (the converting "
+            f"process exited with {worker.exitcode}); its error is printed above"
+        )
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def _dequantise(gguf: str, out: str) -> None:
+    """Load a GGUF checkpoint (dequantised on load) and save it as a plain float checkpoint."""
+    path = Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None  # type: ignore[assignment]  # not declared on PreTrainedModel
+    del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def hub_endpoint() -> str:
