@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES
+from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.transport import Transport, coefficients
 
@@ -32,11 +32,7 @@ class AffineMap:
         """(lo, hi) of a support by name; None for the unbounded support "all"."""
         if name == SUPPORT_ALL:
             return None
-        if name not in self.bounds:
-            raise ActSteerError(
-                f"support {name!r} is not available for this map; "
-                f"choose one of {sorted(self.bounds) + [SUPPORT_ALL]}"
-            )
+        check_choice(name, [*sorted(self.bounds), SUPPORT_ALL], "support")
         return self.bounds[name]
 
     def at(self, strength: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
