@@ -1,9 +1,10 @@
 """The steering file format: one .safetensors file, tensors per module plus JSON metadata.
 
-Tensors: `<module>.omega`, `<module>.beta`, `<module>.support.<name>.lo|hi`. The header's
-"actsteer" entry holds the JSON description (format version, method, model name and
-fingerprint, modules, pooling, data, default strength, library version) and a checksum of the
-tensor bytes, so a damaged file is refused instead of steering with garbage.
+Tensors: `<module>.omega`, `<module>.beta`, `<module>.support.<name>.lo|hi`, and for a gated
+steering `<module>.gate.weight|bias` (format 2; format 1 files, without gates, still load). The
+header's "actsteer" entry holds the JSON description (format version, method, model name and
+fingerprint, modules, pooling, data, default strength, the gate's settings, library version) and
+a checksum of the tensor bytes, so a damaged file is refused instead of steering with garbage.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from actsteer.errors import ActSteerError
+from actsteer.gates import Gate
 from actsteer.maps import AffineMap
 from actsteer.outputs import written_file
 from actsteer.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KEY = "actsteer"
 
 
-def _tensors(maps: dict[str, AffineMap]) -> dict[str, torch.Tensor]:
+def _tensors(maps: dict[str, AffineMap], gates: dict[str, Gate]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, amap in maps.items():
         tensors[f"{name}.omega"] = amap.omega
@@ -34,6 +36,9 @@ def _tensors(maps: dict[str, AffineMap]) -> dict[str, torch.Tensor]:
         for support, (lo, hi) in amap.bounds.items():
             tensors[f"{name}.support.{support}.lo"] = lo
             tensors[f"{name}.support.{support}.hi"] = hi
+    for name, gate in gates.items():
+        tensors[f"{name}.gate.weight"] = gate.weight
+        tensors[f"{name}.gate.bias"] = gate.bias
     return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -45,11 +50,16 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def write_steering(maps: dict[str, AffineMap], info: dict[str, Any], path: str | Path) -> Path:
-    """Write maps and their JSON description to `path` (.safetensors), replacing it in one
-    step, with the user's usual permissions; returns the path."""
+def write_steering(
+    maps: dict[str, AffineMap],
+    info: dict[str, Any],
+    path: str | Path,
+    gates: dict[str, Gate] | None = None,
+) -> Path:
+    """Write maps (and gates) and their JSON description to `path` (.safetensors), replacing
+    it in one step, with the user's usual permissions; returns the path."""
     path = Path(path)
-    tensors = _tensors(maps)
+    tensors = _tensors(maps, gates or {})
     header = {
         **info,
         "format_version": FORMAT_VERSION,
@@ -63,9 +73,11 @@ def write_steering(maps: dict[str, AffineMap], info: dict[str, Any], path: str |
     return path
 
 
-def read_steering(path: str | Path) -> tuple[dict[str, AffineMap], dict[str, Any]]:
-    """Maps and JSON description of a steering file; anything missing, foreign or damaged is a
-    clear error."""
+def read_steering(
+    path: str | Path,
+) -> tuple[dict[str, AffineMap], dict[str, Gate], dict[str, Any]]:
+    """Maps, gates and JSON description of a steering file; anything missing, foreign or
+    damaged is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise ActSteerError(f"no steering file at {str(path)!r}")
@@ -101,6 +113,13 @@ def read_steering(path: str | Path) -> tuple[dict[str, AffineMap], dict[str, Any
             raise ActSteerError(f"{damaged}: tensor {err.args[0]!r} is missing") from None
     if not maps:
         raise ActSteerError(f"{damaged}: it steers no module")
+    gates = {
+        name: Gate(tensors[f"{name}.gate.weight"], tensors[f"{name}.gate.bias"])
+        for name in maps
+        if f"{name}.gate.weight" in tensors and f"{name}.gate.bias" in tensors
+    }
+    if bool(gates) != bool(info.get("gate")):
+        raise ActSteerError(f"{damaged}: its gate tensors and its gate settings disagree")
     for key in ("format_version", "library_version", "modules", "supports", "checksum"):
         info.pop(key, None)
-    return maps, info
+    return maps, gates, info

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from actsteer.errors import ActSteerError
 from actsteer.gguf_vectors import write_control_vector
 from actsteer.outputs import check_output, written_file, written_folder
 from actsteer.steering import Steering
@@ -69,6 +70,12 @@ def export_control_vector(
     existing file is refused unless `force`, and replaced only once the new one is complete."""
     path = Path(path)
     check_output(path, force, "control vector file")
+    if steering.gates:
+        raise ActSteerError(
+            "a gated steering is not a control vector: llama.cpp adds one fixed vector per "
+            "block to every token, while a gate sets each token's strength from its "
+            "activations; export steering.without_gate() (every token at λ) instead"
+        )
     steering.check_strength(strength)
     steering.check_compatible(model)
     provenance = {

@@ -22,6 +22,7 @@ from actsteer.choices import DEFAULT_MODULES, POOLINGS, SUPPORTS, check_choice
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import record_pipeline
 from actsteer.errors import ActSteerError
+from actsteer.gates import GateSettings
 from actsteer.maps import AffineMap, support_bounds
 from actsteer.methods import Method, get_method
 from actsteer.modes import (
@@ -58,6 +59,7 @@ def fit(
     budget_mb: float = 1024,
     data: dict[str, Any] | None = None,
     chat: bool = False,
+    gate: str | GateSettings | None = None,
     progress: bool = True,
     pipeline_options: dict[str, Any] | None = None,
     **old_keywords: Any,
@@ -83,6 +85,9 @@ def fit(
     data: a free description of the prompt sets, stored with the steering.
     chat: instruct models: each text is a user turn of the tokenizer's chat template, the
       assistant's turn opened (actsteer.chat); the template's tokens are pooled too.
+    gate: a gate per module on top of the maps (actsteer.gates): "token", "context" or
+      "prompt" (or GateSettings with a threshold and temperature), fitted on the token
+      activations of the same texts; language models only. Calibrate a gated steering.
     A diffusers pipeline takes no tokenizer. The keywords before modes (steps=,
     learning_rate=, sparsity=, seed=, init=, support_pooling=, pipeline_options=) still work,
     with a DeprecationWarning, until the next release.
@@ -153,7 +158,17 @@ def fit(
             )
     info.model_name = model_name(tree)
     info.fingerprint = model_fingerprint(tree)
-    return Steering(maps, info)
+    steering = Steering(maps, info)
+    if gate is None:
+        return steering
+    if pipeline:
+        raise ActSteerError("gates are for language models; fit the pipeline without gate=")
+    gating = gate if isinstance(gate, GateSettings) else GateSettings(gate)
+    return steering.with_gate(
+        model, tokenizer, source, target, gating.kind, threshold=gating.threshold,
+        temperature=gating.temperature, max_length=max_length, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
 
 
 def _mode_settings(

@@ -17,12 +17,14 @@ from torch.nn.modules import module as torch_module
 
 from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS, check_choice
 from actsteer.errors import ActSteerError
+from actsteer.gates import Gate, GateSettings
 from actsteer.guards import enter, guard_of, leave, reach, warn_far_strength
 from actsteer.guidance import Guidance
 from actsteer.maps import AffineMap
 from actsteer.sources import (
     BothHalves,
     ConditionalHalf,
+    Gated,
     InPhase,
     LastPosition,
     PassPhase,
@@ -47,9 +49,13 @@ FRESH_OUTPUT = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 class Steerable(Protocol):
-    """What a handle needs of a steering: its maps, its λ range and its model check."""
+    """What a handle needs of a steering: its maps and gates, its λ range and its model check."""
 
     maps: dict[str, AffineMap]
+    gates: dict[str, Gate]
+
+    @property
+    def gate_settings(self) -> GateSettings | None: ...
 
     def check_strength(self, strength: Strength) -> None: ...
 
@@ -110,11 +116,13 @@ def strength_sources(
     phase: PassPhase | None,
     guidance: Guidance | None,
     both_halves: bool,
+    gate: Gated | None = None,
 ) -> list[Source]:
     """The sources of a hook on a module of `component` (a pipeline's part, or "" for a model):
-    positions, then the guidance half (a denoiser) or the prompts' encoding (a text encoder)."""
+    positions, then the guidance half (a denoiser) or the prompts' encoding (a text encoder),
+    then the gate."""
     sources: list[Source] = []
-    if phase is not None:
+    if phase is not None and positions in ("prompt", "generated"):
         sources.append(InPhase(phase, prompt=positions == "prompt"))
     if positions == "last":
         sources.append(LastPosition())
@@ -124,6 +132,8 @@ def strength_sources(
         sources.append(ConditionalHalf(guidance))
     if both_halves:
         sources.append(BothHalves())
+    if gate is not None:
+        sources.append(gate)
     return sources
 
 
@@ -132,6 +142,8 @@ class SteeringHandle:
 
     guidance: for diffusers pipelines under classifier-free guidance, steer only the
     "conditional" half (and only the prompts' text encoding) or "both" halves alike.
+    gated: apply the steering's gates where it has some (False: exactly the ungated steering).
+    `gates` holds each module's gate source (its `last` values show what was steered).
     """
 
     def __init__(
@@ -142,6 +154,7 @@ class SteeringHandle:
         support: str,
         positions: str = "all",
         guidance: str = "conditional",
+        gated: bool = True,
     ) -> None:
         check_choice(support, SUPPORTS, "support")
         check_choice(positions, POSITIONS, "positions")
@@ -153,13 +166,21 @@ class SteeringHandle:
         lookup = dict(tree.named_modules())
         self.steering = steering
         self.model = tree
-        self.phase = PassPhase() if positions in ("prompt", "generated") else None
+        settings = steering.gate_settings if gated else None
+        carried = settings is not None and settings.kind != "token"
+        self.phase = PassPhase() if positions in ("prompt", "generated") or carried else None
         both_halves = isinstance(tree, PipelineModules) and guidance == "both"
+        self.gates = {
+            name: Gated(gate, settings, self.phase)
+            for name, gate in steering.gates.items()
+            if settings is not None
+        }
         self.hooks = {
             name: ModuleHook(
                 amap, support, lookup[name],
                 strength_sources(
-                    name.split(".", 1)[0], positions, self.phase, self.guidance, both_halves
+                    name.split(".", 1)[0], positions, self.phase, self.guidance, both_halves,
+                    self.gates.get(name),
                 ),
             )
             for name, amap in steering.maps.items()

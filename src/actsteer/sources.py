@@ -11,6 +11,7 @@ shape returns the same tensor, so the transport keeps the coefficients it comput
     PromptEncoding   a pipeline's text encoder, "conditional" guidance: not the negative prompts
     ConditionalHalf  a denoiser's [unconditional; conditional] batch: the conditional half only
     BothHalves       "both" guidance with one λ per prompt: the same λ on both halves
+    Gated            the steering's gate (actsteer.gates): λ times g per token
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
+from actsteer.gates import Gate, GateSettings
 from actsteer.guidance import Guidance
 from actsteer.transport import per_row_mismatch
 
@@ -49,12 +51,16 @@ class Memo:
 
 
 class PassPhase:
-    """Model-level pre-hook: is the current forward pass the prompt pass (nothing cached yet)?"""
+    """Model-level pre-hook: is the current forward pass the prompt pass (nothing cached yet)?
+    And its attention mask, where the call gives one (left padding is not a token)."""
 
     def __init__(self) -> None:
         self.prompt = True
+        self.mask: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # newer, older transformers
         if cache is None:
             self.prompt = True
@@ -141,3 +147,65 @@ class BothHalves:
         if lam.ndim == 1 and a.shape[0] == 2 * lam.shape[0]:
             return self.memo.get(lam, (a.shape[0],), lambda: lam.repeat(2))
         return lam
+
+
+class Gated:
+    """λ times the gate g of this module's activations (actsteer.gates), per token.
+
+    kind "token": each token's own score. "context": the running mean of the scores of the
+    sequence so far, padding left out, carried from the prompt pass through the generated
+    tokens' passes (per row, reset by every prompt pass). "prompt": the mean score of the
+    prompt's real tokens, held for the generated tokens. Without a pass phase (no model
+    pre-hook) every forward is a prompt pass. `last` keeps the last gate values (telemetry).
+    """
+
+    def __init__(self, gate: Gate, settings: GateSettings, phase: PassPhase | None) -> None:
+        self.gate = gate
+        self.settings = settings
+        self.phase = phase
+        self.total: torch.Tensor | None = None  # per row: the scores' sum so far
+        self.count: torch.Tensor | None = None  # per row: how many real tokens so far
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, lam: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        score = self.gate.score(a)
+        if self.settings.kind != "token":
+            score = self._carried(score, a)
+        g = torch.sigmoid((score - self.settings.threshold) / self.settings.tau)
+        self.last = g
+        if lam.ndim == 1 and g.ndim == 2:
+            return (lam.view(-1, 1) * g.cpu()).contiguous()
+        return (lam * g.cpu()).contiguous()
+
+    def _carried(self, score: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The running mean (context) or the prompt's mean (prompt) of (B, T) scores."""
+        if a.ndim != 3:
+            raise ActSteerError(
+                f"a {self.settings.kind} gate follows a sequence; it steers outputs of (batch, "
+                f"tokens, units), not of shape {tuple(a.shape)}: use a token gate"
+            )
+        prompt = self.phase is None or self.phase.prompt
+        if prompt:
+            mask = self.phase.mask if self.phase is not None else None
+            real = (
+                mask.to(score.device, score.dtype)
+                if mask is not None and mask.shape == score.shape
+                else torch.ones_like(score)
+            )
+            total, count = (score * real).cumsum(1), real.cumsum(1)
+            self.total, self.count = total[:, -1], count[:, -1]
+            if self.settings.kind == "prompt":
+                return (self.total / self.count.clamp_min(1)).unsqueeze(1).expand_as(score)
+            return total / count.clamp_min(1)
+        if self.total is None or self.count is None or self.total.shape[0] != score.shape[0]:
+            raise ActSteerError(
+                "a context or prompt gate carries each row's scores from its prompt pass; this "
+                "pass has rows it did not see (beam search or a batch that changes rows): use a "
+                "token gate"
+            )
+        if self.settings.kind == "prompt":
+            return (self.total / self.count.clamp_min(1)).unsqueeze(1).expand_as(score)
+        total = self.total.unsqueeze(1) + score.cumsum(1)
+        count = self.count.unsqueeze(1) + torch.arange(1, score.shape[1] + 1, device=score.device)
+        self.total, self.count = total[:, -1], count[:, -1]
+        return total / count

@@ -23,6 +23,7 @@ from actsteer.compat import check_compatible, model_fingerprint
 from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
 from actsteer.fold import fold_maps
+from actsteer.gates import DEFAULT_C, GATE_FIELDS, Gate, GateSettings, describe_fit, fit_gates
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.hub import PREFIX, locate, save_folder
 from actsteer.maps import AffineMap
@@ -51,6 +52,8 @@ class SteeringInfo:
       cost, budget and curve of (λ, cost)).
     support_pooling: the pooling the support's bounds were estimated with, where it is not
       `pooling` (fit's support_pooling).
+    gate: a gated steering's gate settings (kind, threshold, temperature) and how its gates
+      were fitted (actsteer.gates); None without gates.
     """
 
     method: str = "linear-act"
@@ -66,6 +69,7 @@ class SteeringInfo:
     inverted: bool = False
     calibration: dict[str, Any] | None = None
     support_pooling: str | None = None
+    gate: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The artifact's JSON header entries (the model as {"name", "fingerprint"})."""
@@ -89,7 +93,8 @@ class SteeringInfo:
 
 @dataclass
 class Steering:
-    """Per-module affine maps plus their description.
+    """Per-module affine maps plus their description, and per-module gates where the steering
+    is gated (actsteer.gates: the strength of each token is λ times its gate).
 
     max_strength (not saved) raises the method's upper λ bound: see `extrapolated`.
 
@@ -102,6 +107,7 @@ class Steering:
     maps: dict[str, AffineMap]
     info: SteeringInfo = field(default_factory=SteeringInfo)
     max_strength: float | None = None
+    gates: dict[str, Gate] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         """One line: method, model, module count and widths, λ range, support (no tensors)."""
@@ -122,6 +128,14 @@ class Steering:
     @property
     def modules(self) -> list[str]:
         return list(self.maps)
+
+    @property
+    def gate_settings(self) -> GateSettings | None:
+        """How the gates turn scores into strengths; None for an ungated steering."""
+        if not self.gates or self.info.gate is None:
+            return None
+        known = {k: v for k, v in self.info.gate.items() if k in GATE_FIELDS}
+        return GateSettings(**known)
 
     @property
     def default_support(self) -> str:
@@ -154,11 +168,12 @@ class Steering:
         positions: str = "all",
         guidance: str = "conditional",
         cfg: str | None = None,
+        gated: bool = True,
     ) -> SteeringHandle:
         """Register the hooks; the handle sets the strength and removes them."""
         support = support or self.default_support
         guidance = renamed_cfg(guidance, cfg)
-        return SteeringHandle(self, model, strength, support, positions, guidance)
+        return SteeringHandle(self, model, strength, support, positions, guidance, gated)
 
     @contextmanager
     def applied(
@@ -169,6 +184,7 @@ class Steering:
         positions: str = "all",
         guidance: str = "conditional",
         cfg: str | None = None,
+        gated: bool = True,
     ) -> Iterator[SteeringHandle]:
         """Steer `model` inside the block; hooks are removed on exit, even on error.
 
@@ -179,17 +195,62 @@ class Steering:
         guidance: for diffusers pipelines under classifier-free guidance, steer only the
           "conditional" half (default; guidance then amplifies the transport) or "both" halves.
         cfg: the old name of `guidance`, deprecated.
+        gated: apply the steering's gates, where it has some (False: the ungated steering).
         """
-        handle = self.attach(model, strength, support, positions, guidance, cfg)
+        handle = self.attach(model, strength, support, positions, guidance, cfg, gated)
         try:
             yield handle
         finally:
             handle.remove()
 
     def inverse(self) -> Steering:
-        """The inverse maps: a steering that removes a concept becomes one that adds it."""
-        info = replace(self.info, inverted=not self.info.inverted, calibration=None)
+        """The inverse maps: a steering that removes a concept becomes one that adds it
+        (without gates: a gate detects the concept the steering removes)."""
+        info = replace(self.info, inverted=not self.info.inverted, calibration=None, gate=None)
         return Steering({name: m.inverse() for name, m in self.maps.items()}, info)
+
+    def with_gate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        source: Sequence[str],
+        target: Sequence[str],
+        kind: str = "context",
+        *,
+        threshold: float = 0.0,
+        temperature: float | None = None,
+        c: float = DEFAULT_C,
+        max_length: int | None = None,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> Steering:
+        """The same maps with a gate per module, fitted on the token activations of `source`
+        (open) and `target` (shut) texts (actsteer.gates; kind "token", "context" or
+        "prompt"). A calibrated default strength is dropped: calibrate the gated steering."""
+        settings = GateSettings(kind, threshold, temperature)
+        self.check_compatible(module_tree(model))
+        gates = fit_gates(
+            model, tokenizer, source, target, self.modules, c=c,
+            max_length=max_length or self.info.max_length or 128, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+        described = {**settings.to_json(), "fit": describe_fit(len(source), len(target), c)}
+        info = replace(self.info, gate=described, calibration=None)
+        return replace(self, info=info, gates=gates)
+
+    def with_gate_settings(self, **changes: Any) -> Steering:
+        """The same gates with other settings (kind, threshold, temperature)."""
+        settings = self.gate_settings
+        if settings is None:
+            raise ActSteerError("this steering has no gate; add one with with_gate(...)")
+        new = replace(settings, **changes)
+        return replace(
+            self, info=replace(self.info, gate={**(self.info.gate or {}), **new.to_json()})
+        )
+
+    def without_gate(self) -> Steering:
+        """The same maps, ungated (every token at λ), e.g. to fold them."""
+        return replace(self, gates={}, info=replace(self.info, gate=None))
 
     def fold(self, model: Any, strength: float = 1.0, support: str | None = None) -> Any:
         """Edit the weights of `model` (a causal LM or a diffusers pipeline) in place so it
@@ -199,6 +260,12 @@ class Steering:
         the steering's default support is bounded.
         """
         support = support or self.default_support
+        if self.gates:
+            raise ActSteerError(
+                "a gated steering cannot be folded into weights: its gate sets each token's "
+                "strength from the token's activations, which no weight can; fold "
+                "steering.without_gate() (every token at λ) or keep the steering as hooks"
+            )
         if support != "all":
             raise ActSteerError(
                 f"support {support!r} only transports activations inside per-unit bounds, which "
@@ -220,15 +287,15 @@ class Steering:
     def save(self, path: str | Path) -> Path:
         """Write the steering to one .safetensors file (tensors + JSON metadata); an existing
         file is replaced in one step (the CLI refuses one unless --force)."""
-        return write_steering(self.maps, self.info.to_json(), path)
+        return write_steering(self.maps, self.info.to_json(), path, self.gates)
 
     @classmethod
     def load(cls, path: str | Path) -> Steering:
         """Read a steering saved with `save`: a file, a folder from `save_pretrained`, or a hub
         id `hf:USER/REPO[@REVISION]` (actsteer.hub); a damaged or foreign file is a clear
         error."""
-        maps, entries = read_steering(locate(path))
-        return cls(maps, SteeringInfo.from_json(entries))
+        maps, gates, entries = read_steering(locate(path))
+        return cls(maps, SteeringInfo.from_json(entries), gates=gates)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the steering as a folder to share: the artifact (steering.safetensors) and a

@@ -259,6 +259,11 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     device, model_dtype = first.device, first.dtype
     per_module: dict[str, dict[str, Transport]] = {}
     for steering_name, steering in batch.steerings.items():
+        if steering.gates:
+            raise ActSteerError(
+                f"steering {steering_name!r} is gated; the vLLM plugin does not apply gates "
+                "yet: serve steering.without_gate(), or use actsteer serve (token gates)"
+            )
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
             width = _width(name, modules[name], hidden)

@@ -1,0 +1,192 @@
+"""Gates (actsteer.gates): a per-token strength λ·g from the activations a map receives.
+
+A gate fitted on separable data opens on source-like tokens and stays shut on target-like ones;
+the gated transport is λ·g applied by hand; λ = 0 and gate-off are the plain model and the
+ungated steering bit for bit; "prompt" gates hold one value through generation and "context"
+gates carry the running mean across the passes of `generate`; gates survive save and load
+(old files still load) and are refused by folding and control vectors, saying why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import actsteer
+from actsteer import ActSteerError, Steering
+from actsteer.gates import Gate, GateSettings, fit_gate, open_share
+from actsteer.maps import AffineMap, support_bounds
+from actsteer.sources import Gated, PassPhase
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = "post-attn-ln"
+
+
+class Probe(nn.Module):
+    """An identity module (a steered layer whose output is its input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def synthetic(g: torch.Generator, n: int = 400, width: int = 8):
+    """Source tokens shifted along the first unit, target tokens not: a separable pair."""
+    target = torch.randn(n, width, generator=g)
+    source = torch.randn(n, width, generator=g)
+    source[:, 0] += 4.0
+    return source, target
+
+
+def test_a_gate_opens_on_source_like_tokens_and_shuts_on_target_like_ones():
+    g = torch.Generator().manual_seed(0)
+    source, target = synthetic(g)
+    gate = fit_gate(source, target)
+    settings = GateSettings("token")
+    held_source, held_target = synthetic(g)
+    assert open_share(gate, settings, held_source) > 0.95
+    assert open_share(gate, settings, held_target) < 0.05
+    assert gate.weight[0] > 5 * gate.weight[1:].abs().max(), "it reads the unit that differs"
+
+
+def test_the_gated_transport_is_lambda_times_g_applied_by_hand():
+    g = torch.Generator().manual_seed(1)
+    source, target = synthetic(g)
+    amap = AffineMap(torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g))
+    amap.bounds = support_bounds(source)
+    gate = fit_gate(source, target)
+    info = actsteer.SteeringInfo(gate=GateSettings("token").to_json())
+    steering = Steering({"": amap}, info, gates={"": gate})
+    a = torch.cat([source[:6], target[:6]]).reshape(3, 4, 8)
+    module = Probe()
+    for lam in (0.7, torch.tensor([0.2, 1.0, 0.5])):
+        with torch.no_grad(), steering.applied(module, lam, "all"):
+            out = module(a)
+        strength = torch.as_tensor(lam).reshape(-1, 1) * torch.sigmoid(gate.score(a))
+        expected = amap.transport("all")(a, strength.expand(3, 4).contiguous())
+        assert torch.equal(out, expected)
+    with torch.no_grad(), steering.applied(module, 0.7, "all", gated=False):
+        ungated = module(a)
+    assert torch.equal(ungated, amap(a, 0.7, "all")), "gate off: the ungated map"
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_llama, tokenizer, neutral, football) -> Steering:
+    return actsteer.fit(
+        tiny_llama, tokenizer, neutral[:32], football[:32], modules=MODULES, gate="context",
+        support="all", progress=False,
+    )  # fmt: skip
+
+
+def logits(model, tok, texts) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tok(texts, return_tensors="pt", padding=True)).logits
+
+
+def test_fit_with_a_gate_gives_one_gate_per_module(gated, tiny_llama):
+    assert set(gated.gates) == set(gated.maps) and len(gated.gates) == 3
+    assert gated.gate_settings == GateSettings("context")
+    assert gated.info.gate["fit"]["source_texts"] == 32
+    assert all(gate.weight.shape == (32,) for gate in gated.gates.values())
+
+
+def test_lambda_zero_and_gate_off_are_bit_identical(gated, tiny_llama, tokenizer, neutral):
+    texts = neutral[40:43]
+    plain = logits(tiny_llama, tokenizer, texts)
+    with gated.applied(tiny_llama, 0.0):
+        assert torch.equal(logits(tiny_llama, tokenizer, texts), plain)
+    with gated.without_gate().applied(tiny_llama, 0.8):
+        ungated = logits(tiny_llama, tokenizer, texts)
+    with gated.applied(tiny_llama, 0.8, gated=False):
+        assert torch.equal(logits(tiny_llama, tokenizer, texts), ungated)
+    with gated.applied(tiny_llama, 0.8):
+        steered = logits(tiny_llama, tokenizer, texts)
+    assert not torch.equal(steered, ungated) and not torch.equal(steered, plain)
+
+
+def generated_gates(steering, model, tok, prompts, kind: str) -> tuple[list, torch.Tensor]:
+    """The gate values of the first steered module at every pass of a greedy generate."""
+    steering = steering.with_gate_settings(kind=kind)
+    seen = []
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with steering.applied(model, 1.0) as handle:
+        first = next(iter(handle.gates.values()))
+        module = handle.modules[next(iter(handle.gates))]
+        module.register_forward_hook(lambda *_: seen.append(first.last.clone()))
+        out = model.generate(
+            **enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return seen, out
+
+
+def test_a_prompt_gate_holds_one_value_per_row_through_generation(
+    gated, tiny_llama, tokenizer, football, neutral
+):
+    prompts = [football[50], neutral[50]]
+    seen, _ = generated_gates(gated, tiny_llama, tokenizer, prompts, "prompt")
+    prompt_pass = seen[0][:, -1]
+    assert prompt_pass[0] != prompt_pass[1], "each row its own decision"
+    for step in seen[1:]:
+        assert torch.equal(step[:, 0], prompt_pass)
+
+
+def test_a_context_gate_carries_the_running_mean_across_passes(
+    gated, tiny_llama, tokenizer, football
+):
+    """The gate of each generated token equals the one a single forward over the whole text
+    (prompt and generated tokens, no cache) gives at that position."""
+    prompt = [football[51]]
+    seen, out = generated_gates(gated, tiny_llama, tokenizer, prompt, "context")
+    incremental = torch.cat([seen[0], *seen[1:]], dim=1)
+    name = next(iter(gated.gates))
+    steering = gated.with_gate_settings(kind="context")
+    full = []
+    with steering.applied(tiny_llama, 1.0) as handle:
+        handle.modules[name].register_forward_hook(lambda *_: full.append(handle.gates[name].last))
+        with torch.no_grad():
+            tiny_llama(out[:, :-1])
+    torch.testing.assert_close(incremental, full[0], rtol=1e-4, atol=1e-5)
+
+
+def test_context_gates_refuse_a_batch_that_changes_rows():
+    gate = Gate(torch.ones(4), torch.zeros(()))
+    phase = PassPhase()
+    source = Gated(gate, GateSettings("context"), phase)
+    source(torch.tensor(1.0), torch.randn(2, 3, 4))  # the prompt pass of two rows
+    phase.prompt = False
+    with pytest.raises(ActSteerError, match="rows it did not see"):
+        source(torch.tensor(1.0), torch.randn(3, 1, 4))
+
+
+def test_gates_survive_save_and_load_and_old_files_load(gated, tmp_path):
+    loaded = Steering.load(gated.save(tmp_path / "g.safetensors"))
+    assert loaded.gate_settings == gated.gate_settings
+    assert loaded.info.gate == gated.info.gate
+    for name, gate in gated.gates.items():
+        assert torch.equal(loaded.gates[name].weight, gate.weight)
+        assert torch.equal(loaded.gates[name].bias, gate.bias)
+    old = Steering.load(
+        ROOT / "benchmarks/runs/gemma3-270m/steerings/toxicity_mean-act-60e4864a.safetensors"
+    )
+    assert old.gates == {} and old.gate_settings is None  # a format-1 file, before gates
+
+
+def test_folding_and_control_vectors_refuse_a_gate(gated, tiny_llama, tokenizer, tmp_path):
+    from actsteer.export import export_control_vector
+
+    with pytest.raises(ActSteerError, match="gated steering cannot be folded.*without_gate"):
+        gated.fold(tiny_llama, 0.5, support="all")
+    with pytest.raises(ActSteerError, match="not a control vector.*without_gate"):
+        export_control_vector(gated, tiny_llama, tmp_path / "v.gguf", 0.5)
+    assert not (tmp_path / "v.gguf").exists()
+
+
+def test_gate_settings_are_checked(gated):
+    with pytest.raises(ActSteerError, match="unknown gate 'sometimes'"):
+        GateSettings("sometimes")
+    with pytest.raises(ActSteerError, match="temperature must be > 0"):
+        GateSettings("token", temperature=0.0)
+    with pytest.raises(ActSteerError, match="has no gate"):
+        gated.without_gate().with_gate_settings(threshold=1.0)
+    assert gated.with_gate_settings(threshold=1.5).gate_settings.threshold == 1.5
