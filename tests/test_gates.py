@@ -190,3 +190,78 @@ def test_gate_settings_are_checked(gated):
     with pytest.raises(ActSteerError, match="has no gate"):
         gated.without_gate().with_gate_settings(threshold=1.0)
     assert gated.with_gate_settings(threshold=1.5).gate_settings.threshold == 1.5
+
+
+def test_calibrate_gate_picks_lambda_and_threshold_by_the_held_out_effect(
+    gated, tiny_llama, tokenizer, neutral, football, tmp_path
+):
+    from actsteer.gate_calibration import calibrate_gate
+
+    text = tmp_path / "held_out.raw"
+    text.write_text("\n".join(f" {line}" for line in neutral[60:110] + football[60:110]) + "\n")
+    tiny = {"data": text, "passages": 2, "passage_tokens": 32, "offset": 0}
+    found = calibrate_gate(
+        gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5,
+        held_out=(neutral[40:52], football[40:52]), thresholds=(0.0, 1.0), **tiny,
+    )  # fmt: skip
+    assert [c.threshold for c in found.candidates] == [0.0, 1.0]
+    assert found.best is max(found.candidates, key=lambda c: c.effect)
+    for candidate in found.candidates:
+        assert candidate.calibration.cost <= 0.5 and 0.0 <= candidate.neutral_open <= 1.0
+    chosen = found.steering
+    assert chosen.gate_settings.threshold == found.best.threshold
+    assert chosen.info.default_strength == found.best.calibration.strength
+    assert len(chosen.info.calibration["gate"]["thresholds"]) == 2
+    with pytest.raises(ActSteerError, match="has no gate"):
+        calibrate_gate(gated.without_gate(), tiny_llama, tokenizer, held_out=([], []))
+
+
+def test_the_command_line_fits_inspects_and_calibrates_a_gate(
+    tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from actsteer import cli
+
+    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    files = {}
+    for name, lines in (
+        ("s", neutral[:32]),
+        ("t", football[:32]),
+        ("hs", neutral[40:50]),
+        ("ht", football[40:50]),
+        ("w", neutral[60:110] + football[60:110]),
+    ):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n")  # fmt: skip
+    out, calibrated = tmp_path / "g.safetensors", tmp_path / "gc.safetensors"
+    runner = CliRunner()
+    fitted = runner.invoke(
+        cli.app,
+        ["fit", "--source", str(files["s"]), "--target", str(files["t"]), "-o", str(out)]
+        + ["--modules", MODULES, "--gate", "token"],
+    )
+    assert fitted.exit_code == 0, fitted.output
+    shown = runner.invoke(cli.app, ["inspect", str(out)])
+    assert "gate" in shown.stdout and "token, threshold 0" in shown.stdout
+    assert "gates s(a) = w · a + b" in shown.stdout
+    refused = runner.invoke(cli.app, ["calibrate", str(out), "-o", str(calibrated)])
+    assert refused.exit_code != 0 and "--held-out-source" in refused.output
+    tuned = runner.invoke(
+        cli.app,
+        ["calibrate", str(out), "-o", str(calibrated), "--thresholds", "0,1"]
+        + ["--held-out-source", str(files["hs"]), "--held-out-target", str(files["ht"])]
+        + ["--data", str(files["w"]), "--passages", "2", "--passage-tokens", "32"]
+        + ["--offset", "0", "--budget-ppl", "0.5", "--extrapolate", "2"],
+    )
+    assert tuned.exit_code == 0, tuned.output
+    assert "neutral tokens gated open" in tuned.output
+    loaded = Steering.load(calibrated)
+    assert loaded.gate_settings.threshold in (0.0, 1.0)
+    assert loaded.info.calibration["gate"]["thresholds"]
+    bad = runner.invoke(
+        cli.app,
+        ["fit", "--source", str(files["s"]), "--target", str(files["t"]), "-o", str(out)]
+        + ["--gate", "sometimes", "--force"],
+    )
+    assert bad.exit_code != 0 and "unknown --gate 'sometimes'" in bad.output

@@ -16,6 +16,7 @@ Support = Literal["q0-100", "q1-99", "q5-95", "all"]
 Pooling = Literal["mean", "last", "max", "all"]
 Positions = Literal["all", "prompt", "generated", "last"]
 GuidanceMode = Literal["conditional", "both"]
+GateKind = Literal["token", "context", "prompt"]
 
 
 def check_choice(value: object, choices: Iterable[str], what: str) -> None:
@@ -45,6 +46,8 @@ DEFAULT_MODULES = "attn-out"
 POSITIONS: tuple[str, ...] = get_args(Positions)
 #: Which halves of a classifier-free-guidance batch are steered (actsteer.guidance).
 GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
+#: How a gate turns scores into a token's strength (actsteer.gates).
+GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 #: The model used when none is given (actsteer.models).
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -21,20 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from actsteer.choices import check_choice
+from actsteer.choices import GATE_KINDS, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.extras import require
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-GateKind = Literal["token", "context", "prompt"]
-GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 #: Temperatures by kind when none is given: a token's own log-odds as they are, the running
 #: mean's (which varies less) sharpened.
 DEFAULT_TEMPERATURE = {"token": 1.0, "context": 0.25, "prompt": 0.25}

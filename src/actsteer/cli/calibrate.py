@@ -15,12 +15,13 @@ from actsteer.choices import CALIBRATION_PASSAGES as PASSAGES
 from actsteer.choices import PERPLEXITY_TOKENS as OFFSET
 from actsteer.choices import PERPLEXITY_WINDOW as PASSAGE_TOKENS
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, read_texts, status
-from actsteer.cli.options import ForceOption, ModelOption, SupportOption
+from actsteer.cli.options import ExtrapolateOption, ForceOption, ModelOption, SupportOption
 from actsteer.errors import ActSteerError
 from actsteer.outputs import check_output, written_file
 
 if TYPE_CHECKING:
     from actsteer.calibration import CalibrationResult, ModulesCalibration
+    from actsteer.gate_calibration import GateCalibration
     from actsteer.steering import Steering
 
 
@@ -138,6 +139,34 @@ def _calibrate_candidates(
         )  # fmt: skip
     console().print(table)
     return chosen
+
+
+def _calibrate_gate(
+    steering: Steering,
+    lm: Any,
+    tok: Any,
+    budget: float,
+    held: tuple[Path, Path],
+    thresholds: str | None,
+    options: dict[str, Any],
+) -> GateCalibration:
+    """A gated steering's λ and threshold (actsteer.gate_calibration), each threshold's outcome
+    on stderr."""
+    from actsteer.gate_calibration import THRESHOLDS, calibrate_gate
+
+    try:
+        tried = THRESHOLDS if thresholds is None else [float(t) for t in thresholds.split(",")]
+    except ValueError:
+        raise ActSteerError(f"--thresholds takes numbers like -1,0,1, got {thresholds!r}") from None
+    texts = read_texts(held[0], "held-out source"), read_texts(held[1], "held-out target")
+    return calibrate_gate(
+        steering, lm, tok, budget, held_out=texts, thresholds=tried,
+        on_candidate=lambda c: status(
+            f"threshold {c.threshold:g}: λ = {c.calibration.strength:.4g}, held-out effect "
+            f"{c.effect:+.4f} nats, neutral tokens gated open {c.neutral_open:.1%}"
+        ),
+        **options,
+    )  # fmt: skip
 
 
 def _candidates_json(chosen: ModulesCalibration) -> dict[str, Any]:
@@ -258,8 +287,9 @@ def calibrate_command(
     held_out_source: Annotated[
         Path | None,
         typer.Option(
-            help="--modules-candidates: held-out source texts for the effect (default: the "
-            "last quarter of the source texts, left out of the fits).",
+            help="--modules-candidates, or a gated STEERING: held-out source texts for the "
+            "effect (with --modules-candidates, default: the last quarter of the source texts, "
+            "left out of the fits).",
             metavar="FILE",
         ),
     ] = None,
@@ -267,6 +297,16 @@ def calibrate_command(
         Path | None,
         typer.Option(help="--modules-candidates: held-out target texts.", metavar="FILE"),
     ] = None,
+    thresholds: Annotated[
+        str | None,
+        typer.Option(
+            help="A gated STEERING: the gate thresholds tried (log-odds, comma-separated; "
+            "default -1,0,1,2); the one whose held-out effect is largest at its λ is kept. "
+            "Needs --held-out-source and --held-out-target.",
+            metavar="A,B,…",
+        ),
+    ] = None,
+    extrapolate: ExtrapolateOption = None,
 ) -> None:
     """Find the largest λ whose cost stays within a budget; store it as the default strength.
 
@@ -294,8 +334,23 @@ def calibrate_command(
     if json_out is not None:
         check_output(json_out, force, "--json")
     steering = Steering.load(steering_path)
+    if extrapolate is not None:
+        steering = steering.extrapolated(extrapolate)
     texts = read_texts(prompts, "prompts") if prompts is not None else None
-    candidates = _candidates(modules_candidates, source, target, held_out_source, held_out_target)
+    gated = steering.gate_settings is not None
+    if gated and (modules_candidates is not None or source or target):
+        raise ActSteerError("a gated STEERING is calibrated as it is: drop --modules-candidates")
+    if not gated and thresholds is not None:
+        raise ActSteerError("--thresholds calibrates a gated steering; STEERING has no gate")
+    if gated and (held_out_source is None or held_out_target is None):
+        raise ActSteerError(
+            "a gated STEERING needs held-out texts for the effect its threshold is chosen by: "
+            "give --held-out-source and --held-out-target (texts the fit never saw)"
+        )
+    candidates = _candidates(
+        modules_candidates, source, target,
+        None if gated else held_out_source, None if gated else held_out_target,
+    )  # fmt: skip
     model = model_for(steering, model)
     lm, tok = load_lm(model)
     status(
@@ -308,7 +363,13 @@ def calibrate_command(
         on_point=lambda lam, value: status(f"  λ = {lam:.4g}: {value:+.4f}"),
     )  # fmt: skip
     chosen = None
-    if candidates is None:
+    if gated:
+        assert held_out_source is not None and held_out_target is not None  # refused above
+        held = (held_out_source, held_out_target)
+        found = _calibrate_gate(steering, lm, tok, budget, held, thresholds, options)
+        result = found.best.calibration
+        title = f"{result.label} of {steering_path} at threshold {found.best.threshold:g}"
+    elif candidates is None:
         result = calibrate(steering, lm, tok, budget, **options)
         title = f"{result.label} of {steering_path} on {model}"
     else:

@@ -114,6 +114,11 @@ def inspect(
         ("data", ", ".join(f"{k}={v}" for k, v in info.data.items()) or "-"),
         ("modules", str(len(steering.maps))),
     ]
+    gating = steering.gate_settings
+    if gating is not None:
+        rows.append(
+            ("gate", f"{gating.kind}, threshold {gating.threshold:g}, temperature {gating.tau:g}")
+        )
     for key, value in rows:
         out.print(Text(f"{key:>16}: {value}"))
     table = Table(title="maps T(a) = ω ⊙ a + β per module", show_edge=False)
@@ -129,6 +134,18 @@ def inspect(
             *(f"{v:.3f}" for v in (beta.mean(), beta.abs().max())),
         )
     out.print(table)
+    if steering.gates:
+        gates = Table(title="gates s(a) = w · a + b per module", show_edge=False)
+        gates.add_column("module", overflow="fold")
+        for name in ("‖w‖", "max |w|", "unit of max |w|", "b"):
+            gates.add_column(name, justify="right")
+        for name, gate in steering.gates.items():
+            w = gate.weight.float()
+            gates.add_row(
+                name, f"{w.norm():.3f}", f"{w.abs().max():.3f}", str(int(w.abs().argmax())),
+                f"{float(gate.bias):.3f}",
+            )  # fmt: skip
+        out.print(gates)
     lm = tok = texts = None
     if data is not None:
         texts = read_texts(data, "--data", field)

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from actsteer.choices import DEFAULT_MODULES, POOLINGS, POSITIONS, check_choice
+from actsteer.choices import DEFAULT_MODULES, GATE_KINDS, POOLINGS, POSITIONS, check_choice
 from actsteer.cli.core import (
     LM_PANEL,
     app,
@@ -250,6 +250,15 @@ def fit(
         ),
     ] = None,
     steps: OldStepsOption = None,
+    gate: Annotated[
+        str | None,
+        typer.Option(
+            help="Also fit a gate per module (token: each token's own score; context: the "
+            "running mean over the text so far; prompt: the prompt's, held), so each token's "
+            "strength is λ·g; calibrate it with --held-out-source/--held-out-target.",
+            metavar="token|context|prompt",
+        ),
+    ] = None,
     force: ForceOption = False,
     field: FieldOption = None,
     chat: ChatOption = False,
@@ -264,6 +273,7 @@ def fit(
     check_choice(mode, LM_MODES, "--mode")
     check_choice(pooling, POOLINGS, "--pooling")
     check_choice(support_pooling, POOLINGS, "--support-pooling")
+    check_choice(gate, GATE_KINDS, "--gate")
     if output.suffix != ".safetensors":
         raise ActSteerError(f"--output should end in .safetensors, got {output}")
     check_output(output, force)  # before fitting: a refused or failed fit leaves it untouched
@@ -288,11 +298,9 @@ def fit(
         status(f"Loading pipeline {pipeline} …")
         pipe = load_pipeline(pipeline)
         status(f"Fitting {method} on {pipeline}: {len(source_texts)} → {len(target_texts)} prompts")
-        if training:
-            raise ActSteerError(
-                f"{option_names(training)} apply to end-to-end fits of language models, not "
-                "pipelines"
-            )
+        given = {**training, **({"gate": gate} if gate is not None else {})}
+        if given:
+            raise ActSteerError(f"{option_names(given)} apply to language models, not pipelines")
         options = {} if size is None else {"height": size, "width": size}
         denoising = modes.Denoising(
             denoising_steps=denoising_steps or 20, guidance_scale=guidance_scale, options=options
@@ -325,6 +333,7 @@ def fit(
         max_length=max_length,
         data=data,
         chat=chat,
+        gate=gate,
     )
     elapsed = time.perf_counter() - start
     path = steering.save(output)
