@@ -160,7 +160,14 @@ def test_context_gates_refuse_a_batch_that_changes_rows():
 
 
 def test_gates_survive_save_and_load_and_old_files_load(gated, tmp_path):
-    loaded = Steering.load(gated.save(tmp_path / "g.safetensors"))
+    import json
+
+    from safetensors import safe_open
+
+    path = gated.save(tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["actsteer"])["format_version"] == 2
+    loaded = Steering.load(path)
     assert loaded.gate_settings == gated.gate_settings
     assert loaded.info.gate == gated.info.gate
     for name, gate in gated.gates.items():

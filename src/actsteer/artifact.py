@@ -62,7 +62,8 @@ def write_steering(
     tensors = _tensors(maps, gates or {})
     header = {
         **info,
-        "format_version": FORMAT_VERSION,
+        # format 2 only where it is needed: an ungated file stays readable by older versions
+        "format_version": FORMAT_VERSION if gates else 1,
         "library_version": __version__,
         "modules": list(maps),
         "supports": sorted(next(iter(maps.values())).bounds) if maps else [],
