@@ -112,7 +112,8 @@ class Server:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         sampler = Sampler(body.temperature, body.top_p, body.seed)
-        job = Job(prompt, sampler, text, emit, steering)
+        telemetry = body.actsteer is not None and body.actsteer.telemetry
+        job = Job(prompt, sampler, text, emit, steering, telemetry=telemetry)
         try:
             self.engine.submit(job)
         except Overloaded as err:
@@ -170,13 +171,14 @@ class Server:
             return StreamingResponse(
                 self._stream(job, queue, meta, chat, usage), media_type="text/event-stream"
             )
-        parts, event = [], Event()
+        parts, gates, event = [], [], Event()
         try:
             while event.finish_reason is None:
                 event = await queue.get()
                 if event.error:
                     raise RequestError(event.error, status=503)
                 parts.append(event.text)
+                gates += event.gates
         finally:
             job.cancelled = True  # no effect once done; frees the row if the client left
         text, reason = "".join(parts), event.finish_reason
@@ -185,6 +187,8 @@ class Server:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
+        if job.telemetry:
+            choice["actsteer"] = {"gates": gates}
         return {
             **meta,
             "object": "chat.completion" if chat else "text_completion",
@@ -206,13 +210,17 @@ class Server:
     ) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
+        def chunk(
+            text: str | None, reason: str | None, first: bool = False, gates: tuple = ()
+        ) -> str:
             choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
             if chat:
                 delta = {"role": "assistant", "content": text or ""} if first else {}
                 choice["delta"] = delta if text is None else {**delta, "content": text}
             else:
                 choice["text"] = text or ""
+            if job.telemetry and not first:
+                choice["actsteer"] = {"gates": list(gates)}
             return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
 
         try:
@@ -225,7 +233,7 @@ class Server:
                     error = RequestError(event.error, status=503).body()
                     yield f"data: {json.dumps(error)}\n\n"
                     return
-                yield chunk(event.text, event.finish_reason)
+                yield chunk(event.text, event.finish_reason, gates=event.gates)
             if usage:
                 final = {**meta, "object": kind, "choices": [], "usage": self._usage(job, event)}
                 yield f"data: {json.dumps(final)}\n\n"

@@ -26,8 +26,8 @@ from actsteer.serving.decoding import Sampler, TextOutput
 from actsteer.serving.invariance import row_quantum, use_row_attention
 from actsteer.steering import Steering
 
-#: A steering slot: (steering name, support); one attachment of that steering's hooks.
-Slot = tuple[str, str]
+#: A steering slot: (steering name, support, gated); one attachment of that steering's hooks.
+Slot = tuple[str, str, bool]
 
 
 class Overloaded(ActSteerError):
@@ -42,25 +42,30 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    gates: tuple[dict[str, float], ...] = ()  # telemetry: per token since the last event
 
 
 @dataclass(eq=False)
 class Job:
-    """One request as the engine sees it. steering: (name, support, λ) in composition order;
-    emit: called from the engine thread with each Event; cancelled: set when the client left."""
+    """One request as the engine sees it. steering: (name, support, λ, gated) in composition
+    order; emit: called from the engine thread with each Event; cancelled: set when the client
+    left; telemetry: each token's gates (per gated steering, the mean over its modules) travel
+    with the events."""
 
     prompt: list[int]
     sampler: Sampler
     text: TextOutput
     emit: Callable[[Event], None]
-    steering: list[tuple[str, str, float]] = field(default_factory=list)
+    steering: list[tuple[str, str, float, bool]] = field(default_factory=list)
+    telemetry: bool = False
     cancelled: bool = False
     last: int = -1  # the row's latest token
     done: bool = False
+    gates: list[dict[str, float]] = field(default_factory=list)  # not yet sent
 
     @property
     def slots(self) -> list[Slot]:
-        return [(name, support) for name, support, _ in self.steering]
+        return [(name, support, gated) for name, support, _, gated in self.steering]
 
 
 def embed(order: Sequence[Slot], slots: Sequence[Slot]) -> list[int] | None:
@@ -135,6 +140,7 @@ class Engine:
         self.stopping = False
         self.peak = 0  # the most rows decoded together so far
         self.order: list[Slot] = []  # the slots of the running rows, in hook order
+        self.handles: list[SteeringHandle] = []  # their handles, in the same order
         self.pool: dict[Slot, list[SteeringHandle]] = {}  # attached once, reused
         self.applied: tuple[list[Slot], list[list[float]]] | None = None
         self.thread = threading.Thread(target=self._loop, name="actsteer-engine", daemon=True)
@@ -205,7 +211,7 @@ class Engine:
             self._steer([job], 0)
             logits, cache = self.batch.prompt_pass(job.prompt)
             self.batch.add(cache, len(job.prompt))
-            self._next(job, logits)
+            self._next(job, logits, 0)
         with self.wake:
             self.admitting.remove(job)
             if not job.cancelled:
@@ -216,17 +222,33 @@ class Engine:
         self.peak = max(self.peak, len(self.running))
         self._steer(self.running, fill)
         logits = self.batch.step([job.last for job in self.running])
-        for job, row in zip(self.running, logits, strict=True):
-            self._next(job, row)
+        for row, (job, scores) in enumerate(zip(self.running, logits, strict=True)):
+            self._next(job, scores, row)
 
-    def _next(self, job: Job, logits: torch.Tensor) -> None:
-        """Choose the row's next token and send the request its text."""
+    def _next(self, job: Job, logits: torch.Tensor, row: int) -> None:
+        """Choose the row's next token and send the request its text (and, with telemetry, the
+        gates of the pass that chose it)."""
         token = job.sampler(logits)
         text, reason = job.text.add(token)
         job.last = token
         job.done = reason is not None
+        if job.telemetry:
+            job.gates.append(self._gates(job, row))
         if text or reason:
-            job.emit(Event(text, reason, job.text.count))
+            job.emit(Event(text, reason, job.text.count, gates=tuple(job.gates)))
+            job.gates = []
+
+    def _gates(self, job: Job, row: int) -> dict[str, float]:
+        """Each gated steering of the job: the mean over its modules of the row's gate at the
+        last position of this pass."""
+        found = {}
+        for (name, _, _, gated), place in zip(job.steering, embed(self.order, job.slots) or [],
+                                              strict=True):  # fmt: skip
+            sources = self.handles[place].gates.values() if gated else ()
+            values = [float(s.last[row, -1]) for s in sources if s.last is not None]
+            if values:
+                found[name] = sum(values) / len(values)
+        return found
 
     def _drop_done(self) -> None:
         """Remove finished and abandoned rows from the batch: their places free up."""
@@ -251,11 +273,11 @@ class Engine:
         strengths = [[0.0] * (len(jobs) + fill) for _ in order]
         for row, job in enumerate(jobs + jobs[:1] * fill):
             slots = embed(order, job.slots) or []
-            for slot, (_, _, lam) in zip(slots, job.steering, strict=True):
+            for slot, (_, _, lam, _) in zip(slots, job.steering, strict=True):
                 strengths[slot][row] = lam
         if self.applied == (order, strengths):
             return
-        handles = self._handles(order)
+        handles = self.handles = self._handles(order)
         for handle in {h for hs in self.pool.values() for h in hs} - set(handles):
             handle.set_strength(0.0)
         for handle, lams in zip(handles, strengths, strict=True):  # in order: hooks re-register
@@ -272,7 +294,7 @@ class Engine:
             if k == len(pool):  # each its own copy: the same steering may be attached twice
                 steering = self.steerings[slot[0]]
                 copy = replace(steering, maps=dict(steering.maps))
-                pool.append(copy.attach(self.model, 0.0, slot[1]))
+                pool.append(copy.attach(self.model, 0.0, slot[1], gated=slot[2]))
             handles.append(pool[k])
         return handles
 

@@ -2,7 +2,9 @@
 is a `RequestError` (an HTTP status and OpenAI's error shape) whose message says what to fix.
 
 Beyond OpenAI's fields a body may carry `steering` (loaded name → λ, null for the artifact's
-default strength; several compose in the given order) and `support`.
+default strength; several compose in the given order), `support`, and `actsteer`: `gate`
+(steering name → false switches that steering's gate off for the request) and `telemetry`
+(true: the response carries, per generated token, each gated steering's mean gate).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ActsteerOptions(BaseModel):
+    """The request's `actsteer` field: gates switched per steering, and gate telemetry."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    gate: dict[str, bool] = Field(default_factory=dict)
+    telemetry: bool = False
+
+
 class Common(BaseModel):
     """The fields completions and chat share."""
 
@@ -63,6 +74,7 @@ class Common(BaseModel):
     stream_options: StreamOptions | None = None
     steering: dict[str, float | None] | None = None
     support: str | None = None
+    actsteer: ActsteerOptions | None = None
     # accepted at their defaults only
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -157,9 +169,12 @@ def token_budget(body: Common, requested: int | None, prompt_tokens: int, limits
     return requested
 
 
-def resolve_steering(body: Common, steerings: dict[str, Steering]) -> list[tuple[str, str, float]]:
-    """The request's steerings as (name, support, λ) in the given order, each checked: a loaded
-    name, a λ in its method's range (null: its default strength), a support it has."""
+def resolve_steering(
+    body: Common, steerings: dict[str, Steering]
+) -> list[tuple[str, str, float, bool]]:
+    """The request's steerings as (name, support, λ, gated) in the given order, each checked: a
+    loaded name, a λ in its method's range (null: its default strength), a support it has, a
+    gate switch only for a steering of the request that has a gate."""
     try:
         check_choice(body.support, SUPPORTS, "support")
     except ActSteerError as error:
@@ -182,5 +197,13 @@ def resolve_steering(body: Common, steerings: dict[str, Steering]) -> list[tuple
                 amap.support(support)
         except ActSteerError as err:
             raise RequestError(f"steering {name!r}: {err}", param="steering") from None
-        resolved.append((name, support, lam))
+        switches = body.actsteer.gate if body.actsteer is not None else {}
+        resolved.append((name, support, lam, bool(steering.gates) and switches.get(name, True)))
+    for name in body.actsteer.gate if body.actsteer is not None else {}:
+        if name not in (body.steering or {}) or not steerings[name].gates:
+            raise RequestError(
+                f"actsteer.gate names {name!r}, which is not a gated steering of this request "
+                "(switch the gate of a steering the request uses and that has one)",
+                param="actsteer",
+            )
     return resolved
