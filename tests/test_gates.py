@@ -272,3 +272,49 @@ def test_the_command_line_fits_inspects_and_calibrates_a_gate(
         + ["--gate", "sometimes", "--force"],
     )
     assert bad.exit_code != 0 and "unknown --gate 'sometimes'" in bad.output
+
+
+def test_generation_shows_each_tokens_gate_and_the_gate_detects(
+    gated, tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from actsteer import cli
+    from actsteer.gate_view import render_html, score_texts, trace_gates
+
+    token = gated.with_gate_settings(kind="token")
+    prompts = [neutral[70], football[70]]
+    for lam in (0.0, 1.0):
+        traces = trace_gates(tiny_llama, tokenizer, prompts, token, lam, max_new_tokens=5)
+        assert [len(t.pieces) for t in traces] == [len(t.gates) for t in traces] == [5, 5]
+        assert all(0.0 < g < 1.0 for t in traces for g in t.gates)
+    page = render_html(traces, "gates")
+    assert page.count('<span title="gate ') == 10 and "&lt;" not in traces[0].prompt
+    scores = score_texts(tiny_llama, tokenizer, token, neutral[70:80])
+    assert len(scores) == 10 and all(0.0 <= s <= 1.0 for s in scores)
+
+    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    path = token.save(tmp_path / "g.safetensors")
+    (tmp_path / "pos.txt").write_text("\n".join(neutral[70:90]) + "\n")
+    (tmp_path / "neg.txt").write_text("\n".join(football[70:90]) + "\n")
+    runner = CliRunner()
+    shown = runner.invoke(
+        cli.app,
+        ["generate", "--steering", str(path), "--show-gate", "--html", str(tmp_path / "g.html")]
+        + ["--max-new-tokens", "4", "--strength", "1", "--", prompts[0]],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "mean gate" in shown.stdout and (tmp_path / "g.html").read_text().count("<span") == 4
+    monitored = runner.invoke(
+        cli.app,
+        ["monitor", str(tmp_path / "pos.txt"), "--steering", str(path), "--against"]
+        + [str(tmp_path / "neg.txt"), "-o", str(tmp_path / "m.json")],
+    )
+    assert monitored.exit_code == 0, monitored.output
+    assert "AUROC of the gate as a detector" in monitored.stdout
+    ungated = runner.invoke(
+        cli.app,
+        ["monitor", str(tmp_path / "pos.txt"), "--steering", str(gated.without_gate().save(
+            tmp_path / "u.safetensors"))],
+    )  # fmt: skip
+    assert ungated.exit_code != 0 and "has no gate" in ungated.output

@@ -5,6 +5,7 @@
     image     generate-image
     evaluate  eval, sweep, plot
     calibrate calibrate
+    gates     monitor (and generate --show-gate's view)
     inspect   inspect, export
 
 `options` declares the options several commands share (--model, --support, --strength, …);
@@ -24,7 +25,7 @@ from actsteer.cli import image, inspect
 from actsteer.cli import evaluate
 
 # isort: split
-from actsteer.cli import calibrate
+from actsteer.cli import calibrate, gates
 from actsteer.cli.core import app, normalise_argv
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "calibrate",
     "core",
     "evaluate",
+    "gates",
     "image",
     "inspect",
     "lm",

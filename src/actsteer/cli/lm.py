@@ -395,6 +395,18 @@ def generate(
     ] = None,
     field: FieldOption = None,
     chat: ChatOption = False,
+    show_gate: Annotated[
+        bool,
+        typer.Option(
+            "--show-gate",
+            help="A gated steering: print each generated token coloured by the gate it was "
+            "chosen under (its strength is λ × gate).",
+        ),
+    ] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(help="With or without --show-gate: also write that view as a page."),
+    ] = None,
 ) -> None:
     """Generate from PROMPTs at several strengths in ONE batched call; print a table.
 
@@ -437,6 +449,18 @@ def generate(
         import torch
 
         torch.manual_seed(seed)
+    if show_gate or html is not None:
+        from actsteer.cli.gates import show_gates
+
+        if steering is None or steering.gate_settings is None or fixed or chat:
+            raise ActSteerError(
+                "--show-gate and --html show one gated --steering FILE (fit with --gate), "
+                "without fixed steerings or --chat"
+            )
+        if html is not None:
+            check_output(html, False, "--html")
+        show_gates(lm, tok, prompts, steering, strengths, html, f"{model}: gates", **kwargs)
+        return
     texts = generate_grid(
         lm,
         tok,
