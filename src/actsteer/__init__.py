@@ -20,6 +20,8 @@ from actsteer.version import __version__
 
 if TYPE_CHECKING:
     from actsteer.calibration import CalibrationResult, calibrate
+    from actsteer.gate_calibration import calibrate_gate
+    from actsteer.gates import GateSettings
     from actsteer.diffusion import load_pipeline
     from actsteer.fitting import fit
     from actsteer.models import load_model
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "CalibrationResult": "actsteer.calibration",
     "calibrate": "actsteer.calibration",
+    "calibrate_gate": "actsteer.gate_calibration",
+    "GateSettings": "actsteer.gates",
     "load_pipeline": "actsteer.diffusion",
     "fit": "actsteer.fitting",
     "load_model": "actsteer.models",
@@ -47,12 +51,14 @@ __all__ = [
     "CalibrationResult",
     "Denoising",
     "EndToEnd",
+    "GateSettings",
     "Independent",
     "Sequential",
     "Steering",
     "SteeringInfo",
     "__version__",
     "calibrate",
+    "calibrate_gate",
     "fit",
     "load_model",
     "load_pipeline",
