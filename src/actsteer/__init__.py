@@ -20,10 +20,10 @@ from actsteer.version import __version__
 
 if TYPE_CHECKING:
     from actsteer.calibration import CalibrationResult, calibrate
-    from actsteer.gate_calibration import calibrate_gate
-    from actsteer.gates import GateSettings
     from actsteer.diffusion import load_pipeline
     from actsteer.fitting import fit
+    from actsteer.gate_calibration import calibrate_gate
+    from actsteer.gates import GateSettings
     from actsteer.models import load_model
     from actsteer.modes import Denoising, EndToEnd, Independent, Sequential
     from actsteer.steering import Steering, SteeringInfo, steered
