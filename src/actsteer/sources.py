@@ -167,7 +167,7 @@ class Gated:
         self.count: torch.Tensor | None = None  # per row: how many real tokens so far
         self.last: torch.Tensor | None = None
 
-    def __call__(self, lam: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, lam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         score = self.gate.score(a)
         if self.settings.kind != "token":
             score = self._carried(score, a)

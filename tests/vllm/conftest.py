@@ -32,6 +32,7 @@ def steering_files(smol, tmp_path_factory):
             linear, info=dataclasses.replace(linear.info, support="q0-100")
         ),
     }
+    fits["gated"] = fits["football"].with_gate(model, tok, neutral, football, "token")
     paths = {}
     for name, steering in fits.items():
         paths[name] = folder / f"{name}.safetensors"

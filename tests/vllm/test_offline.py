@@ -91,6 +91,9 @@ CONFIGS = [
     (("football", "mixed"), 1.0),
     (("bounded",), 0.5),
     (("bounded",), 1.0),
+    (("gated",), 0.5),
+    (("gated",), 1.0),
+    (("gated", "mixed"), 1.0),
 ]
 
 
@@ -122,6 +125,7 @@ def test_a_mixed_batch_equals_each_request_alone(llm, prompt_ids):
         (p[3], {"actsteer": "football=0.3"}),
         (p[1], {"actsteer": "mixed=1"}),
         (p[0], {"actsteer": {"bounded": 0.7}}),  # tokens only: see CONFIGS
+        (p[3], {"actsteer": {"gated": 1.0}}),
     ]
     together = run(llm, [r[0] for r in requests], [r[1] for r in requests])
     alone = [run(llm, [prompt], [extra])[0] for prompt, extra in requests]
@@ -151,7 +155,10 @@ def test_unsteered_requests_in_a_steered_batch_and_zero_strength_are_the_plain_e
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"nope": 1.0}, r"unknown steering 'nope'; this engine serves: football, mixed, bounded"),
+        (
+            {"nope": 1.0},
+            r"unknown steering 'nope'; this engine serves: football, mixed, bounded, gated",
+        ),
         ({"football": 1.5}, r"steering 'football': .*1"),
         ("football=x", r"strength of steering 'football' must be a number"),
         (3, r'extra_args\["actsteer"\] must be an object'),

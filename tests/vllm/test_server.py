@@ -87,7 +87,7 @@ def test_requests_steered_through_the_server_match_steered_hf(client, smol, stee
 @pytest.mark.parametrize(
     ("steer", "message"),
     [
-        ("nope=1", "unknown steering 'nope'; this engine serves: football, mixed, bounded"),
+        ("nope=1", "unknown steering 'nope'; this engine serves: football, mixed, bounded, gated"),
         ("bounded=2", "steering 'bounded':"),
     ],
 )

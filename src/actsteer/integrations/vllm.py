@@ -20,8 +20,10 @@ a norm called with a residual returns (normed, residual) and `normed` is steered
 layer returns (output, bias) and `output` is steered; a decoder block returns
 (hidden, residual), whose sum is the residual stream, and it returns (0, steered stream).
 Modules vLLM fuses (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj) are refused at
-start-up. Hooks need eager execution: torch.compile would trace one batch's strengths into
-the graph and CUDA graphs would replay without the hooks, so both are refused
+start-up. A gated steering's token gates apply per token (context and prompt gates, which carry
+a request's scores across passes, are refused). Hooks need eager execution: torch.compile would
+trace one batch's strengths into the graph and CUDA graphs would replay without the hooks, so
+both are refused
 (`enforce_eager=True`, `--enforce-eager`); so is prefix caching, which would hand a prefix's
 KV cache computed under one steering to a request with another (`--no-enable-prefix-caching`).
 """
@@ -61,6 +63,7 @@ from actsteer.integrations.batch import (
     load_table,
     parse_request,
 )
+from actsteer.sources import Gated
 from actsteer.transport import Transport
 from actsteer.tree import output_tensor, with_output
 
@@ -257,12 +260,14 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     """Hook every module the served steerings touch, and the model's per-pass pre-hook."""
     first = next(model.parameters())
     device, model_dtype = first.device, first.dtype
-    per_module: dict[str, dict[str, Transport]] = {}
+    per_module: dict[str, dict[str, tuple[Transport, Gated | None]]] = {}
     for steering_name, steering in batch.steerings.items():
-        if steering.gates:
+        gating = steering.gate_settings
+        if gating is not None and gating.kind != "token":
             raise ActSteerError(
-                f"steering {steering_name!r} is gated; the vLLM plugin does not apply gates "
-                "yet: serve steering.without_gate(), or use actsteer serve (token gates)"
+                f"steering {steering_name!r} has a {gating.kind} gate, which carries each "
+                "request's scores across passes; the plugin applies token gates: use "
+                "steering.with_gate_settings(kind='token')"
             )
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
@@ -274,7 +279,9 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
                 )
             transport = amap.transport(steering.default_support)
             transport.parameters(device, model_dtype)  # placed now, not in the first pass
-            per_module.setdefault(name, {})[steering_name] = transport
+            gate = steering.gates.get(name) if gating is not None else None
+            gated = None if gate is None or gating is None else Gated(gate, gating, None)
+            per_module.setdefault(name, {})[steering_name] = (transport, gated)
     lookup = dict(model.named_modules())
     for name, maps in per_module.items():
         hook = ModuleSteering(batch, maps, stream=bool(_BLOCK.fullmatch(name)))
@@ -297,10 +304,16 @@ class PassStart:
 
 
 class ModuleSteering:
-    """Forward hook of one module: each stage's map at its per-token λ, in stage order, on the
-    tensor the HF module outputs (actsteer.tree's helpers read it and put it back)."""
+    """Forward hook of one module: each stage's map at its per-token λ (times its token gate,
+    for a gated steering), in stage order, on the tensor the HF module outputs (actsteer.tree's
+    helpers read it and put it back)."""
 
-    def __init__(self, batch: BatchSteering, maps: dict[str, Transport], stream: bool) -> None:
+    def __init__(
+        self,
+        batch: BatchSteering,
+        maps: dict[str, tuple[Transport, Gated | None]],
+        stream: bool,
+    ) -> None:
         self.batch = batch
         self.maps = maps
         self.stream = stream  # a decoder block: (hidden, residual) sum to the residual stream
@@ -313,7 +326,8 @@ class ModuleSteering:
         if not stages:
             return None
         for steering_name, lam in stages:
-            transport = self.maps.get(steering_name)
-            if transport is not None:
-                a = transport(a, lam)
+            found = self.maps.get(steering_name)
+            if found is not None:
+                transport, gate = found
+                a = transport(a, lam if gate is None else gate(lam, a))
         return with_output(output, a, residual=self.stream)
