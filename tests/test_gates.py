@@ -318,3 +318,40 @@ def test_generation_shows_each_tokens_gate_and_the_gate_detects(
             tmp_path / "u.safetensors"))],
     )  # fmt: skip
     assert ungated.exit_code != 0 and "has no gate" in ungated.output
+
+
+def test_lineas_trains_its_gates_with_its_maps(tiny_llama, tokenizer, neutral, football):
+    """method="lineas" with a gate: maps and gates trained together (the probe is only the
+    start), the loss's penalty stated in the steering's description."""
+    from actsteer.modes import EndToEnd
+
+    texts = dict(source=neutral[:32], target=football[:32], modules=MODULES, progress=False)
+    trained = actsteer.fit(
+        tiny_llama, tokenizer, method="lineas", gate="token",
+        mode=EndToEnd(training_steps=8, learning_rate=0.05), **texts,
+    )  # fmt: skip
+    probe = trained.without_gate().with_gate(
+        tiny_llama, tokenizer, neutral[:32], football[:32], "token", progress=False
+    )
+    assert set(trained.gates) == set(trained.maps)
+    assert "lineas" in trained.info.gate["fit"]["trained"] and trained.info.gate["fit"]["penalty"]
+    moved = [
+        not torch.allclose(trained.gates[n].weight, probe.gates[n].weight, atol=1e-4)
+        for n in trained.gates
+    ]
+    assert all(moved), "the gates trained"
+    with trained.applied(tiny_llama, 1.0):  # it applies like any gated steering
+        logits(tiny_llama, tokenizer, neutral[40:42])
+
+
+def test_a_training_context_gate_follows_the_running_mean_of_each_text():
+    from actsteer.trained_gates import TrainableGate
+
+    gate = TrainableGate(torch.tensor([1.0, 0.0]), torch.tensor(0.0))
+    a = torch.tensor([[[2.0, 5.0], [0.0, 5.0], [4.0, 5.0]], [[1.0, 0.0], [3.0, 0.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    context = gate.strength(a, mask, GateSettings("context", temperature=1.0))
+    expected = torch.sigmoid(torch.tensor([[2.0, 1.0, 2.0], [1.0, 2.0, 2.0]]))
+    torch.testing.assert_close(context, expected)
+    prompt = gate.strength(a, mask, GateSettings("prompt", temperature=1.0))
+    torch.testing.assert_close(prompt, torch.sigmoid(torch.tensor([[2.0] * 3, [2.0] * 3])))

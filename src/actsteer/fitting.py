@@ -22,7 +22,7 @@ from actsteer.choices import DEFAULT_MODULES, POOLINGS, SUPPORTS, check_choice
 from actsteer.compat import model_fingerprint
 from actsteer.diffusion import record_pipeline
 from actsteer.errors import ActSteerError
-from actsteer.gates import GateSettings
+from actsteer.gates import Gate, GateSettings
 from actsteer.maps import AffineMap, support_bounds
 from actsteer.methods import Method, get_method
 from actsteer.modes import (
@@ -87,7 +87,8 @@ def fit(
       assistant's turn opened (actsteer.chat); the template's tokens are pooled too.
     gate: a gate per module on top of the maps (actsteer.gates): "token", "context" or
       "prompt" (or GateSettings with a threshold and temperature), fitted on the token
-      activations of the same texts; language models only. Calibrate a gated steering.
+      activations of the same texts — trained with the maps for LinEAS
+      (actsteer.trained_gates); language models only. Calibrate a gated steering.
     A diffusers pipeline takes no tokenizer. The keywords before modes (steps=,
     learning_rate=, sparsity=, seed=, init=, support_pooling=, pipeline_options=) still work,
     with a DeprecationWarning, until the next release.
@@ -121,6 +122,10 @@ def fit(
     little = estimator.small_data(len(source), len(target), units)
     if little:
         warnings.warn(f"actsteer: little data for {method}: {little}", stacklevel=2)
+    if gate is not None and pipeline:
+        raise ActSteerError("gates are for language models; fit the pipeline without gate=")
+    gating = gate if isinstance(gate, GateSettings) or gate is None else GateSettings(gate)
+    gates: dict[str, Gate] = {}
     info = SteeringInfo(
         method=method,
         mode=settings.name,
@@ -149,21 +154,19 @@ def fit(
             warn_truncated(tokenizer, texts, max_length, what)
         common: dict[str, Any] = dict(batch_size=batch_size, budget_mb=budget_mb, progress=progress)
         if isinstance(settings, EndToEnd):
-            maps = estimator.trainer()(
-                model, tokenizer, source, target, names, info, settings, **common
-            )
+            maps, gates = estimator.trainer()(
+                model, tokenizer, source, target, names, info, settings, **common,
+                gating=gating,
+            )  # fmt: skip
         else:
             maps = _fit_language_model(
                 model, tokenizer, source, target, names, estimator, info, settings, **common
             )
     info.model_name = model_name(tree)
     info.fingerprint = model_fingerprint(tree)
-    steering = Steering(maps, info)
-    if gate is None:
+    steering = Steering(maps, info, gates=gates)
+    if gating is None or gates:  # ungated, or gated while training
         return steering
-    if pipeline:
-        raise ActSteerError("gates are for language models; fit the pipeline without gate=")
-    gating = gate if isinstance(gate, GateSettings) else GateSettings(gate)
     return steering.with_gate(
         model, tokenizer, source, target, gating.kind, threshold=gating.threshold,
         temperature=gating.temperature, max_length=max_length, batch_size=batch_size,

@@ -59,14 +59,17 @@ from tqdm.auto import tqdm
 from actsteer.capture import POOLINGS, batches, forward_body, pool, record
 from actsteer.choices import check_choice
 from actsteer.errors import ActSteerError
+from actsteer.gates import Gate, fit_gate
 from actsteer.maps import AffineMap, quantile_grid, support_bounds
 from actsteer.methods.linear_act import fit_linear
+from actsteer.trained_gates import GATE_PENALTY, PENALTY_TOKENS, TrainableGate
 from actsteer.transport import Transport
 from actsteer.tree import model_device, output_tensor, stream_index, with_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from actsteer.gates import GateSettings
     from actsteer.modes import EndToEnd
     from actsteer.steering import SteeringInfo
 
@@ -186,9 +189,10 @@ class Trainable:
 
 
 class TrainingHooks:
-    """Differentiable forward hooks: each applies its module's map at λ = 1 through the one
-    transport (inside the support, a outside), keeps the pooled steered activations for the
-    loss, and the pass stops once every module has been seen.
+    """Differentiable forward hooks: each applies its module's map at λ = 1 (times its gate per
+    token, when the gates train too) through the one transport (inside the support, a outside),
+    keeps the pooled steered activations for the loss, and the pass stops once every module has
+    been seen.
 
     Set `mask` (the batch's attention mask) and `rows` (for `all` pooling: which real tokens
     to keep, or None for all) before each pass.
@@ -199,9 +203,13 @@ class TrainingHooks:
         model: nn.Module,
         params: dict[str, Trainable],
         pooling: str,
+        gates: dict[str, TrainableGate] | None = None,
+        gating: GateSettings | None = None,
     ) -> None:
         self.params = params
         self.pooling = pooling
+        self.gates = gates or {}
+        self.gating = gating
         self.mask: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
         self.pooled: dict[str, torch.Tensor] = {}
@@ -214,9 +222,15 @@ class TrainingHooks:
         def hook(module: nn.Module, args: object, output: object) -> object:
             stream = stream_index(module)
             a = output_tensor(output, stream)
-            transport = Transport(trainable.omega, trainable.beta(), trainable.bounds)
-            steered = transport(a, 1.0)
             assert self.mask is not None, "TrainingHooks.mask must be set before a forward pass"
+            transport = Transport(trainable.omega, trainable.beta(), trainable.bounds)
+            gate = self.gates.get(name)
+            strength = (
+                1.0
+                if gate is None or self.gating is None
+                else gate.strength(a, self.mask, self.gating)
+            )
+            steered = transport(a, strength)
             samples = pool(steered.float(), self.mask, self.pooling)
             self.pooled[name] = samples if self.rows is None else samples[self.rows]
             if len(self.pooled) == len(self.params):
@@ -279,8 +293,10 @@ def fit_end_to_end(
     batch_size: int,
     budget_mb: float,
     progress: bool,
-) -> dict[str, AffineMap]:
-    """Train the maps of `names` jointly (LinEAS); the settings and the loss curve go to
+    gating: GateSettings | None = None,
+) -> tuple[dict[str, AffineMap], dict[str, Gate]]:
+    """Train the maps of `names` jointly (LinEAS), with a gate per module when `gating` is
+    given (actsteer.trained_gates); the settings and the loss curve go to
     info.data["training"]. batch_size is the recording passes' number of texts."""
     pooling, max_length, support = info.pooling, info.max_length, info.support
     assert pooling is not None and max_length is not None and support is not None
@@ -304,9 +320,23 @@ def fit_end_to_end(
         bounds = None if support == "all" else supports[name][support]
         params[name] = Trainable.start(omega, beta, x, bounds, device)
     del target_samples, plain_source
+    gates, target_tokens = {}, {}
+    if gating is not None:
+        tokens = {
+            what: record(model, tokenizer, texts, names, desc=f"gate: {what}",
+                         **{**recorded, "pooling": "all"})
+            for what, texts in (("source", source), ("target", target))
+        }  # fmt: skip
+        for name in names:
+            gates[name] = TrainableGate.start(
+                fit_gate(tokens["source"][name], tokens["target"][name]), device
+            )
+            target_tokens[name] = tokens["target"][name][:PENALTY_TOKENS].to(device).clone()
+        del tokens  # fmt: skip
     curve = _train(
         model, tokenizer, list(source), list(names), params, target_sorted, settings,
         pooling=pooling, max_length=max_length, progress=progress,
+        gates=gates, gating=gating, target_tokens=target_tokens,
     )  # fmt: skip
     maps = {
         name: AffineMap(
@@ -325,7 +355,13 @@ def fit_end_to_end(
         "units": units,
         "modules_touched": sum(bool(((m.omega != 1) | (m.beta != 0)).any()) for m in maps.values()),
     }
-    return maps
+    if gating is not None:
+        info.gate = {
+            **gating.to_json(),
+            "fit": {"trained": "jointly with the maps (lineas)", "penalty": GATE_PENALTY,
+                    "source_texts": len(source), "target_texts": len(target)},
+        }  # fmt: skip
+    return maps, {name: gate.frozen() for name, gate in gates.items()}
 
 
 def penalise(optimizer: torch.optim.Adam, params: Iterable[Trainable], step: float) -> None:
@@ -357,11 +393,16 @@ def _train(
     pooling: str,
     max_length: int,
     progress: bool,
+    gates: dict[str, TrainableGate],
+    gating: GateSettings | None,
+    target_tokens: dict[str, torch.Tensor],
 ) -> list[list[float]]:
-    """Adam on ω and b = β/σ with the proximal step; returns the loss curve [[step, loss], …],
-    the last point the loss after the final step."""
+    """Adam on ω and b = β/σ with the proximal step (and on the gates, with their penalty);
+    returns the loss curve [[step, loss], …], the last point the loss after the final step."""
     generator = torch.Generator().manual_seed(settings.seed)
     tensors = [x for t in params.values() for x in (t.omega, t.shift)]
+    tensors += [x for g in gates.values() for x in (g.weight, g.bias)]
+    start: list[float] = []  # L₀, the W2 loss at the first step (the penalty's scale)
     optimizer = torch.optim.Adam(tensors, lr=settings.learning_rate)
     lr, s = settings.learning_rate, settings.sparsity
     device = model_device(model)
@@ -382,10 +423,17 @@ def _train(
         hooks.rows = None
         if pooling == "all" and real > GRID_CAP:
             hooks.rows = torch.randperm(real, generator=generator)[:GRID_CAP].to(device)
-        return w2_loss(hooks.run(body, batch), target_sorted)
+        loss = w2_loss(hooks.run(body, batch), target_sorted)
+        if gating is None:
+            return loss
+        if not start:
+            start.append(float(loss.detach()))
+        shut = torch.stack([gates[n].open_on(target_tokens[n], gating) for n in gates]).mean()
+        return loss + GATE_PENALTY * start[0] * shut
 
     def check(loss: torch.Tensor, step: int) -> None:
         bad = not torch.isfinite(loss) or not all(t.finite() for t in params.values())
+        bad = bad or not all(g.finite() for g in gates.values())
         if bad:
             raise ActSteerError(
                 f"LinEAS training diverged: the loss is {float(loss.detach())} at step {step} of "
@@ -394,7 +442,7 @@ def _train(
             )
 
     with frozen(model), torch.inference_mode(False), torch.enable_grad():
-        hooks = TrainingHooks(model, params, pooling)
+        hooks = TrainingHooks(model, params, pooling, gates, gating)
         try:
             bar = tqdm(
                 range(settings.training_steps), desc="lineas", disable=not progress, leave=False
