@@ -16,14 +16,14 @@ from actsteer.errors import ActSteerError
 if TYPE_CHECKING:
     import torch
 
-    from actsteer.gates import Gate
     from actsteer.maps import AffineMap
 
 FitFunction = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 #: Trains the maps of all modules jointly: (model, tokenizer, source, target, names, info,
 #: settings (actsteer.modes.EndToEnd), *, batch_size, budget_mb, progress, gating) →
-#: ({name: AffineMap}, {name: Gate}: trained with the maps where `gating` is given).
-TrainFunction = Callable[..., tuple[dict[str, "AffineMap"], dict[str, "Gate"]]]
+#: ({name: AffineMap}, {name: actsteer.gates.Gate}: trained with the maps where `gating` is
+#: given).
+TrainFunction = Callable[..., tuple[dict[str, "AffineMap"], dict[str, Any]]]
 #: The modes a closed-form method is fitted in (actsteer.modes), its default first.
 CLOSED_FORM = ("independent", "sequential", "denoising")
 
