@@ -355,3 +355,17 @@ def test_a_training_context_gate_follows_the_running_mean_of_each_text():
     torch.testing.assert_close(context, expected)
     prompt = gate.strength(a, mask, GateSettings("prompt", temperature=1.0))
     torch.testing.assert_close(prompt, torch.sigmoid(torch.tensor([[2.0] * 3, [2.0] * 3])))
+
+
+def test_sweeps_tell_a_gated_steering_from_its_maps_alone(gated):
+    """A sweep caches results by the steering's digest: the gate and its settings count."""
+    from actsteer.evaluation.sweep import steering_digest
+
+    digests = {
+        steering_digest(gated),
+        steering_digest(gated.without_gate()),
+        steering_digest(gated.with_gate_settings(threshold=1.0)),
+        steering_digest(gated.with_gate_settings(kind="token")),
+    }
+    assert len(digests) == 4
+    assert steering_digest(gated) == steering_digest(gated.with_gate_settings(threshold=0.0))
