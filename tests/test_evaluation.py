@@ -584,3 +584,19 @@ def test_bootstrap_interval():
     # Two clusters of perfectly correlated values: the interval spans both cluster means.
     lo, hi = bootstrap_mean_ci(values, groups=np.r_[np.zeros(50), np.ones(50)], seed=1)
     assert (lo, hi) == (0.0, 1.0)
+
+
+def test_another_sampling_seed_samples_the_same_prompts_again(tiny_llama, tokenizer, tmp_path):
+    """sampling_seed: the same seeded subset of prompts, other samples."""
+    from actsteer.evaluation.tasks import evaluate as run_task
+
+    rows = [{"prompt": {"text": f"Prompt number {i} is", "toxicity": 0.9}} for i in range(12)]
+    data = tmp_path / "rtp.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    options = dict(data=str(data), n_challenging=4, n_nontoxic=0, progress=False,
+                   sampling={"max_new_tokens": 6, "do_sample": True})  # fmt: skip
+    first = run_task("toxicity", tiny_llama, tokenizer, **options)
+    again = run_task("toxicity", tiny_llama, tokenizer, sampling_seed=7, **options)
+    assert [s["prompt"] for s in first.samples] == [s["prompt"] for s in again.samples]
+    assert [s["continuation"] for s in first.samples] != [s["continuation"] for s in again.samples]
+    assert again.settings["sampling_seed"] == 7 and first.settings["sampling_seed"] == 0

@@ -165,6 +165,7 @@ def evaluate_grid(
     n_nontoxic: int | None = N_NONTOXIC,
     samples_per_prompt: int = 1,
     seed: int = 0,
+    sampling_seed: int | None = None,
     sampling: Sampling | Mapping[str, Any] | None = None,
     threshold: float = THRESHOLD,
     batch_size: int = 32,
@@ -176,6 +177,8 @@ def evaluate_grid(
     """Toxicity at each strength, all strengths generated together (per-row λ).
 
     n_challenging / n_nontoxic: seeded subset sizes per stratum (None: all, 0: skip stratum).
+    seed: of the subsets and, unless sampling_seed is given, of the sampling (another
+    sampling_seed samples the same prompts again).
     judge: the toxicity scorer (None: alt-profanity-check; "hf:ID_OR_PATH": a classifier).
     """
     scorer = get_judge(judge)
@@ -199,7 +202,7 @@ def evaluate_grid(
         steering,
         sampling=sampling,
         batch_size=batch_size,
-        seed=seed,
+        seed=seed if sampling_seed is None else sampling_seed,
         support=support,
         progress=progress,
         desc="toxicity",
@@ -214,6 +217,7 @@ def evaluate_grid(
         "n_nontoxic": n_nontoxic,
         "samples_per_prompt": samples_per_prompt,
         "seed": seed,
+        "sampling_seed": seed if sampling_seed is None else sampling_seed,
         "sampling": Sampling.coerce(sampling).as_dict(),
         "threshold": threshold,
         "scorer": scorer.name,
