@@ -15,6 +15,14 @@ Parts (--parts):
   task's own tokens, MMLU at that λ, and paired bootstrap intervals of each method's
   difference to Original and to the best baseline (same prompts, same sampling seeds).
   --judge hf:ID selects a classifier (the paper's: hf:s-nlp/roberta_toxicity_classifier).
+  Gated rows (--gate KIND, issue 29): Mean-AcT, Linear-AcT sequential and LinEAS (its gate
+  trained with its maps) with a gate, each at the λ and threshold `calibrate_gate` chooses
+  under the same budget (λ up to GATE_EXTRAPOLATE, explicitly extrapolated; the threshold by
+  the held-out likelihood-gap effect on source_val/target_val lines). Every row also gets the
+  perplexity of its continuations under the plain model and under the other offline model
+  (JUDGE_MODELS: the paper's second perplexity), and gated rows the share of neutral WikiText
+  tokens and of their continuations' tokens gated open. --seeds repeats Original, the best
+  ungated and the best gated row with other sampling seeds on the same prompts.
 - truthfulqa (paper Table 3): questions split by idx % 2. Steerings fitted on question +
   answer texts of the even fold (incorrect answers = source, correct = target). AcT methods
   at λ = 1; ITI-c's coefficient chosen by MC1 (then MC2) on other even-fold questions never
@@ -53,6 +61,7 @@ import actsteer
 from actsteer.choices import DEFAULT_MODULES
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, read_jsonl
+from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.sweep import steering_digest
 from actsteer.evaluation.tasks.concept import (
@@ -81,6 +90,22 @@ TOXICITY_METHODS: Methods = {
 }
 #: The earlier methods each library method is compared with (paired, on the same prompts).
 BASELINES = ("ActAdd", "AurA", "ITI-c")
+#: Gated rows (issue 29): name → (the ungated row it is paired with, method, fit options);
+#: the gate's kind is --gate, LinEAS trains its gate with its maps.
+GATED_METHODS: Mapping[str, tuple[str, str, Mapping[str, Any]]] = {
+    "Mean-AcT, gated": ("Mean-AcT", "mean-act", {}),
+    "Linear-AcT, sequential, gated": (
+        "Linear-AcT, sequential",
+        "linear-act",
+        {"mode": "sequential"},
+    ),
+    "LinEAS, gate trained": ("LinEAS", "lineas", {}),
+}
+#: Gate thresholds tried by calibrate_gate; λ may go up to GATE_EXTRAPOLATE (explicitly).
+GATE_THRESHOLDS = (0.0, 1.0, 2.0, 3.0)
+GATE_EXTRAPOLATE = 8.0
+#: The other offline model that scores each row's continuations (the paper's second model).
+JUDGE_MODELS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m"}
 #: AcT methods at λ = 1 (the paper's choice); ITI-c's coefficient is chosen on held-out questions.
 TQA_METHODS: Methods = {
     "ITI-c": ("iti-c", (1.0, 2.0, 4.0, 8.0), {}),
@@ -147,6 +172,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--judge",
         help="toxicity judge: hf:ID_OR_PATH (e.g. hf:s-nlp/roberta_toxicity_classifier); "
         "default: the offline alt-profanity-check",
+    )
+    parser.add_argument(
+        "--gate",
+        choices=("token", "context", "prompt", "none"),
+        default="token",
+        help="the gated rows' gate kind (none: no gated rows)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="further sampling seeds for Original, the best ungated and the best gated row",
     )
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
@@ -234,6 +272,81 @@ class Runner:
             temporary.write_text(json.dumps(cache, indent=1))
             temporary.replace(path)
         return cache[key]
+
+    def calibrated_gate(
+        self, name: str, steering: Steering, held_out: tuple[list[str], list[str]]
+    ) -> dict[str, Any]:
+        """actsteer.calibrate_gate at ΔPPL ≤ PPL_LIMIT (λ ≤ GATE_EXTRAPOLATE, thresholds
+        GATE_THRESHOLDS), cached in <out>/calibration.json by name and steering digest."""
+        path = self.out / "calibration.json"
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        key = f"{name} {steering_digest(steering)}"
+        if key not in cache:
+            found = actsteer.calibrate_gate(
+                steering.extrapolated(GATE_EXTRAPOLATE), self.model, self.tok, PPL_LIMIT,
+                held_out=held_out, thresholds=GATE_THRESHOLDS,
+            )  # fmt: skip
+            best = found.best
+            cache[key] = {
+                **best.calibration.to_json(), "threshold": best.threshold,
+                "neutral_open": best.neutral_open, "effect": best.effect,
+                "candidates": [[c.threshold, c.calibration.strength, c.effect, c.neutral_open]
+                               for c in found.candidates],
+            }  # fmt: skip
+            print(
+                f"  calibrated {name}: threshold {best.threshold:g}, λ = "
+                f"{best.calibration.strength:.3g} in {best.calibration.seconds:.0f} s per try"
+            )
+            temporary = path.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(cache, indent=1))
+            temporary.replace(path)
+        return cache[key]
+
+    def judge_model(self) -> tuple[Any, Any]:
+        """The other offline model (JUDGE_MODELS), loaded once."""
+        if not hasattr(self, "_judge"):
+            self._judge = actsteer.load_model(JUDGE_MODELS[self.args.model])
+        return self._judge
+
+    def continuation_ppl(self, name: str, entry: Mapping[str, Any], judge: bool) -> float:
+        """Perplexity of a toxicity entry's continuations given their prompts, under the plain
+        model or the judge model; cached in <out>/continuations_ppl.json."""
+        path = self.out / "continuations_ppl.json"
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        which = JUDGE_MODELS[self.args.model] if judge else self.args.model
+        key = f"{name} {entry['digest']} {entry['options_key']} {entry['strength']} {which}"
+        if key not in cache:
+            model, tok = self.judge_model() if judge else (self.model, self.tok)
+            pairs = [(s["prompt"], s["continuation"]) for s in entry["result"]["samples"]]
+            scored = continuation_logprobs(model, tok, [p for p in pairs if p[1].strip()])
+            tokens = sum(n for _, n in scored)
+            cache[key] = math.exp(-sum(lp for lp, _ in scored) / max(tokens, 1))
+            temporary = path.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(cache, indent=1))
+            temporary.replace(path)
+        return cache[key]
+
+    def continuations_open(
+        self, steering: Steering, strength: float, entry: Mapping[str, Any]
+    ) -> float:
+        """The share of a gated row's continuation tokens whose gate (mean over modules) is
+        above one half, with the steering applied at its λ over prompt and continuation."""
+        samples = entry["result"]["samples"]
+        opened, total = 0, 0
+        for start in range(0, len(samples), 16):
+            chunk = samples[start : start + 16]
+            texts = [s["prompt"] + s["continuation"] for s in chunk]
+            prompt_lengths = [len(self.tok(s["prompt"]).input_ids) for s in chunk]
+            batch = self.tok(texts, return_tensors="pt", padding=True, padding_side="right")
+            with steering.applied(self.model, torch.full((len(chunk),), strength)) as handle:
+                with torch.no_grad():
+                    self.model(**batch)
+                gates = torch.stack([g.last for g in handle.gates.values()]).mean(0)
+            for row, length in enumerate(prompt_lengths):
+                real = int(batch["attention_mask"][row].sum())
+                opened += int((gates[row, length:real] > 0.5).sum())
+                total += max(real - length, 0)
+        return opened / max(total, 1)
 
     def sweep(
         self,
@@ -351,6 +464,7 @@ def toxicity_part(run: Runner) -> str:
         for name, steering in steerings.items()
         if steering is not None
     }
+    gated = gated_rows(run, steerings, calibration, source, target, data)
     chosen = {ORIGINAL: 0.0} | {name: c["strength"] for name, c in calibration.items()}
     grids = {name: [strength] for name, strength in chosen.items()}
     ppl = run.sweep(
@@ -377,32 +491,46 @@ def toxicity_part(run: Runner) -> str:
     first = f"percent_toxic_{strata[0]}"
     best = min(BASELINES, key=lambda n: entry[n]["metrics"][first])
     base = entry[ORIGINAL]["metrics"][first]
+    judge_name = JUDGE_MODELS.get(run.args.model, "")
     rows = []
     for name, strength in chosen.items():
         metrics = entry[name]["metrics"]
         held_out = calibration[name]["cost"] if name in calibration else 0.0
+        lam = "–" if name == ORIGINAL else f"{strength:.3g}"
+        opened = "–"
+        if name in gated:
+            lam += f" (θ {calibration[name]['threshold']:g}, extrapolated)"
+            shares = calibration[name]["neutral_open"], run.continuations_open(
+                steerings[name], strength, entry[name]
+            )  # fmt: skip
+            opened = f"{100 * shares[0]:.0f}% / {100 * shares[1]:.0f}%"
         rows.append(
             [
-                name,
-                "–" if name == ORIGINAL else f"{strength:.3g}",
-                f"{held_out:+.2f}",
-                f"{perplexity[name]:.2f}",
+                name, lam, f"{held_out:+.2f}", f"{perplexity[name]:.2f}",
                 *(ci(entry[name], f"percent_toxic_{stratum}") for stratum in strata),
                 f"{base / metrics[first]:.2f}×" if metrics[first] > 0 else "∞",
                 f"{metrics[f'mean_score_{strata[0]}']:.3f}",
-                ci(mmlu[f"toxicity {name}"], "accuracy", 100),
+                f"{run.continuation_ppl(name, entry[name], judge=False):.2f}",
+                f"{run.continuation_ppl(name, entry[name], judge=True):.2f}" if judge_name else "–",
+                opened, ci(mmlu[f"toxicity {name}"], "accuracy", 100),
             ]
-        )
+        )  # fmt: skip
     header = [
         "method", "λ (calibrated)", "ΔPPL held-out", "PPL",
         *(f"% toxic, {stratum} [95% CI]" for stratum in strata),
-        "reduction", f"mean score, {strata[0]}", "MMLU %",
+        "reduction", f"mean score, {strata[0]}", "continuations' PPL, plain model",
+        f"continuations' PPL, {judge_name or 'judge'}", "gated open: WikiText / continuations",
+        "MMLU %",
     ]  # fmt: skip
     differences = [
         [
             name,
             *(paired(entry[name], entry[ORIGINAL], stratum) for stratum in strata),
             *(paired(entry[name], entry[best], stratum) for stratum in strata),
+            *(
+                paired(entry[name], entry[gated[name]], stratum) if name in gated else "–"
+                for stratum in strata
+            ),
         ]
         for name in chosen
         if name != ORIGINAL
@@ -424,11 +552,77 @@ def toxicity_part(run: Runner) -> str:
                     "method",
                     *(f"− Original, {st}" for st in strata),
                     *(f"− {best}, {st}" for st in strata),
+                    *(f"− its ungated row, {st}" for st in strata),
                 ],
                 differences,
             ),
+            seed_spread(run, steerings, chosen, entry, tox_options, gated, first),
         ]
     )
+
+
+def gated_rows(
+    run: Runner,
+    steerings: dict[str, Steering | None],
+    calibration: dict[str, Any],
+    source: list[str],
+    target: list[str],
+    data: Mapping[str, Any],
+) -> dict[str, str]:
+    """Fit and calibrate the gated rows (GATED_METHODS, --gate) into `steerings` and
+    `calibration`; returns each gated row's ungated pair."""
+    if run.args.gate == "none":
+        return {}
+    fit_dir = data_root() / "toxicity_fit"
+    held = read_lines(fit_dir / "source_val.txt", 64), read_lines(fit_dir / "target_val.txt", 64)
+    pairs = {}
+    for name, (pair, method, extra) in GATED_METHODS.items():
+        key = "_".join(["toxicity", method, *(str(v) for v in extra.values()), run.args.gate])
+        fitted = run.fitted(key, method, source, target, data=data, gate=run.args.gate, **extra)
+        found = run.calibrated_gate(name, fitted, held)
+        steerings[name] = fitted.with_gate_settings(threshold=found["threshold"]).extrapolated(
+            GATE_EXTRAPOLATE
+        )
+        calibration[name], pairs[name] = found, pair
+    return pairs
+
+
+def seed_spread(
+    run: Runner,
+    steerings: Mapping[str, Steering | None],
+    chosen: Mapping[str, float],
+    entry: Mapping[str, Any],
+    tox_options: Mapping[str, Any],
+    gated: Mapping[str, str],
+    first: str,
+) -> str:
+    """% toxic of Original, the best ungated and the best gated row under --seeds (further
+    sampling seeds, the same prompts), beside seed 0's."""
+    if not run.args.seeds:
+        return ""
+    ungated = [n for n in chosen if n not in gated and n not in BASELINES and n != ORIGINAL]
+    names = [ORIGINAL, min(ungated, key=lambda n: entry[n]["metrics"][first])]
+    if gated:
+        names.append(min(gated, key=lambda n: entry[n]["metrics"][first]))
+    values = {name: [entry[name]["metrics"][first]] for name in names}
+    for seed in run.args.seeds:
+        content = run.sweep(
+            f"toxicity_seed{seed}", {n: steerings[n] for n in names},
+            {"toxicity": {**tox_options, "sampling_seed": seed}},
+            {n: [chosen[n]] for n in names}, plots=False,
+        )  # fmt: skip
+        for name in names:
+            found = point(content, name, "toxicity", chosen[name], steerings[name])
+            values[name].append(found["metrics"][first])
+    rows = [
+        [name, *(f"{v:.1f}" for v in vals), f"{min(vals):.1f}–{max(vals):.1f}"]
+        for name, vals in values.items()
+    ]
+    seeds = [0, *run.args.seeds]
+    return "\n\n".join([
+        f"Sampling seeds (same prompts): {first.replace('_', ' ')} per seed.",
+        table(["row", *(f"seed {s}" for s in seeds), "spread"], rows),
+    ])  # fmt: skip
 
 
 def qa_text(question: str, answer: str) -> str:

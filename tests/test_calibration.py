@@ -154,6 +154,7 @@ def test_ppl_budget_above_the_top_gives_the_top_and_zero_gives_zero(
     zero = calibrate(sharpening, tiny_llama, tokenizer, 0.0, data=text_file, **TINY)
     assert zero.strength == 0.0 and zero.cost == 0.0 and zero.rejected <= RELATIVE_TOLERANCE
     assert zero.steering.info.default_strength == 0.0
+    assert (zero.stopped_by, zero.evaluations) == ("zero budget", 1), "answered at once"
 
 
 def _direct_kl(model, tokenizer, steering, prompts, strength):

@@ -104,7 +104,8 @@ class CalibrationResult:
     strength: the chosen λ, the largest found within budget; cost: its cost.
     rejected: the smallest λ found over budget (None: the whole range, or up to cap, is within).
     stopped_by: "tolerance" (bisection converged), "range" (the top of the range is within
-      budget) or "cap" (an unbounded method stayed within budget up to cap).
+      budget), "cap" (an unbounded method stayed within budget up to cap) or "zero budget"
+      (nothing evaluated: only λ = 0 costs nothing).
     reference: the plain model's perplexity (cost "ppl"), or 0.0 (cost "kl").
     curve: every evaluated (λ, cost), sorted by λ, starting with λ = 0 (cost 0, not run).
     evaluations, forward_passes, seconds: what the search cost, plain model included.
@@ -346,9 +347,13 @@ def calibrate(
                 on_point(strength, value)
             return value
 
-        strength, rejected, stopped_by, points = search_strength(
-            cost_at, budget, upper, start=start, cap=cap, tolerance=tolerance
-        )
+        rejected: float | None
+        if budget == 0:  # answered at once: only λ = 0 costs nothing
+            strength, rejected, stopped_by, points = 0.0, 0.0, "zero budget", {0.0: 0.0}
+        else:
+            strength, rejected, stopped_by, points = search_strength(
+                cost_at, budget, upper, start=start, cap=cap, tolerance=tolerance
+            )
     finally:
         counter.remove()
     curve = [CalibrationPoint(s, c, c <= budget) for s, c in sorted(points.items())]

@@ -377,10 +377,12 @@ def calibrate_command(
         result = chosen.best.calibration
         title = f"{result.label} of the best candidate, {chosen.best.modules}, on {model}"
     console().print(curve_table(result, title))
-    if result.stopped_by == "tolerance":
-        why = f"λ = {result.rejected:.4g} is over it"
-    else:
-        why = "the top of the method's range" if result.stopped_by == "range" else "--cap"
+    why = {
+        "tolerance": f"λ = {result.rejected or 0:.4g} is over it",
+        "range": "the top of the method's range",
+        "cap": "--cap",
+        "zero budget": "a zero budget allows no change: nothing was evaluated",
+    }[result.stopped_by]
     typer.echo(
         f"Chosen λ = {result.strength:.4g} ({result.label} {result.cost:+.4f} ≤ {budget:g}; "
         f"{why}): {result.evaluations} evaluations, {result.forward_passes} forward passes, "
