@@ -67,10 +67,15 @@ def resolve_modules(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
             )
         return chosen
     wanted = list(spec)
-    missing = [n for n in wanted if n not in set(names)]
-    if missing or not wanted:
+    if not wanted:
         raise ActSteerError(
-            f"module {missing[0] if missing else '(none given)'!r} does not exist in this model; "
+            "modules names no module (an empty list); give a preset, a regex or module names, "
+            "or leave it out for the default"
+        )
+    missing = [n for n in wanted if n not in set(names)]
+    if missing:
+        raise ActSteerError(
+            f"module {missing[0]!r} does not exist in this model; "
             f"module names look like: {_summarise_names(names)}"
         )
     order = {n: i for i, n in enumerate(names)}

@@ -113,6 +113,11 @@ def fit(
         )
     source = check_texts(source, "source", estimator.min_samples)
     target = check_texts(target, "target", estimator.min_samples)
+    if sorted(source) == sorted(target):
+        raise ActSteerError(
+            "source and target are the same texts: a steering between them moves nothing; give "
+            "target texts that differ from the source in the property to steer"
+        )
     if chat:
         if tokenizer is None:
             raise ActSteerError("chat=True formats texts with a language model's tokenizer")
@@ -134,7 +139,8 @@ def fit(
     )
     if isinstance(settings, Denoising):
         tree = cast(PipelineModules, module_tree(model))  # a pipeline's components
-        names = resolve_modules(tree, modules or ("unet-norms" if "unet" in tree else "dit-blocks"))
+        default = "unet-norms" if "unet" in tree else "dit-blocks"
+        names = resolve_modules(tree, default if modules is None else modules)
         recorded = {
             what: record_pipeline(
                 model, texts, names, desc=what, progress=progress, **settings.recording()
@@ -146,7 +152,7 @@ def fit(
         info.denoising = settings.description()
     else:
         tree = model
-        names = resolve_modules(model, modules or DEFAULT_MODULES)
+        names = resolve_modules(model, DEFAULT_MODULES if modules is None else modules)
         info.pooling = pooling or estimator.default_pooling
         info.max_length = max_length
         assert tokenizer is not None  # refused above for a language model

@@ -125,6 +125,14 @@ class _Group(TyperGroup):
         return fail(err.format_message() + hint, getattr(err, "exit_code", 2))
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from actsteer.version import __version__
+
+        typer.echo(f"actsteer {__version__}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     cls=_Group,
     name="actsteer",
@@ -138,6 +146,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """The options of `actsteer` itself (before a command)."""
 
 
 # ---------------------------------------------------------------------------------------------
