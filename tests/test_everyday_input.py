@@ -28,3 +28,26 @@ def test_an_empty_module_list_is_refused_not_the_default(tiny_llama, tokenizer, 
 def test_source_and_target_alike_are_refused(tiny_llama, tokenizer, neutral):
     with pytest.raises(ActSteerError, match="the same texts: a steering between them moves"):
         actsteer.fit(tiny_llama, tokenizer, neutral[:8], list(reversed(neutral[:8])))
+
+
+def test_a_fixed_strength_that_is_no_number_is_named(tmp_path, tiny_llama, tokenizer, neutral,
+                                                     football):  # fmt: skip
+    from typer.testing import CliRunner
+
+    from actsteer import cli
+
+    path = actsteer.fit(tiny_llama, tokenizer, neutral[:8], football[:8]).save(
+        tmp_path / "s.safetensors"
+    )
+    result = CliRunner().invoke(cli.app, ["generate", "--steering", f"{path}:abc", "Hi"])
+    assert result.exit_code != 0
+    assert "a fixed strength goes after ':' as a number" in result.output
+    assert f"{path}:0.5" in result.output
+
+
+@pytest.mark.parametrize("spec", ["0:1:0", "1:0:0.5", "0:1:-1"])
+def test_a_range_with_no_step_says_what_a_range_needs(spec):
+    from actsteer.strengths import parse_strengths
+
+    with pytest.raises(ActSteerError, match="needs STEP > 0 and STOP ≥ START"):
+        parse_strengths(spec)

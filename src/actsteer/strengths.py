@@ -24,16 +24,19 @@ def parse_strengths(spec: str) -> list[float]:
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ActSteerError(f"strength range {spec!r} needs STEP > 0 and STOP ≥ START")
-            count = int((stop - start) / step + 1e-9) + 1
-            return [round(start + i * step, 10) for i in range(count)]
-        return [float(x) for x in text.split(",") if x.strip()]
+        else:
+            return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ActSteerError(
             f"cannot read strengths {spec!r}: use START:STOP:STEP (e.g. 0:1:0.1), "
             "a comma-separated list, or one number"
         ) from None
+    if not step > 0 or stop < start:
+        raise ActSteerError(
+            f"strength range {spec!r} needs STEP > 0 and STOP ≥ START (e.g. 0:1:0.25)"
+        )
+    count = int((stop - start) / step + 1e-9) + 1
+    return [round(start + i * step, 10) for i in range(count)]
 
 
 def parse_strength_specs(specs: Iterable[str]) -> list[float]:

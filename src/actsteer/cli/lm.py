@@ -110,6 +110,11 @@ def parse_steerings(
     swept: tuple[str, Steering] | None = None
     for spec in specs:
         path, _, lam = spec.rpartition(":")
+        if path and not is_number(lam) and Path(path).exists() and not Path(spec).exists():
+            raise ActSteerError(
+                f"--steering {spec!r}: a fixed strength goes after ':' as a number "
+                f"(FILE:λ, e.g. {path}:0.5), got {lam!r}"
+            )
         if path and is_number(lam):
             steering = load(path)
             steering.check_strength(float(lam))
