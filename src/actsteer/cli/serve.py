@@ -13,6 +13,22 @@ from actsteer.cli.options import ModelOption
 from actsteer.errors import ActSteerError
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on, saying so (uvicorn would only fail later)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ActSteerError(
+                f"cannot listen on {host}:{port} ({err.strerror}): another process uses it, or "
+                "the address is not this machine's; choose another with --port or --host"
+            ) from None
+
+
 def parse_named(specs: list[str]) -> dict[str, Path]:
     """`NAME=FILE` values (a bare FILE is named by its stem), each name once."""
     named: dict[str, Path] = {}
@@ -64,7 +80,8 @@ def serve(
     ] = 10.0,
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /v1/steerings)
-    with per-request steering; needs `pip install 'actsteer[serve]'`.
+    with per-request steering; needs the serve extra (`pip install ".\\[serve]"` in the
+    source tree).
 
     Example: actsteer serve --model smollm2-135m --steering detox=detox.safetensors
     """
@@ -75,6 +92,7 @@ def serve(
     uvicorn = require("uvicorn", "serve", "actsteer serve")
     from actsteer.serving.app import Server
 
+    check_port(host, port)  # before loading anything: a busy port is the first thing to know
     steerings = {
         name: Steering.load(path) for name, path in parse_named(steering_specs or []).items()
     }

@@ -34,10 +34,16 @@ fastapi = require("fastapi", "serve", "actsteer serve")
 from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+
+#: Seconds an overloaded server asks a client to wait before retrying (Retry-After).
+RETRY_AFTER = 1
 
 
 def _error(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    """The error in OpenAI's shape; an overloaded server also says when to retry."""
+    headers = {"Retry-After": str(RETRY_AFTER)} if err.status in (429, 503) else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def _validation_message(err: RequestValidationError) -> str:
@@ -258,6 +264,16 @@ class Server:
         @app.exception_handler(RequestValidationError)
         async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
             return _error(RequestError(_validation_message(err)))
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+            message = (
+                f"no route {request.method} {request.url.path}; this server serves "
+                "/v1/completions, /v1/chat/completions, /v1/models, /v1/steerings, /health"
+                if err.status_code in (404, 405)
+                else str(err.detail)
+            )
+            return _error(RequestError(message, status=err.status_code))
 
         async def authorised(request: Request) -> None:
             if self.api_key is None:

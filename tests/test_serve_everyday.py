@@ -1,0 +1,83 @@
+"""actsteer serve, tried again as a new user would (issue 26): every error in OpenAI's shape
+(an unknown route too), Retry-After when the server is full, a chat role the API does not know
+refused, and a busy port named before anything is loaded."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.test_serve import post, serving, tiny_model
+
+pytest.importorskip("fastapi")
+from actsteer.serving.app import Server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    with serving(Server(tiny_model(len(tokenizer)), tokenizer, {}, "tiny", max_batch=1,
+                        max_queue=0)) as url:  # fmt: skip
+        yield url
+
+
+def test_an_unknown_route_answers_in_openai_shape(base):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(base + "/v1/nothing-here", timeout=30)
+    body = json.loads(err.value.read())
+    assert err.value.code == 404
+    assert "no route GET /v1/nothing-here" in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unknown_chat_role_is_refused(base):
+    status, body = post(
+        base, "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2},
+    )  # fmt: skip
+    assert status == 400 and "role" in body["error"]["message"]
+    assert "'system', 'developer', 'user', 'assistant' or 'tool'" in body["error"]["message"]
+
+
+def test_a_full_server_says_when_to_retry(base, tokenizer):
+    """max_batch 1, max_queue 0: a second request while one runs is a 503 with Retry-After."""
+    import threading
+
+    long = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200}
+    first = threading.Thread(target=post, args=(base, "/v1/completions", long))
+    first.start()
+    try:
+        for _ in range(200):
+            request = urllib.request.Request(
+                base + "/v1/completions", json.dumps({**long, "max_tokens": 1}).encode(),
+                {"Content-Type": "application/json"}, method="POST",
+            )  # fmt: skip
+            try:
+                urllib.request.urlopen(request, timeout=30).read()
+            except urllib.error.HTTPError as err:
+                assert err.code == 503 and err.headers["Retry-After"] == "1"
+                assert "busy" in json.loads(err.read())["error"]["message"]
+                return
+        pytest.fail("the server never reported being full")
+    finally:
+        first.join()
+
+
+def test_a_busy_port_is_named_before_anything_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-c", "from actsteer.cli import app; app()", "serve", "--port",
+             str(port), "--model", "no-such-model-is-loaded"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr
+    assert "Serving on" not in run.stderr + run.stdout and "Loading model" not in run.stderr
