@@ -81,3 +81,50 @@ def test_a_busy_port_is_named_before_anything_loads():
     assert run.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr
     assert "Serving on" not in run.stderr + run.stdout and "Loading model" not in run.stderr
+
+
+def test_a_request_still_running_at_shutdown_ends_in_openai_shape(tmp_path, tokenizer):
+    """SIGINT with a long stream in flight and --shutdown-timeout 0.5: the stream's last event
+    is an OpenAI-shaped error (the client raises it) followed by [DONE], the log has no
+    traceback and the server exits with 0."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from tests.test_serve import client, free_port, get
+
+    folder = tmp_path / "tiny"
+    tiny_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "actsteer"), "serve", "--model", str(folder),
+               "--port", str(port), "--shutdown-timeout", "0.5"]  # fmt: skip
+    env = {**os.environ, "ACTSTEER_FUSED_KERNEL": "0"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                get(base, "/health")
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                time.sleep(0.2)
+        openai = pytest.importorskip("openai")
+        stream = client(base).completions.create(
+            model=str(folder), prompt="Hi", max_tokens=240, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
+        process.send_signal(signal.SIGINT)
+        with pytest.raises(openai.APIError, match="shutting down.*--shutdown-timeout 0.5"):
+            for _ in chunks:
+                time.sleep(0.01)  # a slow reader: the request is still running at the cut
+        assert process.wait(timeout=30) == 0
+        log = process.stderr.read() if process.stderr else ""
+        assert "Traceback" not in log, log
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -16,7 +16,7 @@ def require(module: str, extra: str, needed_for: str) -> ModuleType:
     except ImportError as err:
         raise ActSteerError(
             f"{needed_for} needs the package {err.name or module!r}, which is not installed; "
-            f"install actsteer's {extra!r} extra: pip install \".[{extra}]\" in its source "
-            f"tree, or pip install \"dist/actsteer-*.whl[{extra}]\" from a built wheel (pip "
+            f'install actsteer\'s {extra!r} extra: pip install ".[{extra}]" in its source '
+            f'tree, or pip install "dist/actsteer-*.whl[{extra}]" from a built wheel (pip '
             f"install 'actsteer[{extra}]' once actsteer is on PyPI)"
         ) from None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -107,7 +108,28 @@ def serve(
     # it found: a quiet one, so a stopped server exits with status 0
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, lambda *_: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         server.app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout,
         log_level="warning",
     )  # fmt: skip
+    graceful(uvicorn.Server, server.engine, shutdown_timeout)(config).run()
+
+
+def graceful(base: type, engine: Any, timeout: float) -> type:
+    """uvicorn's Server that, once asked to stop, lets in-flight requests run for `timeout`
+    seconds and then ends those still running with an error in OpenAI's shape (streams get
+    it as their last event, then [DONE]) — before uvicorn would cut their connections."""
+
+    class Graceful(base):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                reason = (
+                    f"the server is shutting down: the request did not finish within "
+                    f"--shutdown-timeout {timeout:g} s"
+                )
+                timer = threading.Timer(max(0.0, 0.8 * timeout), engine.stop, (reason,))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    return Graceful

@@ -235,9 +235,10 @@ class Server:
             event = Event()
             while event.finish_reason is None:
                 event = await queue.get()
-                if event.error:
+                if event.error:  # an OpenAI-shaped error, then the stream's end
                     error = RequestError(event.error, status=503).body()
                     yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
                     return
                 yield chunk(event.text, event.finish_reason, gates=event.gates)
             if usage:

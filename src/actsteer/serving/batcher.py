@@ -138,6 +138,7 @@ class Engine:
         self.admitting: list[Job] = []  # taken from the queue, prompt pass not yet run
         self.wake = threading.Condition()
         self.stopping = False
+        self.reason = "the server is shutting down"
         self.peak = 0  # the most rows decoded together so far
         self.order: list[Slot] = []  # the slots of the running rows, in hook order
         self.handles: list[SteeringHandle] = []  # their handles, in the same order
@@ -165,11 +166,17 @@ class Engine:
             self.waiting.append(job)
             self.wake.notify()
 
-    def close(self) -> None:
-        """Stop: requests still waiting or running get an error event; the model is restored."""
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Stop after the current step, without waiting: requests still waiting or running
+        get an error event saying `reason`; new ones are refused."""
         with self.wake:
             self.stopping = True
+            self.reason = reason
             self.wake.notify()
+
+    def close(self) -> None:
+        """Stop, wait for the engine thread, and restore the model."""
+        self.stop(self.reason)
         self.thread.join()
 
     # ---- the engine thread
@@ -199,7 +206,7 @@ class Engine:
                 with self.wake:
                     self.running, self.admitting = [], []
                 self._idle()
-        self._fail([*self.waiting, *self.running], "the server is shutting down")
+        self._fail([*self.waiting, *self.running, *self.admitting], self.reason)
         for handles in self.pool.values():
             for handle in handles:
                 handle.remove()
