@@ -128,3 +128,33 @@ def test_a_request_still_running_at_shutdown_ends_in_openai_shape(tmp_path, toke
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_metrics_and_an_access_log_line_per_request(tokenizer, neutral, football, caplog):
+    import logging
+
+    import actsteer
+    from tests.test_serve import client
+
+    model = tiny_model(len(tokenizer))
+    football_steering = actsteer.fit(model, tokenizer, neutral[:16], football[:16])
+    server = Server(model, tokenizer, {"football": football_steering}, "tiny")
+    caplog.set_level(logging.INFO, logger="actsteer.serve")
+    with serving(server) as url:
+        api = client(url)
+        api.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0,
+                               extra_body={"steering": {"football": 1.0}})  # fmt: skip
+        list(api.completions.create(model="tiny", prompt="Hi", max_tokens=2, stream=True))
+        post(url, "/v1/completions", {"model": "nope", "prompt": "Hi"})
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+            kind = response.headers["Content-Type"]
+    assert kind.startswith("text/plain")
+    assert 'actsteer_requests_total{endpoint="/v1/completions",status="200"} 2' in text
+    assert 'actsteer_requests_total{endpoint="/v1/completions",status="404"} 1' in text
+    assert 'actsteer_tokens_total{kind="completion"} 5' in text
+    assert 'actsteer_steering_requests_total{steering="football"} 1' in text
+    assert "actsteer_request_seconds_count 3" in text and "actsteer_requests_running 0" in text
+    lines = [r.getMessage() for r in caplog.records if r.name == "actsteer.serve"]
+    assert sum('"POST /v1/completions" 200' in line for line in lines) == 2
+    assert any('"POST /v1/completions" 404' in line for line in lines)

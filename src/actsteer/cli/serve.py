@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -94,6 +95,10 @@ def serve(
     from actsteer.serving.app import Server
 
     check_port(host, port)  # before loading anything: a busy port is the first thing to know
+    access = logging.StreamHandler()
+    access.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("actsteer.serve").addHandler(access)
+    logging.getLogger("actsteer.serve").setLevel(logging.INFO)
     steerings = {
         name: Steering.load(path) for name, path in parse_named(steering_specs or []).items()
     }

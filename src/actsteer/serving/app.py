@@ -1,12 +1,14 @@
 """The HTTP side: FastAPI routes of the OpenAI API (/v1/completions, /v1/chat/completions,
-/v1/models) plus /v1/steerings and /health, server-sent event streams, the optional API key,
-and errors in OpenAI's shape. Generation itself is the engine's (`batcher`)."""
+/v1/models) plus /v1/steerings, /health and /metrics (Prometheus), server-sent event streams,
+the optional API key, errors in OpenAI's shape, and one access-log line per request (logger
+"actsteer.serve"). Generation itself is the engine's (`batcher`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +19,7 @@ from actsteer.extras import require
 from actsteer.methods import get_method
 from actsteer.serving.batcher import Engine, Event, Job, Overloaded
 from actsteer.serving.decoding import Sampler, TextOutput
+from actsteer.serving.metrics import Metrics
 from actsteer.serving.protocol import (
     ChatBody,
     Common,
@@ -33,11 +36,12 @@ from actsteer.steering import Steering
 fastapi = require("fastapi", "serve", "actsteer serve")
 from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 #: Seconds an overloaded server asks a client to wait before retrying (Retry-After).
 RETRY_AFTER = 1
+log = logging.getLogger("actsteer.serve")
 
 
 def _error(err: RequestError) -> JSONResponse:
@@ -94,6 +98,7 @@ class Server:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = {*eos, tokenizer.eos_token_id} - {None}
         self.engine = Engine(model, steerings, max_batch, max_queue)
+        self.metrics = Metrics()
         self.app = self._routes()
 
     # ---- requests into jobs
@@ -188,6 +193,7 @@ class Server:
         finally:
             job.cancelled = True  # no effect once done; frees the row if the client left
         text, reason = "".join(parts), event.finish_reason
+        self._counted(job, event)
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -201,6 +207,11 @@ class Server:
             "choices": [choice],
             "usage": self._usage(job, event),
         }
+
+    def _counted(self, job: Job, event: Event) -> None:
+        """The finished request in the metrics: its tokens and its steerings."""
+        steerings = [name for name, *_ in job.steering]
+        self.metrics.generation(len(job.prompt), event.completion_tokens, steerings)
 
     @staticmethod
     def _usage(job: Job, event: Event) -> dict[str, int]:
@@ -241,6 +252,7 @@ class Server:
                     yield "data: [DONE]\n\n"
                     return
                 yield chunk(event.text, event.finish_reason, gates=event.gates)
+            self._counted(job, event)
             if usage:
                 final = {**meta, "object": kind, "choices": [], "usage": self._usage(job, event)}
                 yield f"data: {json.dumps(final)}\n\n"
@@ -258,6 +270,36 @@ class Server:
 
         app = FastAPI(title="actsteer", lifespan=lifespan)
 
+        @app.middleware("http")
+        async def account(request: Request, call_next: Any) -> Any:
+            """Time every request (a stream to its end), count it, log one line."""
+            started = time.perf_counter()
+            response = await call_next(request)
+
+            def done() -> None:
+                seconds = time.perf_counter() - started
+                self.metrics.request(request.url.path, response.status_code, seconds)
+                client = request.client.host if request.client else "-"
+                log.info(
+                    '%s "%s %s" %d %.3f s', client, request.method, request.url.path,
+                    response.status_code, seconds,
+                )  # fmt: skip
+
+            if isinstance(response, StreamingResponse) and response.status_code == 200:
+                body = response.body_iterator
+
+                async def counted() -> AsyncIterator[Any]:
+                    try:
+                        async for part in body:
+                            yield part
+                    finally:
+                        done()
+
+                response.body_iterator = counted()
+            else:
+                done()
+            return response
+
         @app.exception_handler(RequestError)
         async def request_error(request: Request, err: RequestError) -> JSONResponse:
             return _error(err)
@@ -270,7 +312,8 @@ class Server:
         async def http_error(request: Request, err: HTTPException) -> JSONResponse:
             message = (
                 f"no route {request.method} {request.url.path}; this server serves "
-                "/v1/completions, /v1/chat/completions, /v1/models, /v1/steerings, /health"
+                "/v1/completions, /v1/chat/completions, /v1/models, /v1/steerings, /health, "
+                "/metrics"
                 if err.status_code in (404, 405)
                 else str(err.detail)
             )
@@ -311,5 +354,10 @@ class Server:
         async def health() -> Any:
             running, waiting = self.engine.load()
             return {"status": "ok", "running": running, "waiting": waiting}
+
+        @app.get("/metrics")
+        async def metrics() -> Any:
+            text = self.metrics.render(*self.engine.load())
+            return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
         return app
