@@ -111,7 +111,7 @@ def test_fit_writes_loadable_file(steering_file, text_files):
     assert steering.method == "linear-act"
     assert steering.default_support == "all"
     data = steering.info.data
-    assert data["source_file"] == str(text_files[0])
+    assert data["source_file"] == str(text_files[0].resolve())  # absolute: readable from anywhere
     assert (data["source_texts"], data["target_texts"]) == (12, 12)  # blank lines skipped
 
 

@@ -72,3 +72,18 @@ def test_cli_inspect_data_names_modules(
     assert "separation" in result.output and "tokens inside q0-100" in result.output
     for name in steering.modules:
         assert name in result.output.split("per module on 40 --data texts")[1]
+
+
+def test_cli_inspect_does_not_guess_a_relative_recorded_target(
+    steering, tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("\n".join(football[:40]) + "\n")  # here, but not where fit ran
+    monkeypatch.setitem(steering.info.data, "target_file", "t.txt")
+    path = steering.save(tmp_path / "s.safetensors")
+    (tmp_path / "s.txt").write_text("\n".join(neutral[:40]) + "\n")
+    result = CliRunner().invoke(cli.app, ["inspect", str(path), "--data", "s.txt"])
+    assert result.exit_code == 0, result.output
+    assert "recorded relative to where it was fitted" in result.stderr
+    assert "pass --target FILE" in result.stderr and "separation" not in result.stdout

@@ -169,8 +169,15 @@ def _separation_table(
     from actsteer.diagnostics import module_reports
 
     recorded = steering.info.data.get("target_file")
-    if target is None and recorded is not None and Path(str(recorded)).is_file():
-        target = Path(str(recorded))
+    # only a path that says where it is: a relative one was relative to where fit ran
+    if target is None and recorded is not None and Path(str(recorded)).is_absolute():
+        if Path(str(recorded)).is_file():
+            target = Path(str(recorded))
+    elif target is None and recorded is not None:
+        status(
+            f"note: the steering's target file {recorded!r} was recorded relative to where it "
+            "was fitted; pass --target FILE for the separation column"
+        )
     target_texts = read_texts(target, "--target", field) if target is not None else None
     support = support or steering.default_support
     status(f"Recording {len(source)} --data text(s) at {len(steering.maps)} modules …")

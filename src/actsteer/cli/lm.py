@@ -129,6 +129,12 @@ def parse_steerings(
     return fixed, swept
 
 
+def _recorded(path: Path) -> str:
+    """A text file as a steering records it: absolute (an hf: dataset as given), so a later
+    command reads that file wherever it runs."""
+    return str(path) if str(path).startswith("hf:") else str(path.resolve())
+
+
 def option_names(keywords: dict[str, Any]) -> str:
     """Keywords as the options that gave them: {"training_steps": 5} → "--training-steps"."""
     return ", ".join(f"--{key.replace('_', '-')}" for key in keywords)
@@ -290,7 +296,7 @@ def fit(
     target_texts = read_texts(target, "target", field)
     if chat and pipeline is not None:
         raise ActSteerError("--chat is for language models (a pipeline has no chat template)")
-    data = {"source_file": str(source), "target_file": str(target)}
+    data = {"source_file": _recorded(source), "target_file": _recorded(target)}
     training = {
         key: value
         for key, value in (
