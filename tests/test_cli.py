@@ -61,7 +61,7 @@ def runner() -> CliRunner:
 @pytest.fixture(autouse=True)
 def shared_model(smol, monkeypatch):
     """Every command gets the session's model instead of loading its own."""
-    monkeypatch.setattr(cli.core, "load_model", lambda name: smol)
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: smol)
     return smol
 
 
@@ -80,7 +80,7 @@ def steering_file(smol, text_files, tmp_path_factory) -> tuple[Path, str]:
     source, target = text_files
     out = tmp_path_factory.mktemp("steer") / "s.safetensors"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli.core, "load_model", lambda name: smol)
+        mp.setattr(cli.core, "load_model", lambda name, **placement: smol)
         result = CliRunner().invoke(
             cli.app,
             ["fit", "--source", str(source), "--target", str(target), "-o", str(out)]
@@ -187,7 +187,8 @@ def test_generate_composes_fixed_and_swept_steerings(runner, steering_file):
 
 def test_export_writes_a_stock_checkpoint(runner, steering_file, smol, monkeypatch, tmp_path):
     model, tok = smol
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (copy.deepcopy(model), tok))
+    copied = lambda name, **placement: (copy.deepcopy(model), tok)  # noqa: E731
+    monkeypatch.setattr(cli.core, "load_model", copied)
     path, _ = steering_file
     out = tmp_path / "steered"
     result = runner.invoke(

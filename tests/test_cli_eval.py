@@ -35,7 +35,7 @@ def runner() -> CliRunner:
 @pytest.fixture(autouse=True)
 def shared_model(smol, monkeypatch):
     """Every command gets the session's model instead of loading its own."""
-    monkeypatch.setattr(cli.core, "load_model", lambda name: smol)
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: smol)
     return smol
 
 

@@ -61,7 +61,7 @@ def test_the_support_share_is_the_share_of_token_values_in_bounds(
 def test_cli_inspect_data_names_modules(
     steering, tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     path = steering.save(tmp_path / "s.safetensors")
     source, target = tmp_path / "s.txt", tmp_path / "t.txt"
     source.write_text("\n".join(neutral[:40]) + "\n")
@@ -77,7 +77,7 @@ def test_cli_inspect_data_names_modules(
 def test_cli_inspect_does_not_guess_a_relative_recorded_target(
     steering, tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.txt").write_text("\n".join(football[:40]) + "\n")  # here, but not where fit ran
     monkeypatch.setitem(steering.info.data, "target_file", "t.txt")

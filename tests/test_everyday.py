@@ -15,7 +15,7 @@ from actsteer.methods import get_method
 
 @pytest.fixture
 def tiny_cli(tiny_llama, tokenizer, monkeypatch):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     return CliRunner()
 
 

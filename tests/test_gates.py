@@ -113,10 +113,11 @@ def generated_gates(steering, model, tok, prompts, kind: str) -> tuple[list, tor
     with steering.applied(model, 1.0) as handle:
         first = next(iter(handle.gates.values()))
         module = handle.modules[next(iter(handle.gates))]
-        module.register_forward_hook(lambda *_: seen.append(first.last.clone()))
+        recording = module.register_forward_hook(lambda *_: seen.append(first.last.clone()))
         out = model.generate(
             **enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id
         )
+        recording.remove()
     return seen, out
 
 
@@ -143,9 +144,11 @@ def test_a_context_gate_carries_the_running_mean_across_passes(
     steering = gated.with_gate_settings(kind="context")
     full = []
     with steering.applied(tiny_llama, 1.0) as handle:
-        handle.modules[name].register_forward_hook(lambda *_: full.append(handle.gates[name].last))
+        module = handle.modules[name]
+        recording = module.register_forward_hook(lambda *_: full.append(handle.gates[name].last))
         with torch.no_grad():
             tiny_llama(out[:, :-1])
+        recording.remove()
     torch.testing.assert_close(incremental, full[0], rtol=1e-4, atol=1e-5)
 
 
@@ -230,7 +233,7 @@ def test_the_command_line_fits_inspects_and_calibrates_a_gate(
 
     from actsteer import cli
 
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     files = {}
     for name, lines in (
         ("s", neutral[:32]),
@@ -293,7 +296,7 @@ def test_generation_shows_each_tokens_gate_and_the_gate_detects(
     scores = score_texts(tiny_llama, tokenizer, token, neutral[70:80])
     assert len(scores) == 10 and all(0.0 <= s <= 1.0 for s in scores)
 
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     path = token.save(tmp_path / "g.safetensors")
     (tmp_path / "pos.txt").write_text("\n".join(neutral[70:90]) + "\n")
     (tmp_path / "neg.txt").write_text("\n".join(football[70:90]) + "\n")

@@ -155,7 +155,7 @@ def test_what_llama_cpp_cannot_express_is_refused(
 
 
 def test_cli_exports_a_control_vector(tiny_llama, tokenizer, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     steering = additive(tiny_llama)
     steering.save(tmp_path / "s.safetensors")
     out = tmp_path / "v.gguf"

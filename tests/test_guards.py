@@ -130,7 +130,7 @@ def test_the_same_steering_twice_on_one_model_is_refused(actadd, linear, tiny_ll
 def test_cli_generate_at_a_huge_strength_says_so_in_one_line(
     actadd, tiny_llama, tokenizer, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     path = actadd.save(tmp_path / "a.safetensors")
     result = CliRunner().invoke(
         cli.app,

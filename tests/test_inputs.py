@@ -69,7 +69,7 @@ def test_fit_with_chat(tiny_llama, tokenizer, neutral, football):
 
 @pytest.fixture
 def tiny_cli(tiny_llama, tokenizer, monkeypatch):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     return CliRunner()
 
 

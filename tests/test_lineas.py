@@ -307,7 +307,7 @@ def test_the_method_has_no_per_module_estimate():
 def test_cli_fit_with_method_lineas(
     tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     source, target, out = tmp_path / "s.txt", tmp_path / "t.txt", tmp_path / "l.safetensors"
     source.write_text("\n".join(neutral[:16]) + "\n")
     target.write_text("\n".join(football[:16]) + "\n")

@@ -116,7 +116,7 @@ def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(
 def test_cli_fit_refuses_an_existing_output_and_a_failed_fit_keeps_it(
     tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(cli.core, "load_model", lambda name: (tiny_llama, tokenizer))
+    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     source, target, out = tmp_path / "s.txt", tmp_path / "t.txt", tmp_path / "o.safetensors"
     source.write_text("\n".join(neutral[:8]) + "\n")
     target.write_text("\n".join(football[:8]) + "\n")

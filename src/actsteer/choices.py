@@ -17,6 +17,7 @@ Pooling = Literal["mean", "last", "max", "all"]
 Positions = Literal["all", "prompt", "generated", "last"]
 GuidanceMode = Literal["conditional", "both"]
 GateKind = Literal["token", "context", "prompt"]
+DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
 
 
 def check_choice(value: object, choices: Iterable[str], what: str) -> None:
@@ -48,6 +49,10 @@ POSITIONS: tuple[str, ...] = get_args(Positions)
 GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
 #: How a gate turns scores into a token's strength (actsteer.gates).
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
+#: The dtypes a model loads in (actsteer.placement); auto: the checkpoint's own.
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
+#: What --device takes (actsteer.placement); auto: accelerate's device_map="auto".
+DEVICE_FORMS = "cpu, cuda, cuda:N, mps or auto"
 #: The model used when none is given (actsteer.models).
 DEFAULT_MODEL = "smollm2-135m"
 

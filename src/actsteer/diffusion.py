@@ -29,21 +29,29 @@ from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
 from actsteer.extras import require
 from actsteer.guidance import Guidance
+from actsteer.placement import resolve_device, resolve_dtype
 from actsteer.steering import Steering
 from actsteer.tree import DENOISERS, module_tree, output_tensor, stream_index
 
 
 #: The denoising settings a pipeline fit records under, and their defaults.
 def load_pipeline(
-    name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name: str, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
 ) -> Any:
-    """Load any diffusers text-to-image pipeline: a hub id or a local folder."""
+    """Load any diffusers text-to-image pipeline: a hub id or a local folder.
+
+    dtype and device as for `actsteer.load_model`; device "auto" places the pipeline's
+    components across the GPUs there are (diffusers' device_map="balanced"), or on the CPU
+    on a machine without one."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     diffusers = require("diffusers", "diffusion", "loading a text-to-image pipeline")
+    balanced = device == "auto" and torch.cuda.is_available()
+    placement = {"device_map": "balanced"} if balanced else {}
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=dtype, **placement)
     except (OSError, ValueError) as err:
         raise ActSteerError(f"could not load pipeline {name!r}: {err}") from None
-    return pipe.to(device)
+    return pipe if balanced else pipe.to("cpu" if device == "auto" else device)
 
 
 def _pool(a: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from actsteer.chat import chat_texts
 from actsteer.errors import ActSteerError
 from actsteer.steering import Steering, steered
 from actsteer.strengths import resolve_strengths
+from actsteer.tree import model_device
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
@@ -99,7 +100,7 @@ def generate_grid(
     rows = [p for p in inputs for _ in strengths]
     generate_kwargs.setdefault("max_new_tokens", 40)
     generate_kwargs.setdefault("do_sample", False)
-    device = next(model.parameters()).device
+    device = model_device(model)
     with left_padding(tokenizer):
         encoded = tokenizer(rows, return_tensors="pt", padding=True).to(device)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from actsteer.cache import cache_dir
 from actsteer.choices import DEFAULT_MODEL
 from actsteer.errors import ActSteerError
+from actsteer.placement import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -87,6 +89,12 @@ def _cached_alias(alias: str) -> Path:
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     gguf = ALIASES[alias].gguf_path()
+    print(
+        f"actsteer: first use of {alias!r}: converting its GGUF weights to a safetensors copy "
+        f"under {folder.parent} (about half a minute, once) …",
+        file=sys.stderr,
+        flush=True,
+    )
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     worker = multiprocessing.get_context("spawn").Process(
@@ -117,6 +125,21 @@ def _dequantise(gguf: str, out: str) -> None:
     tokenizer.save_pretrained(out)
 
 
+def check_model_folder(folder: Path) -> None:
+    """A local model folder must hold a model: a folder without config.json (an empty one, a
+    folder of texts) would otherwise fail deep inside the tokenizer's loaders."""
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ActSteerError(
+            f"the folder {str(folder)!r} holds no model: a model folder has config.json, the "
+            "weights (model.safetensors or its shards) and the tokenizer's files, as "
+            "save_pretrained or `actsteer export` write them"
+        )
+    if folder.is_file():
+        raise ActSteerError(
+            f"{str(folder)!r} is a file; --model takes a model folder, a built-in alias or a hub id"
+        )
+
+
 def hub_endpoint() -> str:
     """The Hugging Face hub the clients use ($HF_ENDPOINT, else huggingface.co)."""
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -138,23 +161,32 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched generation (left padding).
 
     name: a built-in alias (see ALIASES), a local folder, or a Hugging Face hub id.
+    dtype: a torch dtype or its name (float32, bfloat16, float16), or "auto": the checkpoint's.
+    device: cpu, cuda, cuda:N, mps, or "auto": accelerate's device_map="auto" (the model
+    spread over the GPUs there are, then the CPU), for models larger than one device.
     """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     source = str(_cached_alias(name)) if name in ALIASES else name
     if name not in ALIASES and not Path(name).exists() and name.count("/") != 1:
         raise ActSteerError(
             f"model {name!r} is neither a built-in alias ({', '.join(ALIASES)}), "
             "a local folder, nor a hub id like 'org/model'"
         )
+    if name not in ALIASES and Path(name).exists():
+        check_model_folder(Path(name))
     offline = name not in ALIASES and not Path(name).exists() and not hub_reachable()
+    placement = {"device_map": "auto"} if device == "auto" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=offline, **placement
+        )
     except OSError as err:
         if offline:  # one line at once, instead of the hub client's retries
             raise ActSteerError(
@@ -163,7 +195,9 @@ def load_model(
                 "local folder"
             ) from None
         raise ActSteerError(f"could not load model {name!r}: {err}") from None
-    model.to(device).eval()  # type: ignore[arg-type]  # @wraps(Module.to) leaves `to` unbound
+    if device != "auto":
+        model.to(device)  # type: ignore[arg-type]  # @wraps(Module.to) leaves `to` unbound
+    model.eval()
     model.config.name_or_path = name
     model.name_or_path = name
     if tokenizer.pad_token is None:

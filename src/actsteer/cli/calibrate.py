@@ -15,7 +15,14 @@ from actsteer.choices import CALIBRATION_PASSAGES as PASSAGES
 from actsteer.choices import PERPLEXITY_TOKENS as OFFSET
 from actsteer.choices import PERPLEXITY_WINDOW as PASSAGE_TOKENS
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, read_texts, status
-from actsteer.cli.options import ExtrapolateOption, ForceOption, ModelOption, SupportOption
+from actsteer.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    ExtrapolateOption,
+    ForceOption,
+    ModelOption,
+    SupportOption,
+)
 from actsteer.errors import ActSteerError
 from actsteer.outputs import check_output, written_file
 
@@ -188,6 +195,8 @@ def calibrate_command(
         ),
     ],
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     budget_ppl: Annotated[
         float | None,
         typer.Option(
@@ -352,7 +361,7 @@ def calibrate_command(
         None if gated else held_out_source, None if gated else held_out_target,
     )  # fmt: skip
     model = model_for(steering, model)
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     status(
         f"Calibrating {steering_path} on {model}: largest λ with "
         f"{'ΔPPL' if cost == 'ppl' else 'KL'} ≤ {budget:g} …"

@@ -192,14 +192,16 @@ def read_texts(path: str | Path, what: str = "texts", field: str | None = None) 
     return read(str(path), what, field)
 
 
-def load_lm(name: str) -> tuple[Any, Any]:
-    """The model and tokenizer called `name` (see actsteer.models.model_for), with a status line."""
-    status(f"Loading model {name} …")
-    return load_model(name)
+def load_lm(name: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """The model and tokenizer called `name` (see actsteer.models.model_for) on `device` in
+    `dtype`, with a status line."""
+    placed = "" if (device, dtype) == ("cpu", "float32") else f" ({device}, {dtype})"
+    status(f"Loading model {name}{placed} …")
+    return load_model(name, device=device, dtype=dtype)
 
 
-def load_model(name: str) -> tuple[Any, Any]:
+def load_model(name: str, *, device: str, dtype: str) -> tuple[Any, Any]:
     """actsteer.models.load_model, imported when a command first needs it (not for --help)."""
     from actsteer import models
 
-    return models.load_model(name)
+    return models.load_model(name, device=device, dtype=dtype)

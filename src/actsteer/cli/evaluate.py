@@ -14,6 +14,8 @@ from rich.text import Text
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, status
 from actsteer.cli.options import (
     ChatOption,
+    DeviceOption,
+    DtypeOption,
     ExtrapolateOption,
     ForceOption,
     ModelOption,
@@ -74,6 +76,8 @@ def parse_named_steerings(specs: Sequence[str]) -> dict[str, Steering]:
 def eval_(
     task: Annotated[str, typer.Argument(help="An evaluation task.", metavar="TASK")],
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     steering_path: Annotated[
         Path | None,
         typer.Option(
@@ -140,7 +144,7 @@ def eval_(
         needs="--steering FILE",
     )
     model = model_for(steering, model)
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     status(f"Evaluating {task} on {model} …")
     results = spec.evaluate_grid(lm, tok, steering, strengths, **options)
     title = f"{task} — {model}" + (f" steered by {steering_path}" if steering else " (plain)")
@@ -205,6 +209,8 @@ def sweep(
         Path, typer.Option("--out", "-o", help="The results JSON; PNGs go next to it.")
     ] = Path("results/sweep.json"),
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     extrapolate: ExtrapolateOption = None,
     chat: ChatOption = False,
 ) -> None:
@@ -254,7 +260,7 @@ def sweep(
     model = model_for(next(iter(named.values()), None), model)
     planned = len(tasks) * sum(1 if s is None else len(strengths) for s in steerings.values())
     before = len((load_results(out) or {}).get("entries", []))
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     status(
         f"Sweeping {', '.join(tasks)} × {', '.join(steerings)} over λ = "
         f"{', '.join(f'{s:g}' for s in strengths) or '0'} on {model} …"

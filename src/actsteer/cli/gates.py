@@ -10,7 +10,14 @@ import typer
 from rich.table import Table
 
 from actsteer.cli.core import EVAL_PANEL, app, console, load_lm, read_texts, status
-from actsteer.cli.options import FieldOption, ForceOption, MaxLengthOption, ModelOption
+from actsteer.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    FieldOption,
+    ForceOption,
+    MaxLengthOption,
+    ModelOption,
+)
 from actsteer.errors import ActSteerError
 from actsteer.outputs import check_output, written_file
 
@@ -67,6 +74,8 @@ def monitor(
         ),
     ] = None,
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     field: FieldOption = None,
     max_length: MaxLengthOption = 128,
     out: Annotated[
@@ -94,7 +103,7 @@ def monitor(
         check_output(out, force)
     positives = read_texts(texts, "texts", field)
     negatives = read_texts(against, "--against", field) if against is not None else []
-    lm, tok = load_lm(model_for(steering, model))
+    lm, tok = load_lm(model_for(steering, model), device, dtype)
     status(f"Scoring {len(positives) + len(negatives)} text(s) by the gate …")
     scores = score_texts(lm, tok, steering, positives + negatives, max_length=max_length)
     table = Table(title=f"gate scores ({steering_path})", show_edge=False)

@@ -11,6 +11,8 @@ from actsteer.choices import GUIDANCE_MODES, check_choice
 from actsteer.cli.core import IMAGE_PANEL, app, renamed_steps, status
 from actsteer.cli.options import (
     DenoisingStepsOption,
+    DeviceOption,
+    DtypeOption,
     ForceOption,
     GuidanceScaleOption,
     OldStepsOption,
@@ -51,6 +53,8 @@ def generate_image(
         typer.Option("--cfg", hidden=True, help="Deprecated: the old name of --guidance."),
     ] = None,
     force: ForceOption = False,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Render a labelled PNG grid: rows are prompts, columns strengths λ (one pipeline call).
 
@@ -76,7 +80,7 @@ def generate_image(
         needs="--steering FILE",
     )
     status(f"Loading pipeline {pipeline} …")
-    pipe = load_pipeline(pipeline)
+    pipe = load_pipeline(pipeline, device=device, dtype=dtype)
     extra: dict[str, Any] = {} if size is None else {"height": size, "width": size}
     status(f"Rendering {len(prompts)} prompt(s) × {len(strengths)} strength(s) in one call …")
     images = generate_images(

@@ -19,6 +19,8 @@ from actsteer.cli.core import (
     status,
 )
 from actsteer.cli.options import (
+    DeviceOption,
+    DtypeOption,
     FieldOption,
     ForceOption,
     MaxLengthOption,
@@ -71,6 +73,8 @@ def inspect(
     ] = None,
     field: FieldOption = None,
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     module: Annotated[
         str | None,
         typer.Option(help="For --data: the module to show (default: the middle one)."),
@@ -149,7 +153,7 @@ def inspect(
     lm = tok = texts = None
     if data is not None:
         texts = read_texts(data, "--data", field)
-        lm, tok = load_lm(model_for(steering, model))
+        lm, tok = load_lm(model_for(steering, model), device, dtype)
         _separation_table(steering, lm, tok, texts, target, field, support, max_length)
     if plot is not None:
         _inspect_plot(steering, path, plot, lm, tok, texts, module, support, max_length)
@@ -245,6 +249,8 @@ def export(
     strength: StrengthOption = None,
     support: SupportOption = "all",
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     force: ForceOption = False,
     export_format: Annotated[
         str,
@@ -282,7 +288,7 @@ def export(
     lam = strengths[0]
     check_output(output, force)
     model = model_for(steering, model)
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     if export_format == "gguf":
         from actsteer.export import export_control_vector
 

@@ -26,6 +26,8 @@ from actsteer.cli.core import (
 from actsteer.cli.options import (
     ChatOption,
     DenoisingStepsOption,
+    DeviceOption,
+    DtypeOption,
     ExtrapolateOption,
     FieldOption,
     ForceOption,
@@ -191,6 +193,8 @@ def fit(
         typer.Option("--output", "-o", help="Where to write the steering (.safetensors)."),
     ],
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     modules: Annotated[
         str | None,
         typer.Option(
@@ -307,7 +311,7 @@ def fit(
     }  # fmt: skip
     if pipeline is not None:
         status(f"Loading pipeline {pipeline} …")
-        pipe = load_pipeline(pipeline)
+        pipe = load_pipeline(pipeline, device=device, dtype=dtype)
         status(f"Fitting {method} on {pipeline}: {len(source_texts)} → {len(target_texts)} prompts")
         given = {**training, **({"gate": gate} if gate is not None else {})}
         if given:
@@ -324,7 +328,7 @@ def fit(
         return
     settings = lm_mode(estimator, mode, training, support_pooling)
     model = model_for(None, model)
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     status(
         f"Fitting {method} ({settings.name}) on {model}: {len(source_texts)} source → "
         f"{len(target_texts)} target texts, modules {modules or DEFAULT_MODULES!r} …"
@@ -379,6 +383,8 @@ def generate(
     ] = None,
     strength: StrengthOption = None,
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     support: SupportOption = None,
     positions: Annotated[
         str,
@@ -452,7 +458,7 @@ def generate(
     else:
         columns = ["plain"]
     model = model_for(fixed[0][1] if fixed else steering, model)
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     status(
         f"Generating {len(prompts)} prompt(s) × {len(columns)} strength(s) in one batched call …"
     )
@@ -493,6 +499,8 @@ def generate(
 @app.command(rich_help_panel=LM_PANEL)
 def demo(
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     max_new_tokens: MaxNewTokensOption = 40,
 ) -> None:
     """Induce the concept "football": fit neutral → football sentences, generate at λ = 0, ½, 1.
@@ -506,7 +514,7 @@ def demo(
 
     model = model_for(None, model)
     source, target = package_texts("neutral.txt"), package_texts("football.txt")
-    lm, tok = load_lm(model)
+    lm, tok = load_lm(model, device, dtype)
     status(
         f"Fitting a 'football' steering on {model}: Linear-AcT on every layer norm, "
         f"{len(source)} neutral → {len(target)} football sentences …"

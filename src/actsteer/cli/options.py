@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from actsteer.choices import DEFAULT_MODEL, SUPPORTS, check_choice
+from actsteer.choices import DEFAULT_MODEL, DEVICE_FORMS, DTYPE_NAMES, SUPPORTS, check_choice
 
 
 def _support_choice(value: str | None) -> str | None:
@@ -25,6 +25,44 @@ ModelOption = Annotated[
         help="Built-in alias, local folder or hub id. Default: the model the steering was "
         f"fitted on, else {DEFAULT_MODEL}.",
         metavar="MODEL",
+    ),
+]
+
+
+def _dtype_choice(value: str) -> str:
+    check_choice(value, DTYPE_NAMES, "--dtype")
+    return value
+
+
+def _device_here(value: str) -> str:
+    """The device, when this machine has it: checked as the command starts, not after its
+    data is read and its model loaded."""
+    if value != "cpu":
+        from actsteer.placement import resolve_device
+
+        resolve_device(value)
+    return value
+
+
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where the model runs: cpu, cuda, cuda:N, mps, or auto (accelerate spreads a model "
+        "larger than one device over the GPUs there are, then the CPU).",
+        metavar=DEVICE_FORMS.replace(", ", "|").replace(" or ", "|"),
+        callback=_device_here,
+    ),
+]
+
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="The model's dtype: float32, bfloat16, float16, or auto (the checkpoint's). "
+        "Steering maps stay float32; the transport runs in the model's dtype.",
+        metavar="|".join(DTYPE_NAMES),
+        callback=_dtype_choice,
     ),
 ]
 

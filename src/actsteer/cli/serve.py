@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from actsteer.cli.core import LM_PANEL, app, load_lm, status
-from actsteer.cli.options import ModelOption
+from actsteer.cli.options import DeviceOption, DtypeOption, ModelOption
 from actsteer.errors import ActSteerError
 
 
@@ -58,6 +58,8 @@ def serve(
         ),
     ] = None,
     model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     api_key: Annotated[
@@ -103,7 +105,7 @@ def serve(
         name: Steering.load(path) for name, path in parse_named(steering_specs or []).items()
     }
     name = model_for(next(iter(steerings.values()), None), model)
-    lm, tokenizer = load_lm(name)
+    lm, tokenizer = load_lm(name, device, dtype)
     server = Server(
         lm, tokenizer, steerings, model_name or name, api_key, max_batch, max_queue, max_tokens
     )

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.models import cache_keyword
+from actsteer.tree import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -64,7 +65,7 @@ def batched_logits(
     """
     if batch_size < 1:
         raise ActSteerError(f"batch_size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad = _pad_id(tokenizer)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

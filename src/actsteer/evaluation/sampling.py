@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from actsteer.errors import ActSteerError
 from actsteer.generation import generate_grid
 from actsteer.steering import Steering
+from actsteer.tree import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,7 +79,7 @@ def sample_grid(
     per_call = max(1, batch_size // len(strengths))
     chunks = [prompts[i : i + per_call] for i in range(0, len(prompts), per_call)]
     extra: dict[str, Any] = {} if sampling.do_sample else {"temperature": None, "top_p": None}
-    device = next(model.parameters()).device
+    device = model_device(model)
     devices = [device] if device.type == "cuda" else []
     texts: list[list[str]] = []
     with tqdm(total=len(prompts) * len(strengths), desc=desc, disable=not progress) as bar:

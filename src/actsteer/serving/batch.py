@@ -16,6 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from actsteer.models import cache_keyword
+from actsteer.tree import model_device
 
 #: One row's cache: per layer, its (keys, values) of shape (1, heads, tokens, head_dim).
 RowCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -39,7 +40,7 @@ class DecodeBatch:
     def __init__(self, model: nn.Module, quantum: int) -> None:
         self.model = model
         self.quantum = quantum
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.cache_key = cache_keyword(model)  # `cache`; `past_key_values` before 5.x
         self.rows: list[RowCache] = []  # each row's own (unpadded) cache
         self.lengths: list[int] = []

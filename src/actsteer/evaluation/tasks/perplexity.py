@@ -33,6 +33,7 @@ from actsteer.evaluation.data import load_hub, require_keys, resolve_data
 from actsteer.evaluation.likelihood import special_prefix
 from actsteer.evaluation.tasks.registry import Task, register
 from actsteer.steering import Steering
+from actsteer.tree import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -132,7 +133,7 @@ def token_nll(
     stride = stride or window
     prefix = special_prefix(tokenizer)
     spans = windows(len(ids), window, stride)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
     # Windows of equal length batch together (all but possibly the last one).
     groups: dict[int, list[tuple[int, int, int]]] = {}
