@@ -51,3 +51,37 @@ def test_a_range_with_no_step_says_what_a_range_needs(spec):
 
     with pytest.raises(ActSteerError, match="needs STEP > 0 and STOP ≥ START"):
         parse_strengths(spec)
+
+
+def test_a_folded_model_knows_what_was_folded_into_it(
+    tiny_llama, tokenizer, neutral, football, tmp_path
+):
+    """Folding records the steering in the config (saved with the checkpoint): applying or
+    folding the same steering again is refused plainly, and a steering fitted on the original
+    is told why it does not fit the folded export."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    steering = actsteer.fit(
+        tiny_llama, tokenizer, neutral[:32], football[:32], modules="post-attn-ln", support="all"
+    )
+    model = steering.fold(copy.deepcopy(tiny_llama), 0.5)
+    (record,) = model.config.actsteer_folded
+    assert record["digest"] == steering.digest() and record["strength"] == 0.5
+    for again in (lambda: steering.fold(model), lambda: steering.applied(model).__enter__()):
+        with pytest.raises(ActSteerError, match="already folded into this model's weights .*0.5"):
+            again()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ActSteerError, match="already folded"):
+        steering.applied(reloaded).__enter__()
+    other = actsteer.fit(
+        tiny_llama, tokenizer, football[:32], neutral[:32], modules="post-attn-ln", support="all"
+    )
+    with pytest.raises(
+        ActSteerError, match="no parameter .*folded export .*apply them to the orig"
+    ):
+        other.applied(reloaded).__enter__()
+    with other.applied(tiny_llama, 0.5):  # the original still takes it
+        pass

@@ -16,7 +16,9 @@ affine, so it folds into the module that produced `a`:
   the sum of every earlier block's writes and has no weight of its own.
 
 What each architecture needs (norm readers, (1 + γ) offset, bias flags, transposed layers)
-comes from `actsteer.families`. Every fold checks itself: the folded model must reproduce the
+comes from `actsteer.families`. A fold is recorded in the model's config (`actsteer_folded`, saved
+with the checkpoint), so that the same steering is not applied or folded a second time. Every
+fold checks itself: the folded model must reproduce the
 hooked model's outputs on a probe input (an LM's logits on a few tokens; for a pipeline, each
 folded module on random input), or the weights are restored and the fold refused.
 """
@@ -39,6 +41,23 @@ from actsteer.tree import is_pipeline, module_tree
 #: Largest |folded − hooked| on the probe, relative to the largest |hooked| output (≥ 1).
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 HALF_TOLERANCE = 5e-2  # float16, bfloat16
+
+
+#: The config attribute listing the steerings folded into a model: {digest, method, strength,
+#: model} each.
+FOLDED = "actsteer_folded"
+
+
+def folded_records(model: nn.Module) -> list[dict[str, Any]]:
+    """The steerings folded into `model`'s weights, as its config records them ([] if none)."""
+    records = getattr(getattr(model, "config", None), FOLDED, None)
+    return list(records) if isinstance(records, list) else []
+
+
+def _record_fold(model: nn.Module, record: dict[str, Any]) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, FOLDED, [*folded_records(model), record])
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -247,8 +266,10 @@ def fold_maps(
     model: Any,
     strength: float,
     hooked: Callable[[], AbstractContextManager[Any]],
+    record: dict[str, Any],
 ) -> None:
-    """Fold `maps` at `strength` (support "all") into the weights of `model` in place.
+    """Fold `maps` at `strength` (support "all") into the weights of `model` in place, and add
+    `record` to the model config's list of folded steerings.
 
     `hooked()` is a context in which the model runs with the same maps as hooks: the probe's
     reference. When the folded model disagrees with it the weights are restored and the fold
@@ -280,3 +301,4 @@ def fold_maps(
     except BaseException:
         folder.edits.undo()
         raise
+    _record_fold(tree, record)

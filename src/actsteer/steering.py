@@ -8,6 +8,7 @@ read from a llama.cpp control vector with `from_gguf`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -22,7 +23,7 @@ from actsteer.choices import GUIDANCE_MODES, check_choice
 from actsteer.compat import check_compatible, model_fingerprint
 from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
-from actsteer.fold import fold_maps
+from actsteer.fold import FOLDED, fold_maps, folded_records
 from actsteer.gates import DEFAULT_C, GATE_FIELDS, Gate, GateSettings, describe_fit, fit_gates
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.hub import PREFIX, locate, save_folder
@@ -146,8 +147,50 @@ class Steering:
         get_method(self.method).check_strength(strength, self.max_strength)
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Refuse a model other than the one this steering was fitted on (first mismatch)."""
-        check_compatible(self.maps, model, self.info.model_name, self.info.fingerprint)
+        """Refuse a model other than the one this steering was fitted on (first mismatch), and
+        a model this steering is already folded into."""
+        folded = folded_records(model)
+        digest = self.digest() if folded else None
+        for record in folded:
+            if record.get("digest") == digest:
+                raise ActSteerError(
+                    f"this steering is already folded into this model's weights (at λ = "
+                    f"{record.get('strength')}, as its config's {FOLDED!r} records): the model "
+                    "is steered without hooks, and applying or folding the steering again "
+                    "would apply it twice; use the model as it is, or steer the original "
+                    f"model {record.get('model') or ''!r}"
+                )
+        try:
+            check_compatible(self.maps, model, self.info.model_name, self.info.fingerprint)
+        except ActSteerError as err:
+            if not folded:
+                raise
+            raise ActSteerError(
+                f"{err}. This model is a folded export (its config records "
+                f"{len(folded)} steering(s) folded in, e.g. {folded[0].get('method')!r} at "
+                f"λ = {folded[0].get('strength')}): folding added biases its original lacks, so "
+                "steerings fitted on the original do not fit it; apply them to the original "
+                "model, or fit on the folded one"
+            ) from None
+
+    def digest(self) -> str:
+        """A short hash of the method and maps, and of the gates and their settings where there
+        are some: equal digests, the same steering."""
+        digest = hashlib.sha256(str(self.method).encode())
+        for name in sorted(self.maps):
+            amap = self.maps[name]
+            digest.update(name.encode())
+            digest.update(amap.omega.detach().float().cpu().numpy().tobytes())
+            digest.update(amap.beta.detach().float().cpu().numpy().tobytes())
+        settings = self.gate_settings
+        if settings is not None:
+            digest.update(repr(settings).encode())
+            for name in sorted(self.gates):
+                gate = self.gates[name]
+                digest.update(name.encode())
+                digest.update(gate.weight.detach().float().cpu().numpy().tobytes())
+                digest.update(gate.bias.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def extrapolated(self, upper: float) -> Steering:
         """The same steering, accepting λ up to `upper` beyond its method's range.
@@ -276,11 +319,18 @@ class Steering:
             raise ActSteerError("folding takes one number as strength, not a per-row tensor")
         self.check_strength(strength)
         self.check_compatible(module_tree(model))
+        record = {
+            "digest": self.digest(),
+            "method": self.method,
+            "strength": strength,
+            "model": self.info.model_name,
+        }
         fold_maps(
             self.maps,
             model,
             strength,
             lambda: self.applied(model, strength, "all", guidance="both"),
+            record,
         )
         return model
 

@@ -73,25 +73,8 @@ _POSITIONAL = {"model", "tokenizer", "steering", "strengths", "progress"}
 
 
 def steering_digest(steering: Steering | None) -> str:
-    """A short hash of a steering's maps and method, and of its gates and their settings
-    where it has some (\"plain\" for no steering)."""
-    if steering is None:
-        return "plain"
-    digest = hashlib.sha256(str(steering.method).encode())
-    for name in sorted(steering.maps):
-        amap = steering.maps[name]
-        digest.update(name.encode())
-        digest.update(amap.omega.detach().float().cpu().numpy().tobytes())
-        digest.update(amap.beta.detach().float().cpu().numpy().tobytes())
-    settings = steering.gate_settings
-    if settings is not None:
-        digest.update(repr(settings).encode())
-        for name in sorted(steering.gates):
-            gate = steering.gates[name]
-            digest.update(name.encode())
-            digest.update(gate.weight.detach().float().cpu().numpy().tobytes())
-            digest.update(gate.bias.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The steering's digest (Steering.digest), "plain" for no steering."""
+    return "plain" if steering is None else steering.digest()
 
 
 def options_key(options: Mapping[str, Any]) -> str:
