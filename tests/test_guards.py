@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import actsteer
 from actsteer import cli
 from actsteer.errors import ActSteerError
-from actsteer.guards import reach, warn_far_strength
+from actsteer.guards import check_far_strength, reach
 from actsteer.maps import AffineMap
 
 
@@ -48,7 +48,8 @@ def test_a_huge_strength_is_a_clear_error_naming_module_and_strength(
     actadd, tiny_llama, tokenizer, sample
 ):
     inputs = prompt(tokenizer)
-    with pytest.raises(ActSteerError) as caught, actadd.applied(tiny_llama, 1e38):
+    huge = actadd.extrapolated(1e38)  # on purpose: without it the λ itself is refused
+    with pytest.raises(ActSteerError) as caught, huge.applied(tiny_llama, 1e38):
         tiny_llama.generate(**inputs, max_new_tokens=3, do_sample=sample)
     message = str(caught.value)
     assert "non-finite" in message and "λ = 1e+38" in message and "lower the strength" in message
@@ -63,7 +64,7 @@ def test_per_row_strengths_are_named_too(actadd, tiny_llama, tokenizer):
     lam = torch.tensor([1.0, 1e38])
     with (
         pytest.raises(ActSteerError, match=r"λ = \[1, 1e\+38\]"),
-        actadd.applied(tiny_llama, lam),
+        actadd.extrapolated(1e38).applied(tiny_llama, lam),
         torch.no_grad(),
     ):
         tiny_llama(**inputs)
@@ -79,6 +80,23 @@ def test_a_strength_far_beyond_the_fit_data_warns(actadd, linear, tiny_llama, to
     far = r"λ = 100 shifts activations of 'model\.layers\."
     with pytest.warns(UserWarning, match=far), actadd.applied(tiny_llama, 100.0), torch.no_grad():
         tiny_llama(**inputs)
+
+
+@pytest.mark.parametrize("method", ["actadd", "iti-c"])
+def test_a_strength_that_collapses_the_output_is_refused(
+    method, tiny_llama, tokenizer, neutral, football
+):
+    """ActAdd and ITI-c take any λ; at 1e38 the norms squash the activations to a constant and
+    the text comes out empty, with every value finite. Such a λ is refused unless the steering
+    was extrapolated to it on purpose."""
+    steering = actsteer.fit(tiny_llama, tokenizer, neutral[:16], football[:16], method=method)
+    for lam in (1e38, torch.tensor([1.0, 1e38])):
+        with pytest.raises(ActSteerError, match=r"the output collapses .*choose \|λ\| ≤ .*extra"):
+            steering.attach(tiny_llama, lam)
+    assert not tiny_llama._forward_hooks, "a refused strength leaves nothing registered"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steering.extrapolated(1e38).attach(tiny_llama, 1e38).remove()
 
 
 def test_the_output_check_is_one_hook_on_the_model_only_while_steered(actadd, linear, tiny_llama):
@@ -132,11 +150,12 @@ def test_cli_generate_at_a_huge_strength_says_so_in_one_line(
 ):
     monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
     path = actadd.save(tmp_path / "a.safetensors")
-    result = CliRunner().invoke(
-        cli.app,
-        ["generate", "--steering", str(path), "-s", "1e38", "--sample", "--max-new-tokens", "3"]
-        + ["--", "Hello"],
-    )
+    args = ["generate", "--steering", str(path), "-s", "1e38", "--sample", "--max-new-tokens", "3"]
+    refused = CliRunner().invoke(cli.app, [*args, "--", "Hello"])
+    assert refused.exit_code == 1
+    last = refused.output.strip().splitlines()[-1]
+    assert last.startswith("error: λ = [1e+38] shifts") and "--extrapolate 1e+38" in last
+    result = CliRunner().invoke(cli.app, [*args, "--extrapolate", "1e38", "--", "Hello"])
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: steering made activations non-finite") and "1e+38" in last
@@ -154,7 +173,7 @@ def test_a_unit_the_fit_data_never_moves_is_no_false_alarm():
     large = AffineMap(torch.ones(5), torch.tensor([0.0, 60.0, 0.0, 0.0, 0.0]), bounds)
     assert reach({"small": small, "large": large}) == (pytest.approx(60 / 0.3), "large")
     with pytest.warns(UserWarning, match="by up to 200×"):
-        warn_far_strength(reach({"large": large}), torch.tensor(1.0))
+        check_far_strength(reach({"large": large}), torch.tensor(1.0), None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_far_strength(reach({"small": small}), torch.tensor(1.0))
+        check_far_strength(reach({"small": small}), torch.tensor(1.0), None)

@@ -158,3 +158,37 @@ def test_metrics_and_an_access_log_line_per_request(tokenizer, neutral, football
     lines = [r.getMessage() for r in caplog.records if r.name == "actsteer.serve"]
     assert sum('"POST /v1/completions" 200' in line for line in lines) == 2
     assert any('"POST /v1/completions" 404' in line for line in lines)
+
+
+def test_strength_errors_speak_http_and_calibrated_strengths_are_served(
+    tokenizer, neutral, football
+):
+    """A λ out of range says the range this server steers with, not a Python call an HTTP
+    client cannot make; a steering calibrated past 1 on purpose is served up to its calibrated
+    λ; ActAdd at a λ that would collapse the output is a 400, and the server keeps serving."""
+    from dataclasses import replace
+
+    import actsteer
+
+    model = tiny_model(len(tokenizer))
+    fit = lambda method: actsteer.fit(model, tokenizer, neutral[:16], football[:16], method=method)  # noqa: E731
+    linear = fit("linear-act")
+    calibrated = replace(linear, info=replace(linear.info, default_strength=3.0))
+    steerings = {"linear": linear, "calibrated": calibrated, "actadd": fit("actadd")}
+    with serving(Server(model, tokenizer, steerings, "tiny")) as url:
+
+        def ask(name, lam):
+            body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "steering": {name: lam}}
+            return post(url, "/v1/completions", body)
+
+        status, body = ask("linear", 2.0)
+        message = body["error"]["message"]
+        assert status == 400 and "outside [0, 1], the range this server steers with" in message
+        assert "extrapolated(" not in message
+        assert ask("calibrated", 3.0)[0] == 200 and ask("calibrated", None)[0] == 200
+        status, body = ask("calibrated", 3.5)
+        assert status == 400 and "[0, 3]" in body["error"]["message"]
+        assert "calibrated strength" in body["error"]["message"]
+        status, body = ask("actadd", 1e38)
+        assert status == 400 and "the output collapses" in body["error"]["message"]
+        assert ask("actadd", 1.0)[0] == 200

@@ -2,7 +2,9 @@
 
 - the same steering applied twice to one model (nested `applied`) is refused;
 - a λ that moves activations many times their spread on the fit data gets a warning, once per
-  strength set;
+  strength set, and one that moves them a thousandfold is refused unless the steering was
+  extrapolated to it on purpose (far beyond the fit, outputs collapse to empty or constant text
+  long before they turn NaN);
 - non-finite outputs: one check per forward of the model (the sum of its last position's
   logits: about 0.1% of the LM head's matmul); when it fails, one diagnostic rerun finds the
   first steered module whose output is non-finite, and the error names it and its λ.
@@ -23,6 +25,8 @@ from actsteer.maps import AffineMap
 
 #: a shift larger than this many times the source's per-unit range (q0-100) gets a warning
 SPREAD_WARNING = 10.0
+#: and one larger than this is refused unless `extrapolated` allowed that λ
+SPREAD_REFUSAL = 1000.0
 #: a unit's range counts as at least this fraction of its module's median unit range, so a
 #: unit the fit data never moves (a dead norm channel: range 0) and a small shift of it is not
 #: read as an infinite one
@@ -65,16 +69,28 @@ def reach(maps: dict[str, AffineMap]) -> tuple[float, str]:
     return worst, where
 
 
-def warn_far_strength(maps_reach: tuple[float, str], strength: torch.Tensor) -> None:
+def check_far_strength(
+    maps_reach: tuple[float, str], strength: torch.Tensor, allowed: float | None
+) -> None:
     """Warn when λ moves some unit by more than SPREAD_WARNING × its range on the fit data
-    (`maps_reach` from `reach`): beyond anything the fit data supports (ActAdd and ITI-c accept
-    any λ, and large ones turn output to garbage before it turns NaN)."""
+    (`maps_reach` from `reach`); refuse beyond SPREAD_REFUSAL × unless |λ| ≤ `allowed` (the
+    steering's `extrapolated` upper end). ActAdd and ITI-c accept any λ, and large ones turn
+    output to garbage, then to empty text, before it turns NaN."""
     lam = float(strength.abs().max()) if strength.numel() else 0.0
     worst, where = maps_reach
-    if lam * worst > SPREAD_WARNING:
+    far = lam * worst
+    if far > SPREAD_REFUSAL and (allowed is None or lam > allowed):
+        limit = SPREAD_REFUSAL / worst
+        raise ActSteerError(
+            f"λ = {describe_strength(strength)} shifts activations of {where!r} by up to "
+            f"{far:.3g}× their range on the fit data: the output collapses (empty or constant "
+            f"text) long before it turns NaN; choose |λ| ≤ {limit:.3g}, or go there on purpose "
+            f"with steering.extrapolated({lam:.3g}) (CLI: --extrapolate {lam:.3g})"
+        )
+    if far > SPREAD_WARNING:
         warnings.warn(
             f"actsteer: λ = {describe_strength(strength)} shifts activations of {where!r} by up "
-            f"to {lam * worst:.3g}× their range on the fit data (more than {SPREAD_WARNING:g}×): "
+            f"to {far:.3g}× their range on the fit data (more than {SPREAD_WARNING:g}×): "
             "far outside what the fit supports, outputs are likely garbage; lower the strength",
             stacklevel=4,
         )

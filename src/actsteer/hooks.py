@@ -18,7 +18,7 @@ from torch.nn.modules import module as torch_module
 from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.gates import Gate, GateSettings
-from actsteer.guards import enter, guard_of, leave, reach, warn_far_strength
+from actsteer.guards import check_far_strength, enter, guard_of, leave, reach
 from actsteer.guidance import Guidance
 from actsteer.maps import AffineMap
 from actsteer.sources import (
@@ -56,6 +56,9 @@ class Steerable(Protocol):
 
     @property
     def gate_settings(self) -> GateSettings | None: ...
+
+    @property
+    def extrapolated_to(self) -> float | None: ...
 
     def check_strength(self, strength: Strength) -> None: ...
 
@@ -189,7 +192,7 @@ class SteeringHandle:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_hooks: dict[str, object] = {}  # what is registered on each module
         self.strength = torch.zeros(())
-        self.reach = reach(steering.maps)  # for the far-λ warning, once: λ only scales it
+        self.reach = reach(steering.maps)  # for the far-λ checks, once: λ only scales it
         enter(self, tree)  # refuses the same steering applied twice
         try:
             self.set_strength(strength)
@@ -208,7 +211,7 @@ class SteeringHandle:
         if lam.ndim == 0 and lam.item() == 0.0:
             guard_of(self.model).update()
             return
-        warn_far_strength(self.reach, lam)
+        check_far_strength(self.reach, lam, self.steering.extrapolated_to)
         if self.phase is not None:
             self.handles.append(
                 self.model.register_forward_pre_hook(self.phase, with_kwargs=True, prepend=True)

@@ -97,7 +97,8 @@ class Steering:
     """Per-module affine maps plus their description, and per-module gates where the steering
     is gated (actsteer.gates: the strength of each token is λ times its gate).
 
-    max_strength (not saved) raises the method's upper λ bound: see `extrapolated`.
+    max_strength (not saved) raises the method's upper λ bound: see `extrapolated`. A saved
+    default strength past that bound (a calibration extrapolated on purpose) is accepted too.
 
     Which λ? `actsteer.calibrate(steering, model, tok, budget=1.0)` finds the largest within a
     quality budget and returns a copy with it as default strength. It is a function rather than
@@ -142,9 +143,18 @@ class Steering:
     def default_support(self) -> str:
         return self.info.support or get_method(self.method).default_support
 
+    @property
+    def extrapolated_to(self) -> float | None:
+        """How far λ may go past the method's range: what `extrapolated` allowed, or the
+        default strength where a calibration chose one past it (None: the range alone)."""
+        span = get_method(self.method).strength_range if self.method in METHODS else None
+        default = self.info.default_strength
+        past = default if span is not None and default > span[1] else None
+        return max((u for u in (self.max_strength, past) if u is not None), default=None)
+
     def check_strength(self, strength: Strength | Sequence[float]) -> None:
-        """Raise a clear error for a λ outside the method's range."""
-        get_method(self.method).check_strength(strength, self.max_strength)
+        """Raise a clear error for a λ outside the method's range (raised by `extrapolated_to`)."""
+        get_method(self.method).check_strength(strength, self.extrapolated_to)
 
     def check_compatible(self, model: nn.Module) -> None:
         """Refuse a model other than the one this steering was fitted on (first mismatch), and

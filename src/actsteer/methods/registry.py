@@ -115,15 +115,15 @@ class Method:
     ) -> None:
         """Raise a clear error when λ lies outside this method's range (its upper end raised to
         `upper` when the caller extrapolates on purpose)."""
-        if self.strength_range is None:
-            return
         import torch
 
-        lo, hi = self.strength_range
-        hi = max(hi, upper) if upper is not None else hi
         values = torch.as_tensor(strength, dtype=torch.float64)
         if not torch.isfinite(values).all():
             raise ActSteerError(f"strength must be finite, got {strength}")
+        if self.strength_range is None:
+            return
+        lo, hi = self.strength_range
+        hi = max(hi, upper) if upper is not None else hi
         if (values < lo).any() or (values > hi).any():
             raise ActSteerError(
                 f"strength {values.tolist()} is outside [{lo:g}, {hi:g}], the range of "

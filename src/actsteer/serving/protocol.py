@@ -9,13 +9,17 @@ default strength; several compose in the given order), `support`, and `actsteer`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from actsteer.choices import SUPPORTS, check_choice
 from actsteer.errors import ActSteerError
+from actsteer.guards import check_far_strength, reach
+from actsteer.methods import get_method
 from actsteer.steering import Steering
 
 
@@ -191,8 +195,19 @@ def resolve_steering(
             )
         lam = steering.info.default_strength if strength is None else float(strength)
         support = body.support or steering.default_support
+        span = get_method(steering.method).strength_range
+        if span is not None and math.isfinite(lam):
+            lo, hi = span[0], max(span[1], steering.extrapolated_to or span[1])
+            if not lo <= lam <= hi:
+                raised = " (raised to its calibrated strength)" if hi > span[1] else ""
+                raise RequestError(
+                    f"steering {name!r}: strength {lam:g} is outside [{lo:g}, {hi:g}], the range "
+                    f"this server steers with it: {steering.method}'s{raised}; pick λ in it",
+                    param="steering",
+                )
         try:
             steering.check_strength(lam)
+            check_far_strength(reach(steering.maps), torch.tensor(lam), steering.extrapolated_to)
             for amap in steering.maps.values():
                 amap.support(support)
         except ActSteerError as err:
