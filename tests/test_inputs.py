@@ -48,6 +48,19 @@ def test_hf_datasets(tmp_path):
     assert read_texts(f"hf:{folder}", field="sentence") == ["from the hub", "again"]
 
 
+def test_an_unreachable_hub_dataset_says_to_give_a_local_file(monkeypatch):
+    """fit --source hf:… offline: the advice is a local file for --source (fit has no --data)."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ActSteerError) as caught:
+        read_texts("hf:someone/no-such-dataset-here", "--source")
+    message = str(caught.value)
+    assert "could not load the hub dataset hf:someone/no-such-dataset-here" in message
+    assert "give the --source as a local .txt, .jsonl or .csv file" in message
+    assert "--data" not in message
+
+
 def test_chat_template(tokenizer):
     (text,) = chat_texts(tokenizer, ["Tell me about football."])
     assert "Tell me about football." in text and text.rstrip().endswith("assistant")

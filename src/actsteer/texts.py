@@ -63,7 +63,9 @@ def _read_csv(path: Path, field: str | None, what: str) -> list[str]:
 def _read_hub(spec: str, field: str | None, what: str) -> list[str]:
     from actsteer.evaluation.data import load_hub
 
-    return [_field_of(row, field, f"{what} dataset {spec}") for row in load_hub(spec)]
+    instead = f"give the {what} as a local .txt, .jsonl or .csv file instead"
+    rows = load_hub(spec, local=instead)
+    return [_field_of(row, field, f"{what} dataset {spec}") for row in rows]
 
 
 def read_texts(source: str | Path, what: str = "texts", field: str | None = None) -> list[str]:

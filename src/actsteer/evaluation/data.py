@@ -140,11 +140,14 @@ def require_keys(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
 
 
 def load_hub(
-    data: str, default_config: str | None = None, default_split: str = "train"
+    data: str,
+    default_config: str | None = None,
+    default_split: str = "train",
+    local: str = f"set {DATA_ENV} to a local data folder or pass a local file with --data PATH",
 ) -> list[dict[str, Any]]:
-    """Rows of a hub dataset named "hf:ID[:CONFIG[:SPLIT]]" (needs the `datasets` package)."""
+    """Rows of a hub dataset named "hf:ID[:CONFIG[:SPLIT]]" (needs the `datasets` package);
+    `local` says, when the hub fails, what to give instead."""
     name, config, split = parse_hub(data, default_config, default_split)
-    local = f"set {DATA_ENV} to a local data folder or pass a local file with --data PATH"
     try:
         import datasets
     except ImportError:
