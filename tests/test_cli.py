@@ -7,6 +7,7 @@ it out, so every command runs on the real model without paying a load per invoca
 from __future__ import annotations
 
 import copy
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -231,14 +232,27 @@ def test_methods_lists_linear_act(runner):
     assert "linear-act" in result.stdout and "[0, 1]" in result.stdout
 
 
-def test_demo_runs(runner, monkeypatch):
+def test_demo_runs(runner, monkeypatch, tmp_path):
     # The full demo fits on 2 × 120 sentences; a few of each keep this smoke test fast.
     few = {name: cli.lm.package_texts(name)[:4] for name in ("neutral.txt", "football.txt")}
     monkeypatch.setattr(cli.lm, "package_texts", few.__getitem__)
+    monkeypatch.setenv("ACTSTEER_CACHE", str(tmp_path))  # the model is the session's
     result = runner.invoke(cli.app, ["demo", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
     assert "λ = 0.5" in result.stdout and "Sundays" in result.stdout
     assert "Fitting" in result.stderr and "generating 9 row(s)" in result.stderr
+    # it ends with where the steering is and three commands that take it as they are
+    saved = tmp_path / "demo" / "football.safetensors"
+    assert f"The steering is saved at {saved}" in result.stdout
+    commands = [shlex.split(line.split("#")[0]) for line in result.stdout.splitlines()]
+    commands = [c[1:] for c in commands if c[:1] == ["actsteer"]]
+    assert [c[0] for c in commands] == ["generate", "inspect", "serve"]
+    generate, inspect = commands[0], [a.replace("football.png", "f.png") for a in commands[1]]
+    monkeypatch.chdir(tmp_path)
+    done = runner.invoke(cli.app, ["generate", "--max-new-tokens", "2", *generate[1:]])
+    assert done.exit_code == 0 and "My weekend was" in done.stdout, done.output
+    done = runner.invoke(cli.app, inspect)
+    assert done.exit_code == 0 and (tmp_path / "f.png").exists(), done.output
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,11 @@ def word_tokenizer(max_length: int = 12) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def sd_pipe():
+    return tiny_sd_pipeline()
+
+
+def tiny_sd_pipeline():
+    """A random Stable Diffusion pipeline built from configs: 8×8 latents, a word tokenizer."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,

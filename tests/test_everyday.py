@@ -4,6 +4,8 @@ tables that name the data actually read."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from typer.testing import CliRunner
 
@@ -15,7 +17,10 @@ from actsteer.methods import get_method
 
 @pytest.fixture
 def tiny_cli(tiny_llama, tokenizer, monkeypatch):
-    monkeypatch.setattr(cli.core, "load_model", lambda name, **placement: (tiny_llama, tokenizer))
+    """The CLI loading a fresh copy of the tiny model each time, as it loads a checkpoint (an
+    export folds into the model it loaded; the shared one must stay unfolded)."""
+    fresh = lambda name, **placement: (copy.deepcopy(tiny_llama), tokenizer)  # noqa: E731
+    monkeypatch.setattr(cli.core, "load_model", fresh)
     return CliRunner()
 
 

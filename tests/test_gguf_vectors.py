@@ -143,7 +143,7 @@ def test_what_llama_cpp_cannot_express_is_refused(
         (linear, {}, r"scales \d+ unit\(s\) \(ω ≠ 1\)"),
         (additive(tiny_llama), {"support": "q0-100"}, "moves only activations inside"),
         (norms, {}, "is not a decoder block's output"),
-        (additive(tiny_llama, blocks=(0, 1)), {}, "never steers the first block"),
+        (additive(tiny_llama, blocks=(0,)), {}, "first decoder block only, which llama.cpp"),
     ]
     for steering, kwargs, message in cases:
         with pytest.raises(actsteer.ActSteerError, match=message) as error:
@@ -152,6 +152,20 @@ def test_what_llama_cpp_cannot_express_is_refused(
         assert not out.exists()
     with pytest.raises(actsteer.ActSteerError, match="outside"):
         export_control_vector(additive(tiny_llama), tiny_llama, out, 1.5)
+
+
+def test_block_0_is_left_out_with_a_warning(tiny_llama, tmp_path):
+    """llama.cpp never steers block 0: the control vector of a steering of the whole residual
+    stream holds the other blocks, and says it left block 0 out."""
+    steering = additive(tiny_llama, blocks=(0, 1))
+    left_out = r"leaves out the map of the first block \('model\.layers\.0'\)"
+    with pytest.warns(UserWarning, match=left_out):
+        export_control_vector(steering, tiny_llama, tmp_path / "v.gguf", 0.5)
+    read = actsteer.Steering.from_gguf(tmp_path / "v.gguf", tiny_llama)
+    assert read.modules == ["model.layers.1"]
+    torch.testing.assert_close(
+        read.maps["model.layers.1"].beta, 0.5 * steering.maps["model.layers.1"].beta
+    )
 
 
 def test_cli_exports_a_control_vector(tiny_llama, tokenizer, monkeypatch, tmp_path):

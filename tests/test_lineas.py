@@ -6,6 +6,8 @@ result is an ordinary steering (artifact, CLI)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -32,7 +34,7 @@ def lineas(model, tok, source, target, **kwargs):
     settings |= {key: kwargs.pop(key) for key in TRAINING if key in kwargs}
     return actsteer.fit(
         model, tok, source=source, target=target, method="lineas", mode=EndToEnd(**settings),
-        progress=False, **kwargs,
+        **{"progress": False, **kwargs},
     )  # fmt: skip
 
 
@@ -201,6 +203,16 @@ def test_a_seed_reproduces_the_maps(tiny_llama, tokenizer, neutral, football):
         assert torch.equal(amap.omega, two.maps[name].omega)
         assert torch.equal(amap.beta, two.maps[name].beta)
     assert any(not torch.equal(a.beta, other.maps[n].beta) for n, a in one.maps.items())
+
+
+def test_training_says_how_long_it_will_take(tiny_llama, tokenizer, neutral, football, capsys):
+    """After its first step LinEAS prints the time per step and the whole run's estimate (the
+    bar then counts down); with progress off it says nothing."""
+    lineas(tiny_llama, tokenizer, neutral[:16], football[:16], training_steps=3, progress=True)
+    said = capsys.readouterr().err
+    assert re.search(r"LinEAS takes [\d.]+ s per step here: about \d+ s for 3 steps", said), said
+    lineas(tiny_llama, tokenizer, neutral[:16], football[:16], training_steps=3, progress=False)
+    assert "LinEAS takes" not in capsys.readouterr().err
 
 
 def test_init_from_linear_act_starts_at_its_maps(tiny_llama, tokenizer, neutral, football):

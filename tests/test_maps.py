@@ -125,6 +125,21 @@ def test_inverse_after_map_is_identity_inside_the_support(g):
         assert torch.allclose(back, inside, atol=1e-4)
 
 
+def test_why_the_inverse_is_exact_only_with_support_all():
+    """Under a bounded support T is the identity outside (lo, hi), so an activation it leaves
+    alone can fall inside the image of (lo, hi), where T⁻¹ moves it: no inverse undoes that
+    (what Steering.inverse's docstring says). With support "all" T⁻¹ ∘ T is the identity;
+    at λ < 1, (T⁻¹)_λ ∘ T_λ is not (the interpolations are not each other's inverse)."""
+    source = torch.linspace(0, 1, 101).unsqueeze(1)
+    amap = AffineMap(torch.tensor([2.0]), torch.tensor([0.0]), support_bounds(source))
+    untouched = torch.tensor([[1.5]])  # outside (0, 1), inside T's image (0, 2)
+    assert torch.equal(amap(untouched, 1.0, "q0-100"), untouched)
+    assert torch.allclose(amap.inverse()(untouched, 1.0, "q0-100"), torch.tensor([[0.75]]))
+    assert torch.allclose(amap.inverse()(amap(untouched, 1.0, "all"), 1.0, "all"), untouched)
+    half = amap.inverse()(amap(untouched, 0.5, "all"), 0.5, "all")
+    assert not torch.allclose(half, untouched)  # 1.5 → 2.25 → 1.6875
+
+
 def test_support_leaves_values_outside_untouched():
     source = torch.linspace(-1, 1, 101).unsqueeze(1)
     amap = AffineMap(torch.tensor([2.0]), torch.tensor([10.0]), support_bounds(source))

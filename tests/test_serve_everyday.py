@@ -45,27 +45,25 @@ def test_an_unknown_chat_role_is_refused(base):
 
 
 def test_a_full_server_says_when_to_retry(base, tokenizer):
-    """max_batch 1, max_queue 0: a second request while one runs is a 503 with Retry-After."""
-    import threading
-
-    long = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200}
-    first = threading.Thread(target=post, args=(base, "/v1/completions", long))
-    first.start()
-    try:
-        for _ in range(200):
-            request = urllib.request.Request(
-                base + "/v1/completions", json.dumps({**long, "max_tokens": 1}).encode(),
-                {"Content-Type": "application/json"}, method="POST",
-            )  # fmt: skip
-            try:
-                urllib.request.urlopen(request, timeout=30).read()
-            except urllib.error.HTTPError as err:
-                assert err.code == 503 and err.headers["Retry-After"] == "1"
-                assert "busy" in json.loads(err.read())["error"]["message"]
-                return
-        pytest.fail("the server never reported being full")
-    finally:
-        first.join()
+    """max_batch 1, max_queue 0: a second request while one runs is a 503 with Retry-After.
+    The running one is a stream whose first event has arrived (so it holds the slot)."""
+    long = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": True}
+    request = urllib.request.Request(
+        base + "/v1/completions", json.dumps(long).encode(),
+        {"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as stream:
+        assert stream.readline().startswith(b"data: ")  # generating now
+        second = urllib.request.Request(
+            base + "/v1/completions",
+            json.dumps({**long, "stream": False, "max_tokens": 1}).encode(),
+            {"Content-Type": "application/json"}, method="POST",
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(second, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "busy" in json.loads(refused.value.read())["error"]["message"]
+        assert stream.read().rstrip().endswith(b"data: [DONE]")  # the running one is unharmed
 
 
 def test_a_busy_port_is_named_before_anything_loads():

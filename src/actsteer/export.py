@@ -5,11 +5,12 @@ additive steering of the residual stream, as a llama.cpp control vector (GGUF)."
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from actsteer.errors import ActSteerError
-from actsteer.gguf_vectors import write_control_vector
+from actsteer.gguf_vectors import first_block_left_out, write_control_vector
 from actsteer.outputs import check_output, written_file, written_folder
 from actsteer.steering import Steering
 from actsteer.version import __version__
@@ -66,8 +67,9 @@ def export_control_vector(
 ) -> Path:
     """Write the steering at `strength` as a llama.cpp control vector: λ·β of block k as tensor
     direction.k (see `actsteer.gguf_vectors`). Steerings llama.cpp cannot express (ω ≠ 1, a
-    bounded support, modules other than decoder blocks, block 0) are refused, saying why; an
-    existing file is refused unless `force`, and replaced only once the new one is complete."""
+    bounded support, modules other than decoder blocks) are refused, saying why; block 0, which
+    llama.cpp never steers, is left out with a warning. An existing file is refused unless
+    `force`, and replaced only once the new one is complete."""
     path = Path(path)
     check_output(path, force, "control vector file")
     if steering.gates:
@@ -86,4 +88,12 @@ def export_control_vector(
     }
     with written_file(path) as scratch:
         write_control_vector(steering.maps, model, scratch, strength, support, provenance)
+    first = first_block_left_out(steering.maps, model)
+    if first is not None:
+        warnings.warn(
+            f"actsteer: the control vector leaves out the map of the first block ({first!r}): "
+            "llama.cpp never steers block 0, so llama.cpp applies the others only (to see that "
+            "steering with actsteer: generate --modules with the other blocks)",
+            stacklevel=2,
+        )
     return path

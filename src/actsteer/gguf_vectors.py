@@ -58,6 +58,13 @@ def decoder_blocks(model: nn.Module) -> list[str]:
     return resolve_modules(model, "residual")
 
 
+def first_block_left_out(maps: dict[str, AffineMap], model: nn.Module) -> str | None:
+    """The first decoder block, where `maps` steer it: llama.cpp has no direction.0, so a
+    control vector leaves that block's map out."""
+    first = decoder_blocks(model)[0]
+    return first if first in maps else None
+
+
 def write_control_vector(
     maps: dict[str, AffineMap],
     model: nn.Module,
@@ -69,7 +76,8 @@ def write_control_vector(
     """Write λ·β of each steered block as tensor `direction.<block>` of a control-vector GGUF.
 
     Only what llama.cpp can add is accepted: support "all", ω = 1 (Mean-AcT, ActAdd, ITI-c),
-    decoder block outputs other than block 0. `provenance` goes in as `actsteer.*` strings.
+    decoder block outputs. Block 0 is left out (llama.cpp never steers it; see
+    `first_block_left_out`). `provenance` goes in as `actsteer.*` strings.
     """
     import gguf
 
@@ -95,13 +103,13 @@ def write_control_vector(
                 "control vector only adds a vector; additive methods (mean-act, actadd, iti-c) "
                 "export" + _FOLD_INSTEAD
             )
-        if index[name] == 0:
-            raise ActSteerError(
-                f"llama.cpp never steers the first block ({name!r}): its control vectors start "
-                "at block 1; fit without it (e.g. --modules 'model\\.layers\\.[1-9]\\d*')"
-                + _FOLD_INSTEAD
-            )
-        directions[index[name]] = shift.detach().float().cpu().numpy()
+        if index[name] > 0:  # llama.cpp has no direction.0: callers say block 0 is left out
+            directions[index[name]] = shift.detach().float().cpu().numpy()
+    if not directions:
+        raise ActSteerError(
+            "this steering acts on the first decoder block only, which llama.cpp never steers "
+            "(its control vectors start at block 1): fit on later blocks" + _FOLD_INSTEAD
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), ARCHITECTURE)

@@ -47,6 +47,8 @@ tokens), whatever the number of texts; target samples are capped by budget_mb as
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -281,6 +283,18 @@ def _initial(
     return torch.ones(width), torch.zeros(width)
 
 
+def _say_expected_time(first_step: float, steps: int) -> None:
+    """After the first step, how long training will take (on stderr; the bar then shows its
+    own remaining time)."""
+    total = first_step * steps
+    estimate = f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"
+    tqdm.write(
+        f"actsteer: LinEAS takes {first_step:.1f} s per step here: about {estimate} for "
+        f"{steps} steps (fewer with training_steps / --training-steps)",
+        file=sys.stderr,
+    )
+
+
 def fit_end_to_end(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -447,7 +461,10 @@ def _train(
             bar = tqdm(
                 range(settings.training_steps), desc="lineas", disable=not progress, leave=False
             )
+            started = time.perf_counter()
             for step in bar:
+                if step == 1 and progress:
+                    _say_expected_time(time.perf_counter() - started, settings.training_steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of_step()
                 check(loss, step)

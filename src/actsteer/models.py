@@ -112,6 +112,12 @@ def _cached_alias(alias: str) -> Path:
     return folder
 
 
+def checkpoint_path(name: str) -> str:
+    """What another engine (vLLM, transformers) loads for model `name`: an alias's safetensors
+    copy (made on first use), else `name` as given (a hub id or a folder)."""
+    return str(_cached_alias(name)) if name in ALIASES else name
+
+
 def _dequantise(gguf: str, out: str) -> None:
     """Load a GGUF checkpoint (dequantised on load) and save it as a plain float checkpoint."""
     path = Path(gguf)

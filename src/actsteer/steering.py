@@ -1,8 +1,8 @@
 """The Steering value object: the fitted maps of named modules and what describes them.
 
 A Steering is applied with hooks (`applied`, `attach`), composed with others (`steered`),
-folded into weights (`fold`), inverted (`inverse`) and saved as one file (`save`, `load`);
-read from a llama.cpp control vector with `from_gguf`.
+folded into weights (`fold`), inverted (`inverse`), narrowed to some modules (`select`) and
+saved as one file (`save`, `load`); read from a llama.cpp control vector with `from_gguf`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,12 @@ from actsteer.hub import PREFIX, locate, save_folder
 from actsteer.maps import AffineMap
 from actsteer.methods import METHODS, get_method
 from actsteer.tree import model_name, module_tree
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first few names, and how many there are."""
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f", … ({len(names)} in all)" if len(names) > 3 else "")
 
 
 def renamed_cfg(guidance: str, cfg: str | None) -> str:
@@ -258,7 +265,14 @@ class Steering:
 
     def inverse(self) -> Steering:
         """The inverse maps: a steering that removes a concept becomes one that adds it
-        (without gates: a gate detects the concept the steering removes)."""
+        (without gates: a gate detects the concept the steering removes).
+
+        Applied after the steering at λ = 1 with support "all", it undoes it exactly. Under a
+        bounded support (q0-100, mitigation's default) it does not: the steering leaves the
+        activations outside its support alone, and those of them that lie inside the image of
+        the support (the inverse's support) are moved by the inverse; a map that is the
+        identity outside an interval has no inverse. At λ < 1 neither: the inverse's
+        interpolation is not the inverse of the steering's."""
         info = replace(self.info, inverted=not self.info.inverted, calibration=None, gate=None)
         return Steering({name: m.inverse() for name, m in self.maps.items()}, info)
 
@@ -304,6 +318,42 @@ class Steering:
     def without_gate(self) -> Steering:
         """The same maps, ungated (every token at λ), e.g. to fold them."""
         return replace(self, gates={}, info=replace(self.info, gate=None))
+
+    def select(self, modules: str | Sequence[str]) -> Steering:
+        """The same steering on some of its modules only, without refitting: `modules` is a
+        regular expression matched against whole module names, or a list of names.
+
+        Each kept map (and gate) is unchanged, so a sequential fit's later maps still assume
+        the earlier ones; a calibration's record is dropped (it measured all modules; the
+        default λ stays: recalibrate the selection to know its cost)."""
+        if isinstance(modules, str):
+            try:
+                pattern = re.compile(modules)
+            except re.error as err:
+                raise ActSteerError(
+                    f"modules {modules!r} is not a regular expression: {err}"
+                ) from None
+            chosen = [name for name in self.maps if pattern.fullmatch(name)]
+        else:
+            unknown = [name for name in modules if name not in self.maps]
+            if unknown:
+                raise ActSteerError(
+                    f"this steering has no module {unknown[0]!r}; its modules are "
+                    f"{_listed(self.modules)}"
+                )
+            chosen = [name for name in self.maps if name in set(modules)]
+        if not chosen:
+            raise ActSteerError(
+                f"modules {modules!r} match none of this steering's modules "
+                f"({_listed(self.modules)}); a pattern matches whole names, e.g. "
+                f"'{re.escape(self.modules[0])}'"
+            )
+        return replace(
+            self,
+            maps={name: self.maps[name] for name in chosen},
+            gates={name: gate for name, gate in self.gates.items() if name in chosen},
+            info=replace(self.info, calibration=None),
+        )
 
     def fold(self, model: Any, strength: float = 1.0, support: str | None = None) -> Any:
         """Edit the weights of `model` (a causal LM or a diffusers pipeline) in place so it

@@ -1,6 +1,7 @@
 """The `actsteer` command line, one module per topic, all on one Typer app (`core.app`):
 
-    lm        fit, generate, demo, methods
+    lm        fit, demo, methods
+    generate  generate
     serve     serve (the OpenAI API with per-request steering)
     image     generate-image
     evaluate  eval, sweep, plot
@@ -16,7 +17,10 @@ strengths follow one grammar (actsteer.strengths) and the model to load one rule
 from __future__ import annotations
 
 # Imported in the order of --help's panels: language models, images, files, evaluation.
-from actsteer.cli import core, lm, serve
+from actsteer.cli import core, lm
+
+# isort: split
+from actsteer.cli import generate, serve
 
 # isort: split
 from actsteer.cli import image, inspect
@@ -34,6 +38,7 @@ __all__ = [
     "core",
     "evaluate",
     "gates",
+    "generate",
     "image",
     "inspect",
     "lm",

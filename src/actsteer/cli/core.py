@@ -10,13 +10,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
 from actsteer.errors import ActSteerError
+
+if TYPE_CHECKING:
+    from actsteer.steering import Steering
 
 STRENGTH_FLAGS = ("--strength", "-s")
 
@@ -166,6 +169,11 @@ def console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else 160
     return Console(file=stream, width=width, highlight=False)
+
+
+def selected(steering: Steering, modules: str | None) -> Steering:
+    """The steering narrowed to --modules PATTERN (as it is without one)."""
+    return steering if modules is None else steering.select(modules)
 
 
 def status(message: str) -> None:

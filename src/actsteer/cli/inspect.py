@@ -16,6 +16,7 @@ from actsteer.cli.core import (
     console,
     load_lm,
     read_texts,
+    selected,
     status,
 )
 from actsteer.cli.options import (
@@ -25,6 +26,7 @@ from actsteer.cli.options import (
     ForceOption,
     MaxLengthOption,
     ModelOption,
+    SelectOption,
     StrengthOption,
     SupportOption,
 )
@@ -251,6 +253,7 @@ def export(
     model: ModelOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
+    modules: SelectOption = None,
     force: ForceOption = False,
     export_format: Annotated[
         str,
@@ -278,7 +281,7 @@ def export(
     from actsteer.steering import Steering
     from actsteer.strengths import parse_strength_specs, resolve_strengths
 
-    steering = Steering.load(steering_path)
+    steering = selected(Steering.load(steering_path), modules)
     strengths = resolve_strengths(steering, parse_strength_specs(strength) if strength else None)
     if len(strengths) != 1:
         raise ActSteerError(
@@ -314,8 +317,8 @@ def export(
 
 
 def _blocks_of(steering: Steering, model: Any) -> list[int]:
-    """The decoder block numbers a steering of the residual stream acts on."""
+    """The decoder block numbers a control vector of the steering holds (block 0 left out)."""
     from actsteer.gguf_vectors import decoder_blocks
 
     index = {name: i for i, name in enumerate(decoder_blocks(model))}
-    return [index[name] for name in steering.maps]
+    return [index[name] for name in steering.maps if index[name] > 0]

@@ -151,3 +151,13 @@ GuidanceScaleOption = Annotated[
 SizeOption = Annotated[
     int | None, typer.Option(help="Pipelines: image height and width (default: its own).")
 ]
+
+SelectOption = Annotated[
+    str | None,
+    typer.Option(
+        "--modules",
+        help="Apply only the steering's modules whose names match this regular expression "
+        "(whole names, e.g. 'model\\.layers\\.(8|14)'); the others stay untouched. No refit.",
+        metavar="PATTERN",
+    ),
+]

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from actsteer.cli.core import LM_PANEL, app, load_lm, status
-from actsteer.cli.options import DeviceOption, DtypeOption, ModelOption
+from actsteer.cli.core import LM_PANEL, app, load_lm, selected, status
+from actsteer.cli.options import DeviceOption, DtypeOption, ModelOption, SelectOption
 from actsteer.errors import ActSteerError
 
 
@@ -60,6 +60,7 @@ def serve(
     model: ModelOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
+    modules: SelectOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     api_key: Annotated[
@@ -102,7 +103,8 @@ def serve(
     logging.getLogger("actsteer.serve").addHandler(access)
     logging.getLogger("actsteer.serve").setLevel(logging.INFO)
     steerings = {
-        name: Steering.load(path) for name, path in parse_named(steering_specs or []).items()
+        name: selected(Steering.load(path), modules)
+        for name, path in parse_named(steering_specs or []).items()
     }
     name = model_for(next(iter(steerings.values()), None), model)
     lm, tokenizer = load_lm(name, device, dtype)
