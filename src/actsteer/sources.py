@@ -160,22 +160,29 @@ class Gated:
     """
 
     def __init__(self, gate: Gate, settings: GateSettings, phase: PassPhase | None) -> None:
-        self.gate = gate
         self.settings = settings
         self.phase = phase
-        self.total: torch.Tensor | None = None  # per row: the scores' sum so far
+        # z = (s − θ)/τ in one matrix-vector product; running means commute with it
+        self.weight = gate.weight.float() / settings.tau
+        self.bias = (gate.bias.float() - settings.threshold) / settings.tau
+        self.total: torch.Tensor | None = None  # per row: the z's sum so far
         self.count: torch.Tensor | None = None  # per row: how many real tokens so far
         self.last: torch.Tensor | None = None
 
     def __call__(self, lam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        score = self.gate.score(a)
+        if self.weight.device != a.device:
+            self.weight, self.bias = self.weight.to(a.device), self.bias.to(a.device)
+        flat = a.reshape(-1, a.shape[-1]).float()
+        z = torch.addmv(self.bias, flat, self.weight).view(a.shape[:-1])
         if self.settings.kind != "token":
-            score = self._carried(score, a)
-        g = torch.sigmoid((score - self.settings.threshold) / self.settings.tau)
+            z = self._carried(z, a)
+        g = torch.sigmoid(z)
         self.last = g
+        if lam.ndim == 0:  # a CPU number multiplies a tensor on any device
+            return g * lam
         if lam.ndim == 1 and g.ndim == 2:
-            return (lam.view(-1, 1) * g.cpu()).contiguous()
-        return (lam * g.cpu()).contiguous()
+            return lam.to(g.device).view(-1, 1) * g
+        return g * lam.to(g.device)
 
     def _carried(self, score: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The running mean (context) or the prompt's mean (prompt) of (B, T) scores."""
