@@ -92,8 +92,8 @@ def export_control_vector(
     if first is not None:
         warnings.warn(
             f"actsteer: the control vector leaves out the map of the first block ({first!r}): "
-            "llama.cpp never steers block 0, so llama.cpp applies the others only (to see that "
-            "steering with actsteer: generate --modules with the other blocks)",
+            "llama.cpp never steers block 0, so it applies the other blocks' maps only (to "
+            "preview that steering, give generate --modules the other blocks)",
             stacklevel=2,
         )
     return path

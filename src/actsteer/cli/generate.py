@@ -182,7 +182,7 @@ def generate(
         ),
     ] = False,
 ) -> None:
-    """Generate from PROMPTs at several strengths in ONE batched call; print a table.
+    """Generate from PROMPTs at several strengths in ONE batched call; print a table (or JSON).
 
     Rows are prompts, columns strengths λ (of the one --steering FILE without ':λ'). Example:
     actsteer generate --steering s.safetensors --strength 0 0.5 1 -- "I went to the park and"
