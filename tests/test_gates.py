@@ -226,6 +226,34 @@ def test_calibrate_gate_picks_lambda_and_threshold_by_the_held_out_effect(
         calibrate_gate(gated.without_gate(), tiny_llama, tokenizer, held_out=([], []))
 
 
+def test_calibrate_gate_by_neutral_open_shares(gated, tiny_llama, tokenizer, neutral, football,
+                                              tmp_path):  # fmt: skip
+    """Candidates as open shares: each module's gate is centred so that the share asked of its
+    neutral scores (as its kind sees them) lies above θ = 0."""
+    from actsteer.gate_calibration import calibrate_gate, neutral_ids, neutral_scores
+
+    text = tmp_path / "held_out.raw"
+    text.write_text("\n".join(f" {line}" for line in neutral[60:110] + football[60:110]) + "\n")
+    tiny = {"data": text, "passages": 2, "passage_tokens": 40, "offset": 0}
+    found = calibrate_gate(
+        gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5,
+        held_out=(neutral[40:52], football[40:52]), open_shares=(0.1, 0.4), **tiny,
+    )  # fmt: skip
+    assert [c.open_share for c in found.candidates] == [0.1, 0.4]
+    assert found.steering.info.calibration["gate"]["open_shares"] == [0.1, 0.4]
+    for candidate in found.candidates:
+        steering = candidate.calibration.steering
+        assert steering.gate_settings.threshold == 0.0
+        window = neutral_ids(tokenizer, tiny, before=True)
+        for scores in neutral_scores(steering, tiny_llama, window).values():
+            above = float((scores[len(scores) // 10 :] > 0).float().mean())
+            assert abs(above - candidate.open_share) <= 1 / 36 + 1e-6
+    assert found.candidates[0].neutral_open <= found.candidates[1].neutral_open
+    for shares in ((), (0.0,), (1.5,)):
+        with pytest.raises(ActSteerError, match="open shares strictly between 0 and 1"):
+            calibrate_gate(gated, tiny_llama, tokenizer, held_out=([], []), open_shares=shares)
+
+
 def test_the_command_line_fits_inspects_and_calibrates_a_gate(
     tiny_llama, tokenizer, neutral, football, tmp_path, monkeypatch
 ):
@@ -257,18 +285,24 @@ def test_the_command_line_fits_inspects_and_calibrates_a_gate(
     assert "gates s(a) = w · a + b" in shown.stdout
     refused = runner.invoke(cli.app, ["calibrate", str(out), "-o", str(calibrated)])
     assert refused.exit_code != 0 and "--held-out-source" in refused.output
-    tuned = runner.invoke(
-        cli.app,
-        ["calibrate", str(out), "-o", str(calibrated), "--thresholds", "0,1"]
+    common = (
+        ["calibrate", str(out), "-o", str(calibrated)]
         + ["--held-out-source", str(files["hs"]), "--held-out-target", str(files["ht"])]
         + ["--data", str(files["w"]), "--passages", "2", "--passage-tokens", "32"]
-        + ["--offset", "0", "--budget-ppl", "0.5", "--extrapolate", "2"],
+        + ["--offset", "0", "--budget-ppl", "0.5", "--extrapolate", "2"]
     )
+    tuned = runner.invoke(cli.app, [*common, "--thresholds", "0,1"])
     assert tuned.exit_code == 0, tuned.output
     assert "neutral tokens gated open" in tuned.output
     loaded = Steering.load(calibrated)
     assert loaded.gate_settings.threshold in (0.0, 1.0)
     assert loaded.info.calibration["gate"]["thresholds"]
+    shared = runner.invoke(cli.app, [*common, "--open-shares", "0.1,0.3", "--force"])
+    assert shared.exit_code == 0, shared.output
+    assert "open share 0.1: λ =" in shared.output and "at neutral open share" in shared.output
+    assert Steering.load(calibrated).info.calibration["gate"]["open_shares"] == [0.1, 0.3]
+    both = runner.invoke(cli.app, [*common, "--thresholds", "0", "--open-shares", "0.1", "--force"])
+    assert both.exit_code != 0 and "--thresholds or --open-shares, not both" in both.output
     bad = runner.invoke(
         cli.app,
         ["fit", "--source", str(files["s"]), "--target", str(files["t"]), "-o", str(out)]

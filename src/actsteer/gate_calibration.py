@@ -7,6 +7,12 @@ held-out WikiText, or KL; λ beyond the method's range only where the steering w
 λ — at matched cost. Each candidate also reports the share of neutral tokens (the cost's own
 WikiText, the window after the one the budget reads) whose gate is above one half, i.e. how much
 of ordinary text the steering still touches. Evaluation prompts are never read.
+
+Thresholds can instead be given as neutral open shares (`open_shares`): for a share q each
+module's gate is shifted so that a share q of its scores, as its kind sees them (a context
+gate's running means), lie above θ = 0 on a neutral WikiText window (plain activations; the
+window before the one the open share is reported on). One θ in raw log-odds opens modules very
+unequally; a share per module does not (docs/benchmarks.md, gate study G2).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from actsteer.calibration import CalibrationResult, calibrate, check_budget, lik
 from actsteer.choices import CALIBRATION_PASSAGES, PERPLEXITY_TOKENS, PERPLEXITY_WINDOW
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.tasks.perplexity import data_source, load_wikitext, tokens_for_budget
-from actsteer.tree import model_device
+from actsteer.tree import model_device, module_tree, output_tensor
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,12 +41,14 @@ THRESHOLDS = (-1.0, 0.0, 1.0, 2.0)
 
 @dataclass
 class GateCandidate:
-    """One threshold, calibrated: its λ, held-out effect and share of neutral tokens gated."""
+    """One threshold, calibrated: its λ, held-out effect and share of neutral tokens gated
+    (open_share: the neutral share the gates were centred on, where candidates are shares)."""
 
     threshold: float
     calibration: CalibrationResult
     effect: float
     neutral_open: float
+    open_share: float | None = None
 
 
 @dataclass
@@ -64,23 +72,37 @@ def calibrate_gate(
     *,
     held_out: tuple[Sequence[str], Sequence[str]],
     thresholds: Sequence[float] = THRESHOLDS,
+    open_shares: Sequence[float] | None = None,
     on_candidate: Callable[[GateCandidate], None] | None = None,
     **options: Any,
 ) -> GateCalibration:
     """λ and threshold of a gated steering under `budget` (see the module). held_out: source
-    and target texts the fit never saw; options go to `calibrate` (cost, data, passages, …)."""
+    and target texts the fit never saw; open_shares: candidates as neutral open shares per
+    module instead of `thresholds`; options go to `calibrate` (cost, data, passages, …)."""
     if steering.gate_settings is None:
         raise ActSteerError("the steering has no gate; add one with steering.with_gate(...)")
-    if not thresholds:
+    if open_shares is None and not thresholds:
         raise ActSteerError("give at least one threshold")
+    if open_shares is not None and not (open_shares and all(0 < q < 1 for q in open_shares)):
+        raise ActSteerError(f"give open shares strictly between 0 and 1, got {list(open_shares)}")
     check_budget(budget, options.get("cost", "ppl"))
     held_source, held_target = list(held_out[0]), list(held_out[1])
     batch_size = options.get("batch_size", 8)
     plain_gap = likelihood_gap(model, tokenizer, held_source, held_target, batch_size)
     neutral = neutral_ids(tokenizer, options)
+    candidates: list[tuple[float, float | None, Steering]]
+    if open_shares is None:
+        candidates = [
+            (t, None, steering.with_gate_settings(threshold=t))
+            for t in dict.fromkeys(float(t) for t in thresholds)
+        ]
+    else:
+        scores = neutral_scores(steering, model, neutral_ids(tokenizer, options, before=True))
+        candidates = [
+            (0.0, q, centred(steering, scores, q)) for q in dict.fromkeys(map(float, open_shares))
+        ]
     results = []
-    for threshold in dict.fromkeys(float(t) for t in thresholds):
-        candidate = steering.with_gate_settings(threshold=threshold)
+    for threshold, share, candidate in candidates:
         calibration = calibrate(candidate, model, tokenizer, budget, **options)
         chosen = calibration.steering
         with chosen.applied(model, calibration.strength, chosen.info.support) as handle:
@@ -88,8 +110,8 @@ def calibrate_gate(
             with torch.no_grad():
                 model(input_ids=neutral.to(model_device(model)))
             gates = [source.last for source in handle.gates.values() if source.last is not None]
-        share = float(torch.stack([(g > 0.5).float().mean() for g in gates]).mean())
-        result = GateCandidate(threshold, calibration, gap - plain_gap, share)
+        opened = float(torch.stack([(g > 0.5).float().mean() for g in gates]).mean())
+        result = GateCandidate(threshold, calibration, gap - plain_gap, opened, share)
         results.append(result)
         if on_candidate is not None:
             on_candidate(result)
@@ -100,6 +122,7 @@ def calibrate_gate(
         "gate": {
             "thresholds": [[c.threshold, c.calibration.strength, c.effect, c.neutral_open]
                            for c in results],
+            **({"open_shares": [c.open_share for c in results]} if open_shares else {}),
             "held_out": {"source": len(held_source), "target": len(held_target)},
             "neutral_open": best.neutral_open,
         },
@@ -109,12 +132,59 @@ def calibrate_gate(
     return GateCalibration(results, best)
 
 
-def neutral_ids(tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> torch.Tensor:
-    """One window of the cost's WikiText after the passages the budget reads: (1, window)."""
+def neutral_scores(
+    steering: Steering, model: nn.Module, ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each gate's scores on the neutral tokens `ids` (1, T) as its kind sees them (a token's
+    own, the running mean, the mean), from the plain model's activations: {module: (T,)}."""
+    kind = steering.gate_settings.kind if steering.gate_settings else "token"
+    lookup = dict(module_tree(model).named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        return lambda module, args, output: outputs.__setitem__(name, output_tensor(output))
+
+    handles = [lookup[name].register_forward_hook(keep(name)) for name in steering.gates]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        name: seen_by_kind(gate.score(outputs[name])[0].cpu(), kind)
+        for name, gate in steering.gates.items()
+    }
+
+
+def seen_by_kind(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """(T,) token scores as a gate of `kind` turns them into strengths over one sequence."""
+    if kind == "context":
+        return scores.cumsum(0) / torch.arange(1, len(scores) + 1)
+    if kind == "prompt":
+        return scores.mean().expand_as(scores)
+    return scores
+
+
+def centred(steering: Steering, scores: dict[str, torch.Tensor], share: float) -> Steering:
+    """The steering with each gate shifted so that `share` of its neutral `scores` lie above
+    θ = 0 (the first tenth of a running mean, still settling, left out), and θ = 0."""
+    gates = {}
+    for name, gate in steering.gates.items():
+        seen = scores[name][len(scores[name]) // 10 :]
+        gates[name] = replace(gate, bias=gate.bias - torch.quantile(seen, 1 - share))
+    return replace(steering, gates=gates).with_gate_settings(threshold=0.0)
+
+
+def neutral_ids(
+    tokenizer: PreTrainedTokenizerBase, options: dict[str, Any], before: bool = False
+) -> torch.Tensor:
+    """One window of the cost's WikiText after the passages the budget reads: (1, window);
+    `before`: the window before it (the budget's last; where gates are centred)."""
     window = options.get("passage_tokens", PERPLEXITY_WINDOW)
     start = (
         options.get("offset", PERPLEXITY_TOKENS)
-        + options.get("passages", CALIBRATION_PASSAGES) * window
+        + (options.get("passages", CALIBRATION_PASSAGES) - int(before)) * window
     )
     ids = tokens_for_budget(
         tokenizer, load_wikitext(data_source(options.get("data"))), start + window

@@ -155,6 +155,7 @@ def _calibrate_gate(
     budget: float,
     held: tuple[Path, Path],
     thresholds: str | None,
+    open_shares: str | None,
     options: dict[str, Any],
 ) -> GateCalibration:
     """A gated steering's λ and threshold (actsteer.gate_calibration), each threshold's outcome
@@ -165,12 +166,20 @@ def _calibrate_gate(
         tried = THRESHOLDS if thresholds is None else [float(t) for t in thresholds.split(",")]
     except ValueError:
         raise ActSteerError(f"--thresholds takes numbers like -1,0,1, got {thresholds!r}") from None
+    try:
+        shares = None if open_shares is None else [float(q) for q in open_shares.split(",")]
+    except ValueError:
+        raise ActSteerError(
+            f"--open-shares takes shares like 0.05,0.1,0.2, got {open_shares!r}"
+        ) from None
     texts = read_texts(held[0], "held-out source"), read_texts(held[1], "held-out target")
     return calibrate_gate(
-        steering, lm, tok, budget, held_out=texts, thresholds=tried,
+        steering, lm, tok, budget, held_out=texts, thresholds=tried, open_shares=shares,
         on_candidate=lambda c: status(
-            f"threshold {c.threshold:g}: λ = {c.calibration.strength:.4g}, held-out effect "
-            f"{c.effect:+.4f} nats, neutral tokens gated open {c.neutral_open:.1%}"
+            (f"open share {c.open_share:g}" if c.open_share is not None
+             else f"threshold {c.threshold:g}")
+            + f": λ = {c.calibration.strength:.4g}, held-out effect {c.effect:+.4f} nats, "
+            f"neutral tokens gated open {c.neutral_open:.1%}"
         ),
         **options,
     )  # fmt: skip
@@ -315,6 +324,15 @@ def calibrate_command(
             metavar="A,B,…",
         ),
     ] = None,
+    open_shares: Annotated[
+        str | None,
+        typer.Option(
+            help="A gated STEERING: instead of --thresholds, the shares of neutral WikiText "
+            "tokens each module's gate is centred to leave open (comma-separated, e.g. "
+            "0.05,0.1,0.2; docs/benchmarks.md, gate study G2).",
+            metavar="A,B,…",
+        ),
+    ] = None,
     extrapolate: ExtrapolateOption = None,
 ) -> None:
     """Find the largest λ whose cost stays within a budget; store it as the default strength.
@@ -349,8 +367,12 @@ def calibrate_command(
     gated = steering.gate_settings is not None
     if gated and (modules_candidates is not None or source or target):
         raise ActSteerError("a gated STEERING is calibrated as it is: drop --modules-candidates")
-    if not gated and thresholds is not None:
-        raise ActSteerError("--thresholds calibrates a gated steering; STEERING has no gate")
+    if thresholds is not None and open_shares is not None:
+        raise ActSteerError("give --thresholds or --open-shares, not both")
+    if not gated and (thresholds is not None or open_shares is not None):
+        raise ActSteerError(
+            "--thresholds and --open-shares calibrate a gated steering; STEERING has no gate"
+        )
     if gated and (held_out_source is None or held_out_target is None):
         raise ActSteerError(
             "a gated STEERING needs held-out texts for the effect its threshold is chosen by: "
@@ -375,9 +397,14 @@ def calibrate_command(
     if gated:
         assert held_out_source is not None and held_out_target is not None  # refused above
         held = (held_out_source, held_out_target)
-        found = _calibrate_gate(steering, lm, tok, budget, held, thresholds, options)
+        found = _calibrate_gate(steering, lm, tok, budget, held, thresholds, open_shares, options)
         result = found.best.calibration
-        title = f"{result.label} of {steering_path} at threshold {found.best.threshold:g}"
+        at = (
+            f"neutral open share {found.best.open_share:g}"
+            if found.best.open_share is not None
+            else f"threshold {found.best.threshold:g}"
+        )
+        title = f"{result.label} of {steering_path} at {at}"
     elif candidates is None:
         result = calibrate(steering, lm, tok, budget, **options)
         title = f"{result.label} of {steering_path} on {model}"
