@@ -32,6 +32,7 @@ from _common import begin, bench_lock, contention, fmt_spread, rotated, table, w
 
 import actsteer  # noqa: E402
 from actsteer.serving.app import Server  # noqa: E402
+from actsteer.texts import package_texts  # noqa: E402
 
 PROMPTS = [
     "The weather today is",
@@ -50,11 +51,6 @@ MIXED = [
     {"neutral": 1.0},
     {"football": 0.5, "neutral": 1.0},
 ]
-
-
-def package_texts(name: str) -> list[str]:
-    path = Path(actsteer.__file__).parent / "data" / f"{name}.txt"
-    return [line for line in path.read_text().splitlines() if line.strip()]
 
 
 @contextmanager

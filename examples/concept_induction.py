@@ -7,16 +7,12 @@ with support "all", so every activation moves, and sweep λ to watch the topic a
 from __future__ import annotations
 
 import argparse
-from importlib.resources import files
 
 import actsteer
 from actsteer.generation import generate_grid
+from actsteer.texts import package_texts
 
 PROMPTS = ["Yesterday I went to the", "My favourite thing about summer is", "The news today"]
-
-
-def package_texts(name: str) -> list[str]:
-    return files("actsteer").joinpath(f"data/{name}.txt").read_text().splitlines()
 
 
 def main() -> None:

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-from importlib.resources import files
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import actsteer
 from actsteer.export import export, export_control_vector
+from actsteer.texts import package_texts
 
 PROMPT = "Yesterday I went to the"
-
-
-def package_texts(name: str) -> list[str]:
-    return files("actsteer").joinpath(f"data/{name}.txt").read_text().splitlines()
 
 
 def main() -> None:

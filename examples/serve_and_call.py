@@ -15,16 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import openai
 
 import actsteer
-
-
-def package_texts(name: str) -> list[str]:
-    return files("actsteer").joinpath(f"data/{name}.txt").read_text().splitlines()
+from actsteer.texts import package_texts
 
 
 def free_port() -> int:

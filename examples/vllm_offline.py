@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from importlib.resources import files
 from pathlib import Path
 
 import actsteer
-
-
-def package_texts(name: str) -> list[str]:
-    return files("actsteer").joinpath(f"data/{name}.txt").read_text().splitlines()
+from actsteer.texts import package_texts
 
 
 def main() -> None:

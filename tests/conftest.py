@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
-
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import actsteer
 from actsteer.models import _cached_alias
+from actsteer.texts import package_texts
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
@@ -20,11 +19,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "smol" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-
-
-def package_texts(name: str) -> list[str]:
-    """Sentences shipped with the package (src/actsteer/data/<name>.txt)."""
-    return files("actsteer").joinpath(f"data/{name}.txt").read_text().splitlines()
 
 
 @pytest.fixture(scope="session")

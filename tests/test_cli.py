@@ -234,7 +234,7 @@ def test_methods_lists_linear_act(runner):
 
 def test_demo_runs(runner, monkeypatch, tmp_path):
     # The full demo fits on 2 × 120 sentences; a few of each keep this smoke test fast.
-    few = {name: cli.lm.package_texts(name)[:4] for name in ("neutral.txt", "football.txt")}
+    few = {name: cli.lm.package_texts(name)[:4] for name in ("neutral", "football")}
     monkeypatch.setattr(cli.lm, "package_texts", few.__getitem__)
     monkeypatch.setenv("ACTSTEER_CACHE", str(tmp_path))  # the model is the session's
     result = runner.invoke(cli.app, ["demo", "--max-new-tokens", "2"])

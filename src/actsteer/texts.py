@@ -7,12 +7,15 @@
 - a `.csv` file: the text in column `field` (default "text"), the first row naming columns;
 - `hf:ID[:CONFIG[:SPLIT]]`: a hub dataset (split "train" by default), the text under `field`.
 
+`package_texts` reads the sentence sets that ship with actsteer (neutral, football).
+
 Above the evaluation package, whose hub reader it uses; the chat template is `actsteer.chat`.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
@@ -95,3 +98,10 @@ def read_texts(source: str | Path, what: str = "texts", field: str | None = None
     if not texts:
         raise ActSteerError(f"{what} {source} has no text (one text per line expected)")
     return texts
+
+
+def package_texts(name: str) -> list[str]:
+    """The sentences of one of the package's own sets: "neutral" or "football" (120 each,
+    src/actsteer/data/NAME.txt; the demo's and the examples' texts)."""
+    text = importlib.resources.files("actsteer").joinpath("data", f"{name}.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import shlex
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from actsteer.errors import ActSteerError
 from actsteer.families import presets_help
 from actsteer.methods import METHODS, get_method
 from actsteer.outputs import check_output
+from actsteer.texts import package_texts
 
 if TYPE_CHECKING:
     from actsteer.methods import Method
@@ -51,12 +51,6 @@ DEMO_PROMPTS = (
     "Yesterday the news said that",
 )
 DEMO_STRENGTHS = (0.0, 0.5, 1.0)
-
-
-def package_texts(name: str) -> list[str]:
-    """The sentences of one of the package's own data files (src/actsteer/data/NAME)."""
-    text = importlib.resources.files("actsteer").joinpath("data", name).read_text("utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _recorded(path: Path) -> str:
@@ -309,7 +303,7 @@ def demo(
     from actsteer.models import model_for
 
     model = model_for(None, model)
-    source, target = package_texts("neutral.txt"), package_texts("football.txt")
+    source, target = package_texts("neutral"), package_texts("football")
     lm, tok = load_lm(model, device, dtype)
     status(
         f"Fitting a 'football' steering on {model}: Linear-AcT on every layer norm, "
