@@ -27,6 +27,7 @@ from actsteer.calibration import CalibrationResult, calibrate, check_budget, lik
 from actsteer.choices import CALIBRATION_PASSAGES, PERPLEXITY_TOKENS, PERPLEXITY_WINDOW
 from actsteer.errors import ActSteerError
 from actsteer.evaluation.tasks.perplexity import data_source, load_wikitext, tokens_for_budget
+from actsteer.sources import prompt_scores
 from actsteer.tree import model_device, module_tree, output_tensor
 
 if TYPE_CHECKING:
@@ -151,19 +152,8 @@ def neutral_scores(
     finally:
         for handle in handles:
             handle.remove()
-    return {
-        name: seen_by_kind(gate.score(outputs[name])[0].cpu(), kind)
-        for name, gate in steering.gates.items()
-    }
-
-
-def seen_by_kind(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """(T,) token scores as a gate of `kind` turns them into strengths over one sequence."""
-    if kind == "context":
-        return scores.cumsum(0) / torch.arange(1, len(scores) + 1)
-    if kind == "prompt":
-        return scores.mean().expand_as(scores)
-    return scores
+    scores = {name: gate.score(outputs[name]).cpu() for name, gate in steering.gates.items()}
+    return {name: prompt_scores(s, torch.ones_like(s), kind)[0][0] for name, s in scores.items()}
 
 
 def centred(steering: Steering, scores: dict[str, torch.Tensor], share: float) -> Steering:

@@ -149,6 +149,22 @@ class BothHalves:
         return lam
 
 
+def prompt_scores(
+    score: torch.Tensor, real: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) scores of a prompt pass as a gate of `kind` sees them (a token's own, the running
+    mean, the prompt's mean; `real` is 0 on padding), with each row's sum and count of real
+    tokens, which generated tokens' passes carry on from."""
+    total, count = (score * real).cumsum(1), real.cumsum(1)
+    if kind == "prompt":
+        seen = (total[:, -1] / count[:, -1].clamp_min(1)).unsqueeze(1).expand_as(score)
+    elif kind == "context":
+        seen = total / count.clamp_min(1)
+    else:
+        seen = score
+    return seen, total[:, -1], count[:, -1]
+
+
 class Gated:
     """λ times the gate g of this module's activations (actsteer.gates), per token.
 
@@ -199,11 +215,8 @@ class Gated:
                 if mask is not None and mask.shape == score.shape
                 else torch.ones_like(score)
             )
-            total, count = (score * real).cumsum(1), real.cumsum(1)
-            self.total, self.count = total[:, -1], count[:, -1]
-            if self.settings.kind == "prompt":
-                return (self.total / self.count.clamp_min(1)).unsqueeze(1).expand_as(score)
-            return total / count.clamp_min(1)
+            seen, self.total, self.count = prompt_scores(score, real, self.settings.kind)
+            return seen
         if self.total is None or self.count is None or self.total.shape[0] != score.shape[0]:
             raise ActSteerError(
                 "a context or prompt gate carries each row's scores from its prompt pass; this "
