@@ -78,6 +78,17 @@ class Gate:
         return torch.matmul(a.float(), weight) + self.bias.to(a.device)
 
 
+def require_token_gate(name: str, settings: GateSettings | None, carried: str) -> None:
+    """Refuse steering `name`'s context or prompt gate where only token gates apply (a batch
+    whose rows change between passes); `carried` says what such a gate would carry and why
+    this engine cannot."""
+    if settings is not None and settings.kind != "token":
+        raise ActSteerError(
+            f"steering {name!r} has a {settings.kind} gate, which carries each {carried}: use "
+            "steering.with_gate_settings(kind='token')"
+        )
+
+
 def open_share(gate: Gate, settings: GateSettings, tokens: torch.Tensor) -> float:
     """The share of token activations (N, D) whose own gate is above one half."""
     g = torch.sigmoid((gate.score(tokens) - settings.threshold) / settings.tau)

@@ -55,6 +55,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from actsteer.errors import ActSteerError
+from actsteer.gates import require_token_gate
 from actsteer.integrations.batch import (
     ARG_KEY,
     ENV,
@@ -263,12 +264,9 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     per_module: dict[str, dict[str, tuple[Transport, Gated | None]]] = {}
     for steering_name, steering in batch.steerings.items():
         gating = steering.gate_settings
-        if gating is not None and gating.kind != "token":
-            raise ActSteerError(
-                f"steering {steering_name!r} has a {gating.kind} gate, which carries each "
-                "request's scores across passes; the plugin applies token gates: use "
-                "steering.with_gate_settings(kind='token')"
-            )
+        require_token_gate(
+            steering_name, gating, "request's scores across passes; the plugin applies token gates"
+        )
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
             width = _width(name, modules[name], hidden)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
+from actsteer.gates import require_token_gate
 from actsteer.hooks import SteeringHandle
 from actsteer.kernels import fused_kernel
 from actsteer.serving.batch import DecodeBatch
@@ -116,13 +117,10 @@ class Engine:
                 steering.check_compatible(model)
             except ActSteerError as err:
                 raise ActSteerError(f"steering {name!r}: {err}") from None
-            gating = steering.gate_settings
-            if gating is not None and gating.kind != "token":
-                raise ActSteerError(
-                    f"steering {name!r} has a {gating.kind} gate, which carries each row's "
-                    "scores across passes; the server's batch changes rows between steps, so it "
-                    "serves token gates: use steering.with_gate_settings(kind='token')"
-                )
+            require_token_gate(
+                name, steering.gate_settings, "row's scores across passes; the server's batch "
+                "changes rows between steps, so it serves token gates",
+            )  # fmt: skip
         param = next(model.parameters())
         if steerings and param.device.type == "cpu":
             fused_kernel()  # built now (once per machine) rather than on the first request
