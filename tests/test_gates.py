@@ -202,13 +202,19 @@ def test_gate_settings_are_checked(gated):
     assert gated.with_gate_settings(threshold=1.5).gate_settings.threshold == 1.5
 
 
+def neutral_text_file(tmp_path, neutral, football):
+    """A raw text file of 100 lines the calibrations read as their WikiText."""
+    text = tmp_path / "held_out.raw"
+    text.write_text("\n".join(f" {line}" for line in neutral[60:110] + football[60:110]) + "\n")
+    return text
+
+
 def test_calibrate_gate_picks_lambda_and_threshold_by_the_held_out_effect(
     gated, tiny_llama, tokenizer, neutral, football, tmp_path
 ):
     from actsteer.gate_calibration import calibrate_gate
 
-    text = tmp_path / "held_out.raw"
-    text.write_text("\n".join(f" {line}" for line in neutral[60:110] + football[60:110]) + "\n")
+    text = neutral_text_file(tmp_path, neutral, football)
     tiny = {"data": text, "passages": 2, "passage_tokens": 32, "offset": 0}
     found = calibrate_gate(
         gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5,
@@ -232,8 +238,7 @@ def test_calibrate_gate_by_neutral_open_shares(gated, tiny_llama, tokenizer, neu
     neutral scores (as its kind sees them) lies above θ = 0."""
     from actsteer.gate_calibration import calibrate_gate, neutral_ids, neutral_scores
 
-    text = tmp_path / "held_out.raw"
-    text.write_text("\n".join(f" {line}" for line in neutral[60:110] + football[60:110]) + "\n")
+    text = neutral_text_file(tmp_path, neutral, football)
     tiny = {"data": text, "passages": 2, "passage_tokens": 40, "offset": 0}
     found = calibrate_gate(
         gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5,

@@ -65,6 +65,32 @@ def serving(server: Server):
         thread.join(timeout=30)
 
 
+@contextmanager
+def serve_command(folder: Path, *options: str):
+    """`actsteer serve --model FOLDER --port P OPTIONS` as a subprocess (no kernel build there),
+    yielded as (process, base URL) once it answers /health; killed on the way out if it still
+    runs."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "actsteer"), "serve", "--model", str(folder),
+               "--port", str(port), *options]  # fmt: skip
+    env = {**os.environ, "ACTSTEER_FUSED_KERNEL": "0"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                get(base, "/health")
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                time.sleep(0.2)
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def client(base: str, key: str = "-") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
 
@@ -352,22 +378,8 @@ def test_the_serve_command_binds_loopback_and_exits_cleanly_on_sigterm(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     steerings["calm"].save(tmp_path / "calm.safetensors")
-    port = free_port()
     calm = f"calm={tmp_path / 'calm.safetensors'}"
-    command = [str(Path(sys.executable).parent / "actsteer"), "serve", "--model", str(folder),
-               "--steering", calm, "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "ACTSTEER_FUSED_KERNEL": "0"}  # no kernel build in the subprocess
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                get(base, "/health")
-                break
-            except OSError:
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                time.sleep(0.2)
+    with serve_command(folder, "--steering", calm) as (process, base):
         stream = client(base).completions.create(
             model=str(folder), prompt="Hi", max_tokens=100, temperature=0, stream=True,
             extra_body={"steering": {"calm": 0.5}},
@@ -376,9 +388,6 @@ def test_the_serve_command_binds_loopback_and_exits_cleanly_on_sigterm(
         assert first.choices[0].text is not None
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 @pytest.mark.slow

@@ -85,31 +85,15 @@ def test_a_request_still_running_at_shutdown_ends_in_openai_shape(tmp_path, toke
     """SIGINT with a long stream in flight and --shutdown-timeout 0.5: the stream's last event
     is an OpenAI-shaped error (the client raises it) followed by [DONE], the log has no
     traceback and the server exits with 0."""
-    import os
     import signal
     import time
-    from pathlib import Path
 
-    from tests.test_serve import client, free_port, get
+    from tests.test_serve import client, serve_command
 
     folder = tmp_path / "tiny"
     tiny_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "actsteer"), "serve", "--model", str(folder),
-               "--port", str(port), "--shutdown-timeout", "0.5"]  # fmt: skip
-    env = {**os.environ, "ACTSTEER_FUSED_KERNEL": "0"}
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                get(base, "/health")
-                break
-            except OSError:
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                time.sleep(0.2)
+    with serve_command(folder, "--shutdown-timeout", "0.5") as (process, base):
         openai = pytest.importorskip("openai")
         stream = client(base).completions.create(
             model=str(folder), prompt="Hi", max_tokens=240, temperature=0, stream=True
@@ -123,9 +107,6 @@ def test_a_request_still_running_at_shutdown_ends_in_openai_shape(tmp_path, toke
         assert process.wait(timeout=30) == 0
         log = process.stderr.read() if process.stderr else ""
         assert "Traceback" not in log, log
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def test_metrics_and_an_access_log_line_per_request(tokenizer, neutral, football, caplog):
