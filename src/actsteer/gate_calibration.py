@@ -13,6 +13,12 @@ module's gate is shifted so that a share q of its scores, as its kind sees them 
 gate's running means), lie above θ = 0 on a neutral WikiText window (plain activations; the
 window before the one the open share is reported on). One θ in raw log-odds opens modules very
 unequally; a share per module does not (docs/benchmarks.md, gate study G2).
+
+The effect can instead be the caller's (`effect(steering, strength) -> float`, larger is
+better), e.g. minus the mean toxicity of sampled continuations of validation prompts
+(`actsteer.evaluation.sampled_toxicity_effect`): the likelihood gap is measured with the
+source text given, and a gate that opens on toxic tokens once they are there scores well on
+it without steering the moment a sampled continuation turns toxic (gate studies G1 and G3).
 """
 
 from __future__ import annotations
@@ -71,14 +77,16 @@ def calibrate_gate(
     tokenizer: PreTrainedTokenizerBase,
     budget: float = 1.0,
     *,
-    held_out: tuple[Sequence[str], Sequence[str]],
+    held_out: tuple[Sequence[str], Sequence[str]] | None = None,
+    effect: Callable[[Steering, float], float] | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
     open_shares: Sequence[float] | None = None,
     on_candidate: Callable[[GateCandidate], None] | None = None,
     **options: Any,
 ) -> GateCalibration:
     """λ and threshold of a gated steering under `budget` (see the module). held_out: source
-    and target texts the fit never saw; open_shares: candidates as neutral open shares per
+    and target texts the fit never saw, for the likelihood-gap effect; effect: the caller's
+    effect instead (give one of the two); open_shares: candidates as neutral open shares per
     module instead of `thresholds`; options go to `calibrate` (cost, data, passages, …)."""
     if steering.gate_settings is None:
         raise ActSteerError("the steering has no gate; add one with steering.with_gate(...)")
@@ -87,9 +95,14 @@ def calibrate_gate(
     if open_shares is not None and not (open_shares and all(0 < q < 1 for q in open_shares)):
         raise ActSteerError(f"give open shares strictly between 0 and 1, got {list(open_shares)}")
     check_budget(budget, options.get("cost", "ppl"))
-    held_source, held_target = list(held_out[0]), list(held_out[1])
-    batch_size = options.get("batch_size", 8)
-    plain_gap = likelihood_gap(model, tokenizer, held_source, held_target, batch_size)
+    if held_out is not None and effect is None:
+        measure = held_out_gap(model, tokenizer, held_out, options.get("batch_size", 8))
+    elif effect is not None and held_out is None:
+        measure = effect
+    else:
+        raise ActSteerError(
+            "give either held_out (source and target texts the fit never saw) or effect"
+        )
     neutral = neutral_ids(tokenizer, options)
     candidates: list[tuple[float, float | None, Steering]]
     if open_shares is None:
@@ -107,12 +120,12 @@ def calibrate_gate(
         calibration = calibrate(candidate, model, tokenizer, budget, **options)
         chosen = calibration.steering
         with chosen.applied(model, calibration.strength, chosen.info.support) as handle:
-            gap = likelihood_gap(model, tokenizer, held_source, held_target, batch_size)
             with torch.no_grad():
                 model(input_ids=neutral.to(model_device(model)))
             gates = [source.last for source in handle.gates.values() if source.last is not None]
         opened = float(torch.stack([(g > 0.5).float().mean() for g in gates]).mean())
-        result = GateCandidate(threshold, calibration, gap - plain_gap, opened, share)
+        gained = float(measure(chosen, calibration.strength))
+        result = GateCandidate(threshold, calibration, gained, opened, share)
         results.append(result)
         if on_candidate is not None:
             on_candidate(result)
@@ -124,13 +137,35 @@ def calibrate_gate(
             "thresholds": [[c.threshold, c.calibration.strength, c.effect, c.neutral_open]
                            for c in results],
             **({"open_shares": [c.open_share for c in results]} if open_shares else {}),
-            "held_out": {"source": len(held_source), "target": len(held_target)},
+            **(
+                {"held_out": {"source": len(held_out[0]), "target": len(held_out[1])}}
+                if held_out is not None
+                else {"effect": getattr(effect, "__name__", "the caller's")}
+            ),
             "neutral_open": best.neutral_open,
         },
     }  # fmt: skip
     chosen = best.calibration.steering
     best.calibration.steering = replace(chosen, info=replace(chosen.info, calibration=summary))
     return GateCalibration(results, best)
+
+
+def held_out_gap(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    held_out: tuple[Sequence[str], Sequence[str]],
+    batch_size: int,
+) -> Callable[[Steering, float], float]:
+    """The default effect: how much the steering at λ raises the held-out likelihood gap
+    (target lines over source lines) above the plain model's, in nats."""
+    source, target = list(held_out[0]), list(held_out[1])
+    plain = likelihood_gap(model, tokenizer, source, target, batch_size)
+
+    def gap(steering: Steering, strength: float) -> float:
+        with steering.applied(model, strength, steering.info.support):
+            return likelihood_gap(model, tokenizer, source, target, batch_size) - plain
+
+    return gap
 
 
 def neutral_scores(

@@ -32,7 +32,11 @@ from actsteer.evaluation.tasks import (
 from actsteer.evaluation.tasks.concept import ConceptJudge, ConceptResult
 from actsteer.evaluation.tasks.mmlu import MMLUResult
 from actsteer.evaluation.tasks.perplexity import PerplexityResult
-from actsteer.evaluation.tasks.toxicity import ToxicityResult, score_toxicity
+from actsteer.evaluation.tasks.toxicity import (
+    ToxicityResult,
+    sampled_toxicity_effect,
+    score_toxicity,
+)
 from actsteer.evaluation.tasks.truthfulqa import TruthfulQAResult
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "perplexity",
     "plot_sweep",
     "run_sweep",
+    "sampled_toxicity_effect",
     "score_toxicity",
     "toxicity",
     "truthfulqa",

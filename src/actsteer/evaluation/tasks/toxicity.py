@@ -20,7 +20,8 @@ resample prompts. A grid of strengths runs in batched generation with a per-row 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +32,7 @@ from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths
 from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.judges import get_judge
+from actsteer.evaluation.likelihood import continuation_logprobs
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
 from actsteer.evaluation.tasks.registry import Task, register
@@ -268,3 +270,50 @@ TOXICITY = register(
         description="% toxic continuations of RealToxicityPrompts prompts, per prompt stratum",
     )
 )
+
+
+def sampled_toxicity_effect(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    judge: str | None = None,
+    fluency_limit: float | None = 1.2,
+    sampling: Sampling | Mapping[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> Callable[[Steering, float], float]:
+    """An effect for `calibrate_gate`: minus the mean toxicity score of sampled continuations
+    of `prompts` (validation prompts, never the evaluation's) at the candidate's λ, the same
+    sampling seeds for every candidate. fluency_limit: a candidate whose continuations'
+    perplexity under the plain model exceeds this multiple of the plain model's own
+    continuations' scores −inf (it makes text less toxic by making it worse); None: no limit."""
+    if not prompts:
+        raise ActSteerError("give at least one validation prompt for the sampled effect")
+    scorer = get_judge(judge)
+    prompts = list(prompts)
+    plain: list[float] = []
+
+    def continuations(steering: Steering | None, strength: float) -> list[str]:
+        texts = sample_grid(
+            model, tokenizer, prompts, [strength], steering, sampling=sampling,
+            batch_size=batch_size, seed=seed, progress=False,
+        )  # fmt: skip
+        return [row[0] for row in texts]
+
+    def perplexity(texts: list[str]) -> float:
+        scored = continuation_logprobs(
+            model, tokenizer, [(p, t) for p, t in zip(prompts, texts, strict=True) if t.strip()]
+        )
+        return math.exp(-sum(lp for lp, _ in scored) / max(sum(n for _, n in scored), 1))
+
+    def sampled_toxicity(steering: Steering, strength: float) -> float:
+        texts = continuations(steering, strength)
+        if fluency_limit is not None:
+            if not plain:
+                plain.append(perplexity(continuations(None, 0.0)))
+            if perplexity(texts) > fluency_limit * plain[0]:
+                return -math.inf
+        return -float(scorer.score(texts).mean())
+
+    return sampled_toxicity
