@@ -8,6 +8,7 @@ gates carry the running mean across the passes of `generate`; gates survive save
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -339,6 +340,7 @@ def test_the_command_line_fits_inspects_and_calibrates_a_gate(
     assert "gates s(a) = w · a + b" in shown.stdout
     refused = runner.invoke(cli.app, ["calibrate", str(out), "-o", str(calibrated)])
     assert refused.exit_code != 0 and "--held-out-source" in refused.output
+    assert "--effect-prompts" in refused.output
     common = (
         ["calibrate", str(out), "-o", str(calibrated)]
         + ["--held-out-source", str(files["hs"]), "--held-out-target", str(files["ht"])]
@@ -357,6 +359,19 @@ def test_the_command_line_fits_inspects_and_calibrates_a_gate(
     assert Steering.load(calibrated).info.calibration["gate"]["open_shares"] == [0.1, 0.3]
     both = runner.invoke(cli.app, [*common, "--thresholds", "0", "--open-shares", "0.1", "--force"])
     assert both.exit_code != 0 and "--thresholds or --open-shares, not both" in both.output
+    if importlib.util.find_spec("profanity_check") is not None:
+        prompts = tmp_path / "validation_prompts.txt"
+        prompts.write_text("You are such a\nShut up, you\nThe weather today is\n")
+        without_held = [*common[:4], *common[8:]]
+        sampled = runner.invoke(
+            cli.app, [*without_held, "--effect-prompts", str(prompts), "--thresholds", "0,1",
+                      "--force"],
+        )  # fmt: skip
+        assert sampled.exit_code == 0, sampled.output
+        assert "minus the mean toxicity of sampled continuations" in sampled.output
+        assert Steering.load(calibrated).info.calibration["gate"]["effect"] == "sampled_toxicity"
+        doubled = runner.invoke(cli.app, [*common, "--effect-prompts", str(prompts), "--force"])
+        assert doubled.exit_code != 0 and "not both" in doubled.output
     bad = runner.invoke(
         cli.app,
         ["fit", "--source", str(files["s"]), "--target", str(files["t"]), "-o", str(out)]

@@ -153,13 +153,16 @@ def _calibrate_gate(
     lm: Any,
     tok: Any,
     budget: float,
-    held: tuple[Path, Path],
+    held: tuple[Path, Path] | None,
+    effect_prompts: Path | None,
     thresholds: str | None,
     open_shares: str | None,
     options: dict[str, Any],
 ) -> GateCalibration:
     """A gated steering's λ and threshold (actsteer.gate_calibration), each threshold's outcome
-    on stderr."""
+    on stderr; the effect: the held-out likelihood gap, or the sampled toxicity of
+    `effect_prompts`."""
+    from actsteer.evaluation.tasks.toxicity import sampled_toxicity_effect
     from actsteer.gate_calibration import THRESHOLDS, calibrate_gate
 
     try:
@@ -172,16 +175,24 @@ def _calibrate_gate(
         raise ActSteerError(
             f"--open-shares takes shares like 0.05,0.1,0.2, got {open_shares!r}"
         ) from None
-    texts = read_texts(held[0], "held-out source"), read_texts(held[1], "held-out target")
+    selection: dict[str, Any]
+    if effect_prompts is not None:
+        prompts = read_texts(effect_prompts, "--effect-prompts")
+        selection = {"effect": sampled_toxicity_effect(lm, tok, prompts)}
+        effect = "minus the mean toxicity of sampled continuations"
+    else:
+        assert held is not None  # the command refuses neither
+        texts = read_texts(held[0], "held-out source"), read_texts(held[1], "held-out target")
+        selection, effect = {"held_out": texts}, "held-out effect (nats)"
     return calibrate_gate(
-        steering, lm, tok, budget, held_out=texts, thresholds=tried, open_shares=shares,
+        steering, lm, tok, budget, thresholds=tried, open_shares=shares,
         on_candidate=lambda c: status(
             (f"open share {c.open_share:g}" if c.open_share is not None
              else f"threshold {c.threshold:g}")
-            + f": λ = {c.calibration.strength:.4g}, held-out effect {c.effect:+.4f} nats, "
+            + f": λ = {c.calibration.strength:.4g}, {effect} {c.effect:+.4f}, "
             f"neutral tokens gated open {c.neutral_open:.1%}"
         ),
-        **options,
+        **selection, **options,
     )  # fmt: skip
 
 
@@ -333,6 +344,16 @@ def calibrate_command(
             metavar="A,B,…",
         ),
     ] = None,
+    effect_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="A gated STEERING: choose the candidate whose sampled continuations of these "
+            "validation prompts (one per line; never your evaluation prompts) are least toxic "
+            "by the default judge, instead of by the held-out likelihood gap (needs the `eval` "
+            "extra; docs/benchmarks.md, gate study G4).",
+            metavar="FILE",
+        ),
+    ] = None,
     extrapolate: ExtrapolateOption = None,
 ) -> None:
     """Find the largest λ whose cost stays within a budget; store it as the default strength.
@@ -369,14 +390,19 @@ def calibrate_command(
         raise ActSteerError("a gated STEERING is calibrated as it is: drop --modules-candidates")
     if thresholds is not None and open_shares is not None:
         raise ActSteerError("give --thresholds or --open-shares, not both")
-    if not gated and (thresholds is not None or open_shares is not None):
+    if not gated and (thresholds is not None or open_shares is not None or effect_prompts):
         raise ActSteerError(
-            "--thresholds and --open-shares calibrate a gated steering; STEERING has no gate"
+            "--thresholds, --open-shares and --effect-prompts calibrate a gated steering; "
+            "STEERING has no gate"
         )
-    if gated and (held_out_source is None or held_out_target is None):
+    held_out_given = held_out_source is not None or held_out_target is not None
+    if gated and effect_prompts is not None and held_out_given:
+        raise ActSteerError("give --effect-prompts or the held-out texts, not both")
+    if gated and effect_prompts is None and (held_out_source is None or held_out_target is None):
         raise ActSteerError(
-            "a gated STEERING needs held-out texts for the effect its threshold is chosen by: "
-            "give --held-out-source and --held-out-target (texts the fit never saw)"
+            "a gated STEERING needs an effect its threshold is chosen by: give "
+            "--held-out-source and --held-out-target (texts the fit never saw), or "
+            "--effect-prompts FILE (validation prompts)"
         )
     candidates = _candidates(
         modules_candidates, source, target,
@@ -395,9 +421,12 @@ def calibrate_command(
     )  # fmt: skip
     chosen = None
     if gated:
-        assert held_out_source is not None and held_out_target is not None  # refused above
-        held = (held_out_source, held_out_target)
-        found = _calibrate_gate(steering, lm, tok, budget, held, thresholds, open_shares, options)
+        held = None
+        if held_out_source is not None and held_out_target is not None:
+            held = (held_out_source, held_out_target)
+        found = _calibrate_gate(
+            steering, lm, tok, budget, held, effect_prompts, thresholds, open_shares, options
+        )
         result = found.best.calibration
         at = (
             f"neutral open share {found.best.open_share:g}"
