@@ -19,6 +19,7 @@ from torch import nn
 import actsteer
 from actsteer import ActSteerError, Steering
 from actsteer.gates import Gate, GateSettings, fit_gate, open_share
+from actsteer.hooks import ModuleHook
 from actsteer.maps import AffineMap, support_bounds
 from actsteer.sources import Gated, PassPhase
 
@@ -67,7 +68,8 @@ def test_the_gated_transport_is_lambda_times_g_applied_by_hand():
             out = module(a)
         strength = torch.as_tensor(lam).reshape(-1, 1) * torch.sigmoid(gate.score(a))
         expected = amap.transport("all")(a, strength.expand(3, 4).contiguous())
-        assert torch.equal(out, expected)
+        # the fused kernel sums the gate's dot product in its own order: float32 rounding apart
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad(), steering.applied(module, 0.7, "all", gated=False):
         ungated = module(a)
     assert torch.equal(ungated, amap(a, 0.7, "all")), "gate off: the ungated map"
@@ -162,6 +164,48 @@ def test_context_gates_refuse_a_batch_that_changes_rows():
     phase.prompt = False
     with pytest.raises(ActSteerError, match="rows it did not see"):
         source(torch.tensor(1.0), torch.randn(3, 1, 4))
+
+
+@pytest.mark.parametrize("kind", ["token", "context", "prompt"])
+def test_the_fused_kernels_gated_hook_steers_as_the_torch_ops_do(
+    gated, tiny_llama, tokenizer, neutral, football, kind, monkeypatch
+):
+    """With the fused kernel a gated hook is one C++ call (a context or prompt gate's prompt
+    pass apart): greedy generation of a left-padded batch at one λ and at one λ per row gives
+    the tokens and the gates (to float32 rounding) that the gate and transport in torch ops
+    give, and carries the running sums on the same way."""
+    from actsteer import kernels
+
+    if kernels.fused_kernel() is None:
+        pytest.skip("the fused kernel cannot be built here (no C++ compiler)")
+    steering = gated.with_gate_settings(kind=kind, threshold=-0.5).extrapolated(3.0)
+    texts = [neutral[80], football[81] + " and"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    options |= {"output_logits": True, "return_dict_in_generate": True}
+
+    def run(fused: bool, strength) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        monkeypatch.setattr(
+            "actsteer.transport.fused_kernel", kernels.fused_kernel if fused else lambda: None
+        )
+        with torch.no_grad(), steering.applied(tiny_llama, strength) as handle:
+            hooks = set(map(type, handle.forward_hooks.values()))
+            assert (hooks == {ModuleHook}) != fused, hooks
+            out = tiny_llama.generate(**batch, **options)
+            source = next(iter(handle.gates.values()))
+            return torch.stack(out.logits), source.last, source.total
+
+    with torch.no_grad():
+        plain = torch.stack(tiny_llama.generate(**batch, **options).logits)
+    for strength in (1.5, torch.tensor([0.5, 2.0])):
+        fused_logits, fused_gates, fused_total = run(True, strength)
+        ops_logits, ops_gates, ops_total = run(False, strength)
+        torch.testing.assert_close(fused_logits, ops_logits, rtol=1e-5, atol=1e-5)
+        assert (fused_logits - plain).abs().max() > 1e-3, "the steering changes the logits"
+        torch.testing.assert_close(fused_gates, ops_gates, rtol=1e-5, atol=1e-6)
+        assert 0.01 < float(fused_gates.mean()) < 0.99, "gates neither all shut nor all open"
+        if kind != "token":
+            torch.testing.assert_close(fused_total, ops_total, rtol=1e-5, atol=1e-5)
 
 
 def test_gates_survive_save_and_load_and_old_files_load(gated, tmp_path):

@@ -96,10 +96,15 @@ class ModuleHook:
         later with prepend=True runs first and would see its tensor overwritten).
         """
         self.lam = strength.float().cpu()
-        if self.sources or not self.on_cpu:
+        if not self.on_cpu:
             return self
-        in_place = first_hook and self.fresh_output
-        bound = self.transport.kernel_hook(self.lam, self.dtype, in_place, self)
+        if len(self.sources) == 1 and isinstance(self.sources[0], Gated):
+            bound = self.transport.gated_kernel_hook(self.lam, self.dtype, self.sources[0], self)
+        elif self.sources:
+            return self
+        else:
+            in_place = first_hook and self.fresh_output
+            bound = self.transport.kernel_hook(self.lam, self.dtype, in_place, self)
         return self if bound is None else bound
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:

@@ -215,7 +215,9 @@ class Gated:
                 if mask is not None and mask.shape == score.shape
                 else torch.ones_like(score)
             )
-            seen, self.total, self.count = prompt_scores(score, real, self.settings.kind)
+            seen, total, count = prompt_scores(score, real, self.settings.kind)
+            # owned, contiguous: the fused kernel's gated hook carries them on in place
+            self.total, self.count = total.contiguous(), count.contiguous()
             return seen
         if self.total is None or self.count is None or self.total.shape[0] != score.shape[0]:
             raise ActSteerError(
@@ -227,5 +229,5 @@ class Gated:
             return (self.total / self.count.clamp_min(1)).unsqueeze(1).expand_as(score)
         total = self.total.unsqueeze(1) + score.cumsum(1)
         count = self.count.unsqueeze(1) + torch.arange(1, score.shape[1] + 1, device=score.device)
-        self.total, self.count = total[:, -1], count[:, -1]
+        self.total, self.count = total[:, -1].contiguous(), count[:, -1].contiguous()
         return total / count

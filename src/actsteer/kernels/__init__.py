@@ -9,7 +9,8 @@ batch), and overwrites a norm's fresh output that no other hook has seen, saving
 Support "all" passes infinite bounds. The kernel is called through CPython's fast calling
 convention rather than pybind11: inside a model, where caches are cold, pybind11's dispatch cost
 more than the arithmetic. `hook(...)` binds a map's coefficients, checked once, into a forward
-hook implemented in C++, so no Python frame runs per call; what it does not handle (other
+hook implemented in C++, so no Python frame runs per call (`gated_hook(...)` likewise computes a
+gate and the transport at λ·g); what it does not handle (other
 devices or dtypes, non-contiguous outputs, a gradient to carry, tensor subclasses, tuple
 outputs, shapes that do not fit) goes to the Python hook and the transport's torch ops. On
 Linux, outputs above 32 k elements are shared among torch's threads (OpenMP, the runtime torch

@@ -382,6 +382,239 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
+// A gated forward hook (see gated_hook() below): the map as transport_tokens reads it, the
+// gate's folded weight and bias (z = w·a + b is already (s − θ)/τ), λ (one, or one per row),
+// the gate's kind, and the Python gate source (actsteer.sources.Gated) whose carried sums it
+// updates and whose `last` it sets.
+struct GatedHook {
+  torch::Tensor omega_minus_one, beta, lo, hi, weight, lam;
+  float bias;
+  int kind;  // 0 token, 1 context, 2 prompt
+  int64_t units;
+  at::ScalarType dtype;
+  PyObject* source;
+  PyObject* fallback;
+};
+
+constexpr const char* kGatedHook = "actsteer.GatedHook";
+
+void free_gated_hook(PyObject* capsule) {
+  auto* bound = static_cast<GatedHook*>(PyCapsule_GetPointer(capsule, kGatedHook));
+  Py_XDECREF(bound->source);
+  Py_XDECREF(bound->fallback);
+  delete bound;
+}
+
+// A float32 CPU contiguous tensor of n elements held in attribute `name` of `owner`, or
+// nothing (the attribute is None, absent or another tensor); a new reference in `held`.
+std::optional<at::Tensor> carried(PyObject* owner, const char* name, int64_t n, PyObject*& held) {
+  held = PyObject_GetAttrString(owner, name);
+  if (held == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  if (!THPVariable_CheckExact(held)) {
+    return std::nullopt;
+  }
+  const at::Tensor& t = THPVariable_Unpack(held);
+  if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || !t.is_contiguous() ||
+      t.numel() != n || t.requires_grad()) {
+    return std::nullopt;
+  }
+  return t;
+}
+
+// Whether this pass is one the gated kernel takes for a context or prompt gate: the gate
+// source has a pass phase, and it says the pass continues generation (not a prompt pass).
+bool generated_pass(PyObject* source) {
+  PyObject* phase = PyObject_GetAttrString(source, "phase");
+  if (phase == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  bool generated = false;
+  if (phase != Py_None) {
+    PyObject* prompt = PyObject_GetAttrString(phase, "prompt");
+    if (prompt == nullptr) {
+      PyErr_Clear();
+    } else {
+      generated = PyObject_IsTrue(prompt) == 0;
+      Py_DECREF(prompt);
+    }
+  }
+  Py_DECREF(phase);
+  return generated;
+}
+
+// hook(module, args, output) of a gated steering: per token z = w·a + b (a context gate's
+// running mean of z carried on from the row's sums, a prompt gate's prompt mean held),
+// g = σ(z), and the transport at λ·g, as actsteer.sources.Gated and the transport compute it
+// in torch ops (the dot product summed in another order: float32 rounding apart). Prompt
+// passes of context and prompt gates, and every output it declines, go to the fallback.
+PyObject* gated_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const auto* bound = static_cast<GatedHook*>(PyCapsule_GetPointer(capsule, kGatedHook));
+  if (nargs != 3 || !THPVariable_CheckExact(args[2])) {
+    return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
+  }
+  const at::Tensor& a = THPVariable_Unpack(args[2]);
+  const int64_t dims = a.dim();
+  const bool sequence = dims == 3;
+  if (!(dims == 2 || sequence) || a.scalar_type() != bound->dtype || !a.device().is_cpu() ||
+      !a.is_contiguous() || a.size(-1) != bound->units || a.numel() == 0 ||
+      (a.requires_grad() && at::GradMode::is_enabled()) ||
+      (bound->kind != 0 && (!sequence || !generated_pass(bound->source)))) {
+    return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
+  }
+  const int64_t rows = a.size(0), tokens = sequence ? a.size(1) : 1;
+  const bool per_row = bound->lam.dim() == 1;
+  if (per_row && bound->lam.numel() != rows) {
+    return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
+  }
+  PyObject* total_obj = nullptr;
+  PyObject* count_obj = nullptr;
+  std::optional<at::Tensor> total, count;
+  if (bound->kind != 0) {
+    total = carried(bound->source, "total", rows, total_obj);
+    count = carried(bound->source, "count", rows, count_obj);
+    if (!total || !count) {  // the fallback raises its error where rows changed
+      Py_XDECREF(total_obj);
+      Py_XDECREF(count_obj);
+      return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
+    }
+  }
+  at::Tensor out = at::detail::empty_cpu(a.sizes(), bound->dtype);
+  at::Tensor gates = at::detail::empty_cpu(
+      sequence ? at::IntArrayRef{rows, tokens} : at::IntArrayRef{rows}, at::kFloat);
+  const int64_t units = bound->units;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bound->dtype, "actsteer_gated", [&] {
+    const auto* a_ = a.const_data_ptr<scalar_t>();
+    auto* out_ = out.mutable_data_ptr<scalar_t>();
+    auto* g_ = gates.mutable_data_ptr<float>();
+    const auto* w = bound->weight.const_data_ptr<float>();
+    const auto* lam = bound->lam.const_data_ptr<float>();
+    const auto* om1 = bound->omega_minus_one.const_data_ptr<float>();
+    const auto* beta = bound->beta.const_data_ptr<float>();
+    const auto* lo = bound->lo.const_data_ptr<scalar_t>();
+    const auto* hi = bound->hi.const_data_ptr<scalar_t>();
+    float* total_ = total ? total->mutable_data_ptr<float>() : nullptr;
+    float* count_ = count ? count->mutable_data_ptr<float>() : nullptr;
+    const auto steer_rows = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t t = 0; t < tokens; ++t) {
+          const int64_t index = r * tokens + t;
+          const scalar_t* x = a_ + index * units;
+          float z = 0.0f;
+          if (bound->kind != 2) {
+            for (int64_t k = 0; k < units; ++k) {
+              z += static_cast<float>(x[k]) * w[k];
+            }
+            z += bound->bias;
+          }
+          if (bound->kind == 1) {
+            total_[r] += z;
+            count_[r] += 1.0f;
+            z = total_[r] / count_[r];
+          } else if (bound->kind == 2) {
+            z = total_[r] / std::max(count_[r], 1.0f);
+          }
+          const float g = 1.0f / (1.0f + std::exp(-z));
+          g_[index] = g;
+          transport_row<scalar_t>(x, g * lam[per_row ? r : 0], om1, beta, lo, hi,
+                                  out_ + index * units, units);
+        }
+      }
+    };
+    if (rows * tokens * units <= 32768) {
+      steer_rows(0, rows);  // small: skip the thread pool's bookkeeping
+    } else {
+      at::parallel_for(0, rows, 1, steer_rows);
+    }
+  });
+  Py_XDECREF(total_obj);
+  Py_XDECREF(count_obj);
+  if (total) {
+    total->unsafeGetTensorImpl()->bump_version();
+    count->unsafeGetTensorImpl()->bump_version();
+  }
+  PyObject* last = THPVariable_Wrap(std::move(gates));
+  if (last == nullptr || PyObject_SetAttrString(bound->source, "last", last) < 0) {
+    Py_XDECREF(last);
+    return nullptr;
+  }
+  Py_DECREF(last);
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef gated_hook_def = {
+    "gated_steering_hook",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gated_hook_call)), METH_FASTCALL,
+    "A gated steering forward hook: hook(module, args, output)"};
+
+// gated_hook(omega_minus_one, beta, lo, hi, weight, bias, lam, kind, source, fallback): a
+// forward hook computing the gate and the transport at λ·g in this kernel (see
+// gated_hook_call), fallback(module, args, output) for the rest. ω − 1, β, the gate's weight
+// and bias and λ in float32, the bounds in the outputs' dtype; kind 0 token, 1 context,
+// 2 prompt; source: the gate source whose `total`, `count` and `last` it reads and writes.
+// None where the kernel cannot read the parameters.
+PyObject* gated_hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 10) {
+    PyErr_Format(PyExc_TypeError, "gated_hook() takes 10 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  if (!plain_tensors(args, {0, 1, 2, 3, 4, 5, 6}) || !PyCallable_Check(args[9])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "gated_hook() takes plain tensors first, then kind, the gate source and "
+                    "a callable fallback");
+    return nullptr;
+  }
+  const long kind = PyLong_AsLong(args[7]);
+  if (kind == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  const at::Tensor& lo = THPVariable_Unpack(args[2]);
+  const auto bounds = read_map(lo, THPVariable_Unpack(args[3]), lo, THPVariable_Unpack(args[3]), 0);
+  const int64_t units = bounds ? bounds->units : 0;
+  bool readable = bounds.has_value() && kind >= 0 && kind <= 2;
+  for (const int i : {0, 1, 4, 5, 6}) {
+    const at::Tensor& t = THPVariable_Unpack(args[i]);
+    readable = readable && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+               t.is_contiguous() && t.numel() > 0 &&
+               (i == 5 || i == 6 || t.numel() == units);
+  }
+  if (!readable || THPVariable_Unpack(args[5]).numel() != 1 ||
+      THPVariable_Unpack(args[6]).dim() > 1) {
+    Py_RETURN_NONE;
+  }
+  auto* bound = new GatedHook{THPVariable_Unpack(args[0]),
+                              THPVariable_Unpack(args[1]),
+                              lo,
+                              THPVariable_Unpack(args[3]),
+                              THPVariable_Unpack(args[4]),
+                              THPVariable_Unpack(args[6]),
+                              THPVariable_Unpack(args[5]).item<float>(),
+                              static_cast<int>(kind),
+                              units,
+                              bounds->dtype,
+                              args[8],
+                              args[9]};
+  Py_INCREF(bound->source);
+  Py_INCREF(bound->fallback);
+  PyObject* capsule = PyCapsule_New(bound, kGatedHook, free_gated_hook);
+  if (capsule == nullptr) {
+    Py_DECREF(bound->source);
+    Py_DECREF(bound->fallback);
+    delete bound;
+    return nullptr;
+  }
+  PyObject* hook = PyCFunction_New(&gated_hook_def, capsule);
+  Py_DECREF(capsule);
+  return hook;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"transport", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(transport_fastcall)),
      METH_FASTCALL,
@@ -397,6 +630,12 @@ PyMethodDef methods[] = {
      "hook(scale, shift, lo, hi, rows, in_place, fallback): a forward hook running "
      "transport() on tensor outputs, fallback(module, args, output) for the rest; None where "
      "the kernel cannot read the parameters"},
+    {"gated_hook",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gated_hook_fastcall)),
+     METH_FASTCALL,
+     "gated_hook(omega_minus_one, beta, lo, hi, weight, bias, lam, kind, source, fallback): a "
+     "forward hook computing a gate and the transport at λ·g; None where the kernel cannot "
+     "read the parameters"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
