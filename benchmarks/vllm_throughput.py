@@ -3,7 +3,8 @@
 One vLLM engine with actsteer's plugin serves a Linear-AcT steering fitted on every norm
 output of SmolLM2-135M (`layernorms`: 61 modules, support q0-100). Each round generates the
 same batch twice, once with no request steered and once with every request steered at its own
-λ (0.25, 0.5, 0.75, 1 in turn), in alternating order; throughput is generated tokens per
+λ (0.25, 0.5, 0.75, 1 in turn), in alternating order (--gate: the steering has a token gate on
+every module, fitted on the same sentences); throughput is generated tokens per
 second of `llm.generate`, the ratio is the median of the rounds' ratios. Holds
 /tmp/actsteer-bench.lock while timing.
 
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--gate", action="store_true", help="the steering with a token gate (issue 29)"
+    )
     args = parser.parse_args()
     print(machine())
 
@@ -54,8 +58,9 @@ def main() -> None:
     neutral = data.joinpath("neutral.txt").read_text().splitlines()[:16]
     football = data.joinpath("football.txt").read_text().splitlines()[:16]
     steering = actsteer.fit(
-        model, tok, source=neutral, target=football, modules="layernorms", progress=False
-    )
+        model, tok, source=neutral, target=football, modules="layernorms", progress=False,
+        gate="token" if args.gate else None,
+    )  # fmt: skip
     del model
     path = Path(tempfile.mkdtemp()) / "norms.safetensors"
     steering.save(path)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS, check_choice
+from actsteer.compiled import forget_compiled_code, has_compiled_code
 from actsteer.errors import ActSteerError
 from actsteer.gates import Gate, GateSettings
 from actsteer.guards import check_far_strength, enter, guard_of, leave, reach
@@ -74,17 +75,31 @@ def sees_output_first(module: nn.Module) -> bool:
 
 class ModuleHook:
     """The forward hook of one module: its map's transport at the strength that its sources
-    make of the steering's λ."""
+    make of the steering's λ. `traced` (a compiled model, actsteer.compiled): λ lives in one
+    tensor on the module's device, updated in place, and the transport is plain torch ops."""
 
-    def __init__(self, amap: AffineMap, support: str, module: nn.Module, sources: list[Source]):
-        self.transport = Transport(amap.omega, amap.beta, amap.support(support))
+    def __init__(
+        self,
+        amap: AffineMap,
+        support: str,
+        module: nn.Module,
+        sources: list[Source],
+        traced: bool = False,
+    ):
+        self.transport = Transport(amap.omega, amap.beta, amap.support(support), fused=not traced)
         self.sources = sources
         self.stream = stream_index(module)
         param = next(module.parameters(), None)
         self.on_cpu = param is None or param.device.type == "cpu"
         self.dtype = param.dtype if param is not None else torch.float32
+        self.device = param.device if param is not None else torch.device("cpu")
         self.fresh_output = type(module) in FRESH_OUTPUT
-        self.lam = torch.zeros(())
+        self.traced = traced
+        self.lam = torch.zeros((), device=self.device if traced else None)
+        self.parameters = self.transport.parameters(self.device, self.dtype) if traced else ()
+        for source in sources if traced else ():
+            if isinstance(source, Gated):  # placed now: traced code must not move them
+                source.place(self.device)
 
     def set_strength(self, strength: torch.Tensor, first_hook: bool = False) -> object:
         """Take a new λ (a number or one per row) and return the forward hook to register:
@@ -95,6 +110,13 @@ class ModuleHook:
         kernel may overwrite a norm's fresh output instead of allocating another (a hook added
         later with prepend=True runs first and would see its tensor overwritten).
         """
+        if self.traced:  # in place where the shape allows: compiled code reads this tensor
+            lam = strength.float().to(self.device)
+            if lam.shape == self.lam.shape:
+                self.lam.copy_(lam)
+            else:
+                self.lam = lam.clone()
+            return self
         self.lam = strength.float().cpu()
         if not self.on_cpu:
             return self
@@ -115,6 +137,8 @@ class ModuleHook:
             if made is None:
                 return None
             lam = made
+        if self.traced:
+            return with_output(output, self.transport.traced(a, lam, self.parameters), self.stream)
         return with_output(output, self.transport(a, lam), self.stream)
 
 
@@ -177,23 +201,17 @@ class SteeringHandle:
         settings = steering.gate_settings if gated else None
         carried = settings is not None and settings.kind != "token"
         self.phase = PassPhase() if positions in ("prompt", "generated") or carried else None
-        both_halves = isinstance(tree, PipelineModules) and guidance == "both"
+        self.positions = positions
+        self.both_halves = isinstance(tree, PipelineModules) and guidance == "both"
         self.gates = {
             name: Gated(gate, settings, self.phase)
             for name, gate in steering.gates.items()
             if settings is not None
         }
-        self.hooks = {
-            name: ModuleHook(
-                amap, support, lookup[name],
-                strength_sources(
-                    name.split(".", 1)[0], positions, self.phase, self.guidance, both_halves,
-                    self.gates.get(name),
-                ),
-            )
-            for name, amap in steering.maps.items()
-        }  # fmt: skip
+        self.support = support
         self.modules = {name: lookup[name] for name in steering.maps}
+        self.traced = False
+        self.hooks = self._module_hooks()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_hooks: dict[str, object] = {}  # what is registered on each module
         self.strength = torch.zeros(())
@@ -205,15 +223,55 @@ class SteeringHandle:
             leave(self, tree)
             raise
 
+    def _module_hooks(self) -> dict[str, ModuleHook]:
+        """One hook per steered module (traced ones for a compiled model, actsteer.compiled)."""
+        return {
+            name: ModuleHook(
+                amap, self.support, self.modules[name],
+                strength_sources(
+                    name.split(".", 1)[0], self.positions, self.phase, self.guidance,
+                    self.both_halves, self.gates.get(name),
+                ),
+                traced=self.traced,
+            )
+            for name, amap in self.steering.maps.items()
+        }  # fmt: skip
+
+    def _trace_if_compiled(self) -> None:
+        """Switch to traced hooks once the model has compiled code (see actsteer.compiled),
+        refusing what traced hooks cannot carry; the compiled code is reset to see them."""
+        if self.traced or isinstance(self.model, PipelineModules):
+            return
+        if not has_compiled_code(self.model):
+            return
+        if self.phase is not None or self.guidance is not None or self.positions != "all":
+            raise ActSteerError(
+                "this model runs compiled code (torch.compile, or transformers' compiled "
+                "generation with a static cache), whose traced hooks take positions='all' and "
+                "token gates only: use those, or a model that is not compiled"
+            )
+        self._unhook()
+        self.traced = True
+        self.hooks = self._module_hooks()
+        forget_compiled_code(self.model)
+
     def set_strength(self, strength: Strength) -> None:
-        """Change λ. A scalar λ = 0 removes the hooks, so outputs are the untouched model's."""
+        """Change λ. A scalar λ = 0 removes the hooks, so outputs are the untouched model's
+        (traced hooks stay, at the identity, and take λ in place: see actsteer.compiled)."""
         self.steering.check_strength(strength)
         lam = torch.as_tensor(strength, dtype=torch.float32)
         if lam.ndim > 1:
             raise ActSteerError(f"strength must be a number or a (batch,) tensor, got {lam.shape}")
+        self._trace_if_compiled()
+        if self.traced and self.handles:
+            check_far_strength(self.reach, lam, self.steering.extrapolated_to)
+            self.strength = lam
+            for hook in self.hooks.values():
+                hook.set_strength(lam)
+            return
         self._unhook()
         self.strength = lam
-        if lam.ndim == 0 and lam.item() == 0.0:
+        if lam.ndim == 0 and lam.item() == 0.0 and not self.traced:
             guard_of(self.model).update()
             return
         check_far_strength(self.reach, lam, self.steering.extrapolated_to)
@@ -237,6 +295,9 @@ class SteeringHandle:
         self.forward_hooks = {}
 
     def remove(self) -> None:
-        """Detach every hook: the model is exactly the untouched model again."""
+        """Detach every hook: the model is exactly the untouched model again (compiled code
+        traced with the hooks is reset: see actsteer.compiled)."""
         self._unhook()
         leave(self, self.model)
+        if not isinstance(self.model, PipelineModules):
+            forget_compiled_code(self.model)

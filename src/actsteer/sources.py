@@ -185,9 +185,13 @@ class Gated:
         self.count: torch.Tensor | None = None  # per row: how many real tokens so far
         self.last: torch.Tensor | None = None
 
+    def place(self, device: torch.device) -> None:
+        """Keep the folded weight and bias on `device` (where the activations are)."""
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+
     def __call__(self, lam: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if self.weight.device != a.device:
-            self.weight, self.bias = self.weight.to(a.device), self.bias.to(a.device)
+            self.place(a.device)
         flat = a.reshape(-1, a.shape[-1]).float()
         z = torch.addmv(self.bias, flat, self.weight).view(a.shape[:-1])
         if self.settings.kind != "token":

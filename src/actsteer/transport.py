@@ -173,6 +173,17 @@ class Transport:
             scale, shift, rows, lo, hi, _laid_out(scale, a), _laid_out(shift, a), bounds
         )
 
+    def traced(
+        self, a: torch.Tensor, strength: torch.Tensor, parameters: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """T_λ(a) as plain torch ops and nothing kept, for code torch.compile traces
+        (actsteer.compiled): `parameters` from `self.parameters(a.device, a.dtype)`, λ a
+        tensor on a's device (one, per row or per token)."""
+        om1, beta, lo, hi = parameters
+        scale, shift = (t.to(a.dtype) for t in coefficients(om1, beta, strength))
+        bounds = (_laid_out(lo, a), _laid_out(hi, a))
+        return transport_ops(a, _laid_out(scale, a), _laid_out(shift, a), bounds)
+
     def kernel_hook(
         self, strength: torch.Tensor, dtype: torch.dtype, in_place: bool, fallback: object
     ) -> object | None:
