@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import actsteer
 from actsteer import ActSteerError
+from actsteer.budgets import strength_for_budget
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -427,3 +428,48 @@ def test_smollm2_serves_chat_and_completions_with_per_request_steering(smol, foo
         assert server.engine.peak > 1
         # prompt 1 alone: unsteered (5), λ = 0 (1) and λ = 1 (9)
         assert alone[1] == alone[5] and alone[9] != alone[5]
+
+
+def test_a_budget_instead_of_lambda_runs_at_the_strength_the_calibration_curve_allows(
+    tiny, tokenizer, steerings, neutral
+):
+    """{"max_kl": x} reads λ off the calibration curve stored in the artifact; the response
+    says which λ ran (and every chunk of a stream); budgets the artifact cannot answer are a
+    400 that says what to do."""
+    found = actsteer.calibrate(
+        steerings["football"], tiny, tokenizer, 0.02, cost="kl", prompts=neutral[100:108]
+    )
+    calibrated = found.steering
+    served = {"football": calibrated, "calm": steerings["calm"]}
+    with serving(Server(tiny, tokenizer, served, "tiny", max_tokens=200)) as base:
+        api = client(base)
+        budget = {"football": {"max_kl": 0.01}}
+        response = api.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+            extra_body={"steering": budget},
+        )  # fmt: skip
+        lam = response.model_extra["actsteer"]["strengths"]["football"]
+        assert lam == strength_for_budget("football", calibrated, budget["football"])
+        assert 0 < lam <= found.strength
+        assert response.choices[0].text == complete(api, PROMPTS[0], {"football": lam})
+        assert response.choices[0].text != complete(api, PROMPTS[0])
+        stream = api.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0, stream=True,
+            extra_body={"steering": budget},
+        )  # fmt: skip
+        for chunk in stream:
+            assert chunk.model_extra["actsteer"]["strengths"] == {"football": lam}
+        refusals = {
+            "calm": ({"max_kl": 0.01}, "no calibration curve"),
+            "football": ({"max_delta_ppl": 1.0}, "calibrated by kl, so it takes max_kl"),
+        }
+        for name, (asked, message) in refusals.items():
+            with pytest.raises(openai.BadRequestError, match=message):
+                complete(api, PROMPTS[0], {name: asked})
+        status, body = post(
+            base,
+            "/v1/completions",
+            {"model": "tiny", "prompt": "Hi", "steering": {"football": {"max_kl": -1.0}}},
+        )
+        assert status == 400 and "max_kl must be a number ≥ 0" in body["error"]["message"]
+        assert complete(api, PROMPTS[1]) == complete(api, PROMPTS[1], {"football": 0})

@@ -4,9 +4,12 @@ A request names the steerings it wants, each with a strength, in order
 (`{"detox": 0.8, "football": 0.5}`, or the string `"detox=0.8,football=0.5"` that vLLM's
 OpenAI server can carry). A batch of such requests becomes *stages*: (steering, one λ per
 request), applied in order, so each request sees its own steerings in its own order and a
-request that asks for none has λ = 0 everywhere. Once per forward pass the stages are spread
-over the tokens by the engine's request boundaries (`query_start_loc`). Knows no engine:
-`actsteer.integrations.vllm` feeds it.
+request that asks for none has λ = 0 everywhere. A budget may stand for a strength
+(`{"detox": {"max_delta_ppl": 1.0}}`): λ is read off the artifact's calibration curve
+(actsteer.budgets), the same for every request that gives it, so `parse_request` tells a client
+the λ its request runs at (vLLM's responses have no field for it). Once per forward pass the
+stages are spread over the tokens by the engine's request boundaries (`query_start_loc`). Knows
+no engine: `actsteer.integrations.vllm` feeds it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from actsteer.budgets import strength_for_budget
 from actsteer.errors import ActSteerError
 from actsteer.hub import locate
 from actsteer.steering import Steering
@@ -81,7 +85,7 @@ def _strength(name: str, value: object) -> float:
 def parse_request(value: object, steerings: Mapping[str, Steering]) -> Spec:
     """A request's `extra_args["actsteer"]` → its (name, λ) pairs, each checked: the name is
     served and λ within its method's range. A name without `=λ` in the string form takes the
-    steering's default strength."""
+    steering's default strength; a budget in the object form, the λ of actsteer.budgets."""
     pairs: list[tuple[object, object]] = []
     if isinstance(value, Mapping):
         pairs = list(value.items())
@@ -103,7 +107,10 @@ def parse_request(value: object, steerings: Mapping[str, Steering]) -> Spec:
         if any(name == seen for seen, _ in spec):
             raise ActSteerError(f"steering {name!r} is asked for twice in one request")
         steering = steerings[name]
-        strength = steering.info.default_strength if number is None else _strength(name, number)
+        if isinstance(number, Mapping):
+            strength = strength_for_budget(name, steering, number)
+        else:
+            strength = steering.info.default_strength if number is None else _strength(name, number)
         try:
             steering.check_strength(strength)
         except ActSteerError as err:

@@ -172,11 +172,13 @@ class Server:
         self, body: Common, prompt: list[int], requested: int | None, chat: bool
     ) -> Any:
         job, queue = self._job(body, prompt, requested)
-        meta = {
+        meta: dict[str, Any] = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": self.model_name,
         }
+        if job.steering:  # the λ each steering ran at (a budget's, a default's)
+            meta["actsteer"] = {"strengths": {name: lam for name, _, lam, _ in job.steering}}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(

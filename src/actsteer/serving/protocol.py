@@ -2,9 +2,11 @@
 is a `RequestError` (an HTTP status and OpenAI's error shape) whose message says what to fix.
 
 Beyond OpenAI's fields a body may carry `steering` (loaded name → λ, null for the artifact's
-default strength; several compose in the given order), `support`, and `actsteer`: `gate`
-(steering name → false switches that steering's gate off for the request) and `telemetry`
-(true: the response carries, per generated token, each gated steering's mean gate).
+default strength, or a budget {"max_delta_ppl": x} / {"max_kl": x} read off the artifact's
+calibration curve, actsteer.budgets; several compose in the given order), `support`, and
+`actsteer`: `gate` (steering name → false switches that steering's gate off for the request)
+and `telemetry` (true: the response carries, per generated token, each gated steering's mean
+gate). Responses to a steered request carry `actsteer.strengths`: the λ each steering ran at.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from actsteer.budgets import strength_for_budget
 from actsteer.choices import SUPPORTS, check_choice
 from actsteer.errors import ActSteerError
 from actsteer.guards import check_far_strength, reach
@@ -76,7 +79,7 @@ class Common(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    steering: dict[str, float | None] | None = None
+    steering: dict[str, float | None | dict[str, float]] | None = None
     support: str | None = None
     actsteer: ActsteerOptions | None = None
     # accepted at their defaults only
@@ -193,7 +196,13 @@ def resolve_steering(
             raise RequestError(
                 f"unknown steering {name!r}; loaded steerings: {loaded}", param="steering"
             )
-        lam = steering.info.default_strength if strength is None else float(strength)
+        if isinstance(strength, dict):
+            try:
+                lam = strength_for_budget(name, steering, strength)
+            except ActSteerError as err:
+                raise RequestError(str(err), param="steering") from None
+        else:
+            lam = steering.info.default_strength if strength is None else float(strength)
         support = body.support or steering.default_support
         span = get_method(steering.method).strength_range
         if span is not None and math.isfinite(lam):
