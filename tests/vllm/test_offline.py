@@ -203,7 +203,7 @@ def test_an_unmappable_module_is_a_clear_error_and_hooks_nothing(llm, module, wi
 
 def test_compilation_prefix_caching_and_a_missing_logits_processor_are_refused():
     from actsteer.errors import ActSteerError
-    from actsteer.integrations.vllm import LOGITS_PROCESSOR, check_engine
+    from actsteer.integrations.vllm import LOGITS_PROCESSOR, SCHEDULER, check_engine
 
     def check(**kwargs):
         settings = {"enforce_eager": True, "enable_prefix_caching": False}
@@ -213,11 +213,39 @@ def test_compilation_prefix_caching_and_a_missing_logits_processor_are_refused()
 
     with pytest.raises(ActSteerError, match=r"eager execution.*enforce_eager=True"):
         check(enforce_eager=False)
-    with pytest.raises(ActSteerError, match=r"--no-enable-prefix-caching"):
+    with pytest.raises(ActSteerError, match=r"--scheduler-cls .*enable_prefix_caching=False"):
         check(enable_prefix_caching=True)
     with pytest.raises(ActSteerError, match=r"--logits-processors"):
         check(logits_processors=None)
     check()
+    check(enable_prefix_caching=True, scheduler_cls=SCHEDULER)
+
+
+def test_prefix_caching_keeps_each_steerings_prefixes_apart(llm, smol, steerings, prompt_ids):
+    """A shared system prompt, longer than a KV block, served unsteered and steered in turn:
+    a prefix is reused only by requests with the same steerings (vLLM's num_cached_tokens), and
+    each request gets what it gets with nothing cached (HF's greedy tokens, as in the other
+    tests). Prints the prefill saved."""
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    shared = (smol[1]("You are a helpful assistant. " * 40).input_ids * 4)[: block + 8]
+    prompt = shared + prompt_ids[2]
+    order = [None, {"football": 1.0}, {"football": 1.0}, None, {"football": 0.5},
+             {"mixed": 0.5, "football": 0.5}, {"football": 0.0}, {"football": 0.5}]  # fmt: skip
+    expected_hit = [False, False, True, True, False, False, True, True]
+    cached, prompt_tokens = 0, 0
+    for spec, hit in zip(order, expected_hit, strict=True):
+        extra = None if spec is None else {"actsteer": spec}
+        params = vllm.SamplingParams(temperature=0, max_tokens=TOKENS, min_tokens=TOKENS,
+                                     extra_args=extra)  # fmt: skip
+        [out] = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        assert (out.num_cached_tokens >= block) == hit, (spec, out.num_cached_tokens)
+        applied = [(steerings[name], lam) for name, lam in (spec or {}).items()]
+        reference, _ = hf_greedy(smol, prompt, applied)
+        assert agreement(list(out.outputs[0].token_ids), reference) >= TOKENS // 2, spec
+        cached, prompt_tokens = cached + out.num_cached_tokens, prompt_tokens + len(prompt)
+    print(f"\nprefix cache: {cached} of {prompt_tokens} prompt tokens served from it "
+          f"({cached / prompt_tokens:.0%}; block size {block})")  # fmt: skip
 
 
 def count_transport_calls(worker, on: bool) -> int:

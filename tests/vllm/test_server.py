@@ -30,7 +30,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def client(steering_files, tmp_path_factory):
-    from actsteer.integrations.vllm import ENV, LOAD_FORMAT, LOGITS_PROCESSOR
+    from actsteer.integrations.vllm import ENV, LOAD_FORMAT, LOGITS_PROCESSOR, SCHEDULER
 
     port = free_port()
     env = {**os.environ, ENV: ",".join(f"{k}={v}" for k, v in steering_files.items())}
@@ -40,7 +40,7 @@ def client(steering_files, tmp_path_factory):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
          "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.1",
-         "--enforce-eager", "--no-enable-prefix-caching",
+         "--enforce-eager", "--scheduler-cls", SCHEDULER,
          "--load-format", LOAD_FORMAT, "--logits-processors", LOGITS_PROCESSOR],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

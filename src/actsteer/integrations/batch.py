@@ -14,6 +14,8 @@ no engine: `actsteer.integrations.vllm` feeds it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -117,6 +119,18 @@ def parse_request(value: object, steerings: Mapping[str, Steering]) -> Spec:
             raise ActSteerError(f"steering {name!r}: {err}") from None
         spec.append((name, strength))
     return tuple(spec)
+
+
+def cache_salt(spec: Spec) -> str | None:
+    """The prefix-cache salt of a request's steerings: one per distinct (name, λ) sequence
+    (λ = 0 left out: it is the plain model), None for an unsteered request, which shares the
+    cache with every other unsteered one. vLLM hashes it into the request's first KV block, so a
+    prefix computed under one steering is never reused under another."""
+    steered = [(name, float(strength)) for name, strength in spec if strength != 0.0]
+    if not steered:
+        return None
+    digest = hashlib.sha256(json.dumps(steered).encode()).hexdigest()[:32]
+    return f"{ARG_KEY}:{digest}"
 
 
 def build_stages(requests: Mapping[int, Spec], size: int) -> Stages:

@@ -1,7 +1,7 @@
 """The vLLM plugin: actsteer maps applied per request inside vLLM's model runner, no fork.
 
-Three of vLLM's documented extension points, wired by `engine_args` (or the matching
-`vllm serve` flags):
+Four of vLLM's extension points, wired by `engine_args` (or the matching `vllm serve`
+flags):
 
 - a `vllm.general_plugins` entry point (`register`) adds the model loader `actsteer`
   (`load_format="actsteer"`): vLLM's default loader, then one forward hook per steered module
@@ -11,6 +11,9 @@ Three of vLLM's documented extension points, wired by `engine_args` (or the matc
   `SamplingParams.extra_args["actsteer"]` when it arrives (a bad one is refused with a clear
   message, HTTP 400 online) and, in the worker, keeps the batch's steerings in batch order
   from vLLM's batch updates; it leaves the logits alone;
+- the scheduler `SteeringScheduler` (`scheduler_cls`, vLLM's Scheduler with one change) salts
+  each steered request's prefix cache by its steerings (`cache_salt`), so prefix caching stays
+  on: a prefix computed under one steering is reused only under the same one;
 - the steerings served come from `ACTSTEER_VLLM_STEERINGS=name=path[,name=path]`, read in
   every vLLM process.
 
@@ -23,9 +26,9 @@ Modules vLLM fuses (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj) ar
 start-up. A gated steering's token gates apply per token (context and prompt gates, which carry
 a request's scores across passes, are refused). Hooks need eager execution: torch.compile would
 trace one batch's strengths into the graph and CUDA graphs would replay without the hooks, so
-both are refused
-(`enforce_eager=True`, `--enforce-eager`); so is prefix caching, which would hand a prefix's
-KV cache computed under one steering to a request with another (`--no-enable-prefix-caching`).
+both are refused (`enforce_eager=True`, `--enforce-eager`); so is prefix caching without the
+scheduler, which would hand a prefix's KV cache computed under one steering to a request with
+another.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.model_loader import DefaultModelLoader, register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
@@ -61,6 +65,7 @@ from actsteer.integrations.batch import (
     ENV,
     BatchSteering,
     Spec,
+    cache_salt,
     load_table,
     parse_request,
 )
@@ -70,6 +75,7 @@ from actsteer.tree import output_tensor, with_output
 
 LOAD_FORMAT = "actsteer"
 LOGITS_PROCESSOR = "actsteer.integrations.vllm:RequestSteering"
+SCHEDULER = "actsteer.integrations.vllm.SteeringScheduler"
 NORMS = (RMSNorm, GemmaRMSNorm, LayerNorm, nn.LayerNorm, nn.RMSNorm)
 #: HF projections vLLM fuses into one layer, by leaf name.
 FUSED = {
@@ -89,7 +95,8 @@ def engine_args(steerings: Mapping[str, str | Path]) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` that serve `steerings` (name → artifact path).
 
     Sets ACTSTEER_VLLM_STEERINGS in this process's environment (vLLM's processes inherit it)
-    and returns the loader, the logits processor, eager execution and no prefix caching.
+    and returns the loader, the logits processor, eager execution and the scheduler that
+    salts each steered request's prefix cache (prefix caching stays on).
     """
     os.environ[ENV] = ",".join(f"{name}={path}" for name, path in steerings.items())
     for name, steering in served().items():  # a bad table fails here, before vLLM starts
@@ -103,7 +110,7 @@ def engine_args(steerings: Mapping[str, str | Path]) -> dict[str, Any]:
         "load_format": LOAD_FORMAT,
         "logits_processors": [LOGITS_PROCESSOR],
         "enforce_eager": True,
-        "enable_prefix_caching": False,
+        "scheduler_cls": SCHEDULER,
     }
 
 
@@ -168,6 +175,22 @@ class RequestSteering(LogitsProcessor):
         return True
 
 
+class SteeringScheduler(Scheduler):
+    """vLLM's scheduler, with each steered request's prefix cache salted by its steerings
+    (`cache_salt` of actsteer.integrations.batch, before any salt of its own): a prompt's KV
+    blocks computed under one steering are reused only by requests with the same steerings,
+    and unsteered requests share theirs as usual."""
+
+    def add_request(self, request: Any) -> None:
+        value = (getattr(request.sampling_params, "extra_args", None) or {}).get(ARG_KEY)
+        salt = cache_salt(parse_request(value, served())) if value else None
+        if salt is not None:
+            request.cache_salt = salt + (f":{request.cache_salt}" if request.cache_salt else "")
+            request.block_hashes.clear()  # hashed at arrival without the salt
+            request.update_block_hashes()
+        super().add_request(request)
+
+
 class SteeringLoader(BaseModelLoader):
     """vLLM's default loader, then the hooks of the served steerings on the loaded model."""
 
@@ -199,11 +222,16 @@ def check_engine(vllm_config: Any) -> None:
             "strengths into the graph and CUDA graphs would replay without the hooks; start "
             "vLLM with enforce_eager=True (--enforce-eager)"
         )
-    if vllm_config.cache_config.enable_prefix_caching:
+    scheduler = vllm_config.scheduler_config.scheduler_cls
+    if vllm_config.cache_config.enable_prefix_caching and scheduler not in (
+        SCHEDULER,
+        SteeringScheduler,
+    ):
         raise ActSteerError(
             "actsteer's steering changes the KV cache a prompt leaves, so vLLM's prefix cache "
-            "would serve one request's steered prefix to another; start vLLM with "
-            "enable_prefix_caching=False (--no-enable-prefix-caching)"
+            "would serve one request's steered prefix to another: start vLLM with "
+            f"scheduler_cls={SCHEDULER!r} (--scheduler-cls {SCHEDULER}), which keeps each "
+            "steering's prefixes apart, or with enable_prefix_caching=False"
         )
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1 or parallel.use_ubatching:
