@@ -72,3 +72,25 @@ def agreement(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def run(llm, prompts: list[list[int]], extras: list) -> list[tuple[list[int], list[float]]]:
+    """Greedy TOKENS tokens per prompt in one vLLM generate call, each with its own
+    extra_args: (tokens, each chosen token's log-probability) per prompt."""
+    import vllm
+
+    params = [
+        vllm.SamplingParams(
+            temperature=0, max_tokens=TOKENS, min_tokens=TOKENS, logprobs=0, extra_args=extra
+        )
+        for extra in extras
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    found = []
+    for out in outputs:
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        found.append(
+            (tokens, [lp[t].logprob for lp, t in zip(completion.logprobs, tokens, strict=True)])
+        )
+    return found

@@ -15,7 +15,7 @@ import torch
 
 from actsteer import Steering
 from actsteer.maps import AffineMap
-from tests.vllm.reference import PROMPTS, TOKENS, agreement, hf_greedy, model_folder
+from tests.vllm.reference import PROMPTS, TOKENS, agreement, hf_greedy, model_folder, run
 
 vllm = pytest.importorskip("vllm")
 from actsteer.integrations.vllm import engine_args  # noqa: E402  (needs vllm)
@@ -42,25 +42,6 @@ def llm(steering_files):
     )
     yield engine
     engine.llm_engine.engine_core.shutdown()  # the engine processes end with the module
-
-
-def run(llm, prompts: list[list[int]], extras: list) -> list[tuple[list[int], list[float]]]:
-    """Greedy TOKENS tokens per prompt in one generate call, each with its own extra_args."""
-    params = [
-        vllm.SamplingParams(
-            temperature=0, max_tokens=TOKENS, min_tokens=TOKENS, logprobs=0, extra_args=extra
-        )
-        for extra in extras
-    ]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    found = []
-    for out in outputs:
-        completion = out.outputs[0]
-        tokens = list(completion.token_ids)
-        found.append(
-            (tokens, [lp[t].logprob for lp, t in zip(completion.logprobs, tokens, strict=True)])
-        )
-    return found
 
 
 def compare(vllm_runs, hf_runs) -> tuple[int, float]:
