@@ -7,8 +7,9 @@ halves of its vocabulary. On each shape it checks, on the device and in the dtyp
   λ = 0 is bit-identical to the plain model; hooks and folded weights agree (fold's probe
   tolerance of the dtype); per-row λ equals each row alone; a gated steering runs and a gate
   switched off is the ungated steering; LinEAS trains a few steps to a finite loss; fit
-  captures --texts texts per set; `generate` steered ÷ plain throughput at batch 1 and 32
-  (eager; compiled generation is issue 27 §5 and reported as not checked).
+  captures --texts texts per set; `generate` steered ÷ plain throughput at batch 1 and 32,
+  eager, and compiled with a static cache (CUDA graphs on CUDA; --compiled-shapes): compiled
+  steered tokens against eager steered ones, no recompilation when λ changes.
 
     python benchmarks/gpu_check.py                         # CUDA, bfloat16, shapes 1b and 8b
     python benchmarks/gpu_check.py --device cpu --dtype float32 --shapes tiny --texts 64
@@ -46,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--texts", type=int, default=1000, help="texts per set to capture")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput check")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--compiled-shapes", nargs="*", default=["1b", "tiny"], choices=list(SHAPES),
+        help="shapes whose compiled generation is checked (each compiles twice)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -183,8 +188,61 @@ def run_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype) -> None:
             ratios.append(steered / unsteered)
         check(shape, f"generate batch {size}", True,
               f"steered ÷ plain {statistics.median(ratios):.3f} (median of {args.rounds}; "
-              f"eager; compiled generation not checked yet)")  # fmt: skip
+              f"eager)")  # fmt: skip
+    if shape in args.compiled_shapes:
+        compiled_generation(model, tok, steering, prompts, shape, args)
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def compiled_generation(model, tok, steering, prompts, shape: str, args) -> None:
+    """Static-cache generation with a compiled forward (on CUDA with CUDA graphs:
+    mode="reduce-overhead"), plain, then steered (one recompilation when the steering comes:
+    actsteer.compiled): the steered tokens against eager steered ones, no graph compiled when
+    λ changes, and compiled steered ÷ compiled plain throughput at batch 1 and 32 (plain
+    rounds first, then steered: switching would recompile)."""
+    from torch._dynamo.utils import counters
+
+    cuda = args.device.startswith("cuda")
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                   do_sample=False, pad_token_id=tok.pad_token_id,
+                   cache_implementation="static")  # fmt: skip
+    inputs = {b: tok(prompts[:b], return_tensors="pt", padding=True).to(args.device)
+              for b in (1, 32)}  # fmt: skip
+
+    def generate(b: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(**inputs[b], **options)[:, inputs[b]["input_ids"].shape[1] :]
+
+    with steering.applied(model, 1.0):
+        eager_steered = generate(32)
+    eager_forward = model.forward
+    model.forward = torch.compile(model.forward, mode="reduce-overhead" if cuda else None)
+    try:
+        speeds: dict[str, dict[int, list[float]]] = {"plain": {1: [], 32: []}, "steered": {}}
+        for b in (1, 32):
+            generate(b)  # compiles
+            speeds["plain"][b] = [tokens_per_second(lambda b=b: generate(b), args.device)
+                                  for _ in range(args.rounds)]  # fmt: skip
+        with steering.applied(model, 1.0) as handle:
+            compiled_steered = generate(32)
+            handle.set_strength(0.5)
+            generate(1), generate(32)  # the other λ, and batch 1 compiled once
+            graphs = counters["stats"]["unique_graphs"]
+            handle.set_strength(1.0)
+            steered = {b: [tokens_per_second(lambda b=b: generate(b), args.device)
+                           for _ in range(args.rounds)] for b in (1, 32)}  # fmt: skip
+            recompiled = counters["stats"]["unique_graphs"] - graphs
+    finally:
+        model.forward = eager_forward
+    same = float((compiled_steered == eager_steered).float().mean())
+    check(shape, "compiled steered", same >= 0.9 and recompiled == 0,
+          f"{same:.0%} of greedy tokens as eager steered; {recompiled} graphs compiled when "
+          f"λ changed")  # fmt: skip
+    for b in (1, 32):
+        ratio = statistics.median(steered[b]) / statistics.median(speeds["plain"][b])
+        check(shape, f"compiled generate batch {b}", True,
+              f"steered ÷ plain {ratio:.3f} (medians of {args.rounds}; static cache"
+              f"{', CUDA graphs' if cuda else ''})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,12 @@ def test_the_gpu_check_passes_at_cpu_size():
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--dtype", "float32", "--shapes",
          "tiny", "--texts", "64", "--rounds", "1", "--new-tokens", "4"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "all checks passed"
     checked = [line.split("]")[1].split(":")[0].strip() for line in lines if "[ok]" in line]
     assert checked == ["capture and fit", "λ = 0", "fold", "per-row λ", "gate", "LinEAS",
-                       "generate batch 1", "generate batch 32"]  # fmt: skip
+                       "generate batch 1", "generate batch 32", "compiled steered",
+                       "compiled generate batch 1", "compiled generate batch 32"]  # fmt: skip
