@@ -327,6 +327,11 @@ def test_calibrate_gate_chooses_by_the_callers_effect(
     assert seen == [(c.threshold, c.calibration.strength) for c in found.candidates]
     assert found.best.threshold == 1.0 and found.best.effect == 0.0
     assert found.steering.info.calibration["gate"]["effect"] == "prefers_threshold_one"
+    with pytest.raises(ActSteerError, match="no candidate has a finite effect"):
+        calibrate_gate(
+            gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5, effect=lambda s, lam: -math.inf,
+            thresholds=(0.0,), **tiny,
+        )  # fmt: skip
     for both_or_neither in ({}, {"held_out": ([], []), "effect": prefers_threshold_one}):
         with pytest.raises(ActSteerError, match="either held_out .* or effect"):
             calibrate_gate(gated, tiny_llama, tokenizer, **both_or_neither)

@@ -23,6 +23,7 @@ it without steering the moment a sampled continuation turns toxic (gate studies 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,12 @@ def calibrate_gate(
         results.append(result)
         if on_candidate is not None:
             on_candidate(result)
+    if not any(math.isfinite(c.effect) for c in results):
+        tried = ", ".join(f"λ {c.calibration.strength:.3g}" for c in results)
+        raise ActSteerError(
+            f"no candidate has a finite effect ({tried}): a sampled effect scores −inf where "
+            "the continuations lose fluency; extrapolate less, or relax its fluency_limit"
+        )
     best = max(results, key=lambda c: c.effect)
     summary = best.calibration.steering.info.calibration or {}
     summary = {
