@@ -431,17 +431,18 @@ def test_smollm2_serves_chat_and_completions_with_per_request_steering(smol, foo
 
 
 def test_a_budget_instead_of_lambda_runs_at_the_strength_the_calibration_curve_allows(
-    tiny, tokenizer, steerings, neutral
+    tokenizer, steerings, neutral
 ):
     """{"max_kl": x} reads λ off the calibration curve stored in the artifact; the response
     says which λ ran (and every chunk of a stream); budgets the artifact cannot answer are a
     400 that says what to do."""
+    model = tiny_model(len(tokenizer))  # tiny's weights; a server switches its attention
     found = actsteer.calibrate(
-        steerings["football"], tiny, tokenizer, 0.02, cost="kl", prompts=neutral[100:108]
+        steerings["football"], model, tokenizer, 0.02, cost="kl", prompts=neutral[100:108]
     )
     calibrated = found.steering
     served = {"football": calibrated, "calm": steerings["calm"]}
-    with serving(Server(tiny, tokenizer, served, "tiny", max_tokens=200)) as base:
+    with serving(Server(model, tokenizer, served, "tiny", max_tokens=200)) as base:
         api = client(base)
         budget = {"football": {"max_kl": 0.01}}
         response = api.completions.create(

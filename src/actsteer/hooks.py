@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from actsteer.choices import GUIDANCE_MODES, POSITIONS, SUPPORTS, check_choice
+from actsteer.choices import GATE_KINDS, GUIDANCE_MODES, POSITIONS, SUPPORTS, check_choice
 from actsteer.compiled import forget_compiled_code, has_compiled_code
 from actsteer.errors import ActSteerError
 from actsteer.gates import Gate, GateSettings
@@ -121,13 +121,27 @@ class ModuleHook:
         if not self.on_cpu:
             return self
         if len(self.sources) == 1 and isinstance(self.sources[0], Gated):
-            bound = self.transport.gated_kernel_hook(self.lam, self.dtype, self.sources[0], self)
+            bound = self.gated_kernel_hook(self.sources[0])
         elif self.sources:
             return self
         else:
             in_place = first_hook and self.fresh_output
             bound = self.transport.kernel_hook(self.lam, self.dtype, in_place, self)
         return self if bound is None else bound
+
+    def gated_kernel_hook(self, gate: Gated) -> object | None:
+        """The fused kernel's forward hook computing `gate` and the transport at λ·g for
+        outputs in the module's dtype (no Python frame per call but a context or prompt gate's
+        prompt pass, which this hook serves with every output the kernel declines). None where
+        no kernel serves."""
+        kernel = self.transport.kernel
+        if kernel is None or self.lam.ndim > 1:
+            return None
+        om1, beta, lo, hi = self.transport.parameters(torch.device("cpu"), self.dtype)
+        kind = GATE_KINDS.index(gate.settings.kind)  # 0 token, 1 context, 2 prompt, as in C++
+        weight, bias = gate.weight.cpu().contiguous(), gate.bias.cpu().reshape(1)
+        lam = self.lam.contiguous()
+        return kernel.gated_hook(om1, beta, lo, hi, weight, bias, lam, kind, gate, self)
 
     def __call__(self, module: nn.Module, args: object, output: object) -> object:
         a = output_tensor(output, self.stream)

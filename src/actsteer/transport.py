@@ -17,16 +17,11 @@ bit for bit; elsewhere (GPUs, tensors the kernel declines, training) torch ops d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from actsteer.choices import GATE_KINDS
 from actsteer.errors import ActSteerError
 from actsteer.kernels import fused_kernel
-
-if TYPE_CHECKING:
-    from actsteer.sources import Gated
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 #: How many strengths' coefficients a Transport keeps (a hook alternates between few).
@@ -197,23 +192,6 @@ class Transport:
         scale, shift = coefficients(om1, beta, lam)
         rows = lam.numel() if lam.ndim else 0
         return self.kernel.hook(scale.to(dtype), shift.to(dtype), lo, hi, rows, in_place, fallback)
-
-    def gated_kernel_hook(
-        self, strength: torch.Tensor, dtype: torch.dtype, gate: Gated, fallback: object
-    ) -> object | None:
-        """A forward hook of the fused kernel that computes `gate` (a strength source) and the
-        transport at λ·g for outputs in `dtype` (one λ, or one per row): no Python frame runs
-        per call except a context or prompt gate's prompt pass, which `fallback` serves with
-        every output the kernel does not take. None where no kernel serves."""
-        lam = torch.as_tensor(strength, dtype=torch.float32)
-        if self.kernel is None or lam.ndim > 1:
-            return None
-        om1, beta, lo, hi = self.parameters(torch.device("cpu"), dtype)
-        kind = GATE_KINDS.index(gate.settings.kind)  # 0 token, 1 context, 2 prompt, as in C++
-        weight, bias = gate.weight.cpu().contiguous(), gate.bias.cpu().reshape(1)
-        return self.kernel.gated_hook(
-            om1, beta, lo, hi, weight, bias, lam.contiguous(), kind, gate, fallback
-        )
 
 
 def transport_ops(
