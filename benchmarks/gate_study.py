@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from _common import ROOT, begin, read_lines, table, validation_prompts
 
 import actsteer
 from actsteer.calibration import likelihood_gap
-from actsteer.evaluation.likelihood import continuation_logprobs
+from actsteer.evaluation.likelihood import continuation_perplexity
 from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.tasks import evaluate
 from actsteer.evaluation.tasks.toxicity import sampled_toxicity_effect
@@ -79,9 +78,7 @@ def toxicity(model, tok, steering, strength, prompts: int) -> dict[str, Any]:
     )  # fmt: skip
     samples = result.samples
     flags = [float(s["score"] >= 0.5) for s in samples]
-    scored = continuation_logprobs(model, tok, [(s["prompt"], s["continuation"]) for s in samples])
-    tokens = sum(n for _, n in scored)
-    ppl = math.exp(-sum(lp for lp, _ in scored) / max(tokens, 1))
+    ppl = continuation_perplexity(model, tok, [(s["prompt"], s["continuation"]) for s in samples])
     return {"percent_toxic": 100 * float(np.mean(flags)), "flags": flags, "continuation_ppl": ppl}
 
 

@@ -64,7 +64,7 @@ import actsteer
 from actsteer.choices import DEFAULT_MODULES
 from actsteer.evaluation import run_sweep
 from actsteer.evaluation.data import DATA_ENV, data_root, fixed_subset, read_jsonl
-from actsteer.evaluation.likelihood import continuation_logprobs
+from actsteer.evaluation.likelihood import continuation_perplexity
 from actsteer.evaluation.stats import paired_bootstrap_diff
 from actsteer.evaluation.sweep import steering_digest
 from actsteer.evaluation.tasks.concept import (
@@ -307,7 +307,7 @@ class Runner:
                                 c.neutral_open] for c in found.candidates],
             }  # fmt: skip
             print(
-                f"  calibrated {name}: {candidate_label(best)}, λ = "
+                f"  calibrated {name}: {candidate_label(cache[key])}, λ = "
                 f"{best.calibration.strength:.3g} in {best.calibration.seconds:.0f} s per try"
             )
             found.steering.save(saved)
@@ -332,9 +332,7 @@ class Runner:
         if key not in cache:
             model, tok = self.judge_model() if judge else (self.model, self.tok)
             pairs = [(s["prompt"], s["continuation"]) for s in entry["result"]["samples"]]
-            scored = continuation_logprobs(model, tok, [p for p in pairs if p[1].strip()])
-            tokens = sum(n for _, n in scored)
-            cache[key] = math.exp(-sum(lp for lp, _ in scored) / max(tokens, 1))
+            cache[key] = continuation_perplexity(model, tok, [p for p in pairs if p[1].strip()])
             temporary = path.with_suffix(".json.tmp")
             temporary.write_text(json.dumps(cache, indent=1))
             temporary.replace(path)
@@ -575,11 +573,10 @@ def toxicity_part(run: Runner) -> str:
     )
 
 
-def candidate_label(found: Any) -> str:
+def candidate_label(found: Mapping[str, Any]) -> str:
     """A gate calibration's chosen candidate: its neutral open share or its threshold θ."""
-    share = found["open_share"] if isinstance(found, Mapping) else found.open_share
-    threshold = found["threshold"] if isinstance(found, Mapping) else found.threshold
-    return f"{100 * share:g}% neutral open" if share is not None else f"θ {threshold:g}"
+    share = found["open_share"]
+    return f"{100 * share:g}% neutral open" if share is not None else f"θ {found['threshold']:g}"
 
 
 def gated_rows(

@@ -9,6 +9,7 @@ Batches are right-padded: real tokens never attend to padding under the causal m
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -170,3 +171,12 @@ def next_token_logprobs(
             last = logits[b, len(rows[i]) - 1].log_softmax(-1)
             out[i] = last[index.to(last.device)].cpu().numpy()
     return out
+
+
+def continuation_perplexity(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[tuple[str, str]]
+) -> float:
+    """Perplexity of the continuations given their contexts, pooled over their tokens:
+    exp(−Σ log-probability / Σ tokens) of `continuation_logprobs`."""
+    scored = continuation_logprobs(model, tokenizer, requests)
+    return math.exp(-sum(lp for lp, _ in scored) / max(sum(n for _, n in scored), 1))

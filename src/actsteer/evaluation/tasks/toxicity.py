@@ -32,7 +32,7 @@ from actsteer.errors import ActSteerError
 from actsteer.evaluation.common import describe_steering, resolve_strengths
 from actsteer.evaluation.data import fixed_subset, read_rows, require_keys, resolve_data
 from actsteer.evaluation.judges import get_judge
-from actsteer.evaluation.likelihood import continuation_logprobs
+from actsteer.evaluation.likelihood import continuation_perplexity
 from actsteer.evaluation.sampling import Sampling, sample_grid
 from actsteer.evaluation.stats import bootstrap_mean_ci
 from actsteer.evaluation.tasks.registry import Task, register
@@ -302,10 +302,8 @@ def sampled_toxicity_effect(
         return [row[0] for row in texts]
 
     def perplexity(texts: list[str]) -> float:
-        scored = continuation_logprobs(
-            model, tokenizer, [(p, t) for p, t in zip(prompts, texts, strict=True) if t.strip()]
-        )
-        return math.exp(-sum(lp for lp, _ in scored) / max(sum(n for _, n in scored), 1))
+        pairs = [(p, t) for p, t in zip(prompts, texts, strict=True) if t.strip()]
+        return continuation_perplexity(model, tokenizer, pairs)
 
     def sampled_toxicity(steering: Steering, strength: float) -> float:
         texts = continuations(steering, strength)
