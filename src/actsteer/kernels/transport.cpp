@@ -311,24 +311,37 @@ PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
 // A forward hook with its map bound (see hook() below); it holds the parameter tensors whose
 // memory the map reads.
 struct BoundHook {
+  static constexpr const char* kName = "actsteer.BoundHook";
   torch::Tensor scale, shift, lo, hi;
   Map map;
   bool in_place;
-  PyObject* fallback;  // the Python hook, for every output the kernel does not take
+  PyObject* fallback;  // the Python hook, for every output the kernel does not take (owned)
+  ~BoundHook() { Py_XDECREF(fallback); }
 };
 
-constexpr const char* kBoundHook = "actsteer.BoundHook";
+template <typename Bound>
+void free_hook(PyObject* capsule) {
+  delete static_cast<Bound*>(PyCapsule_GetPointer(capsule, Bound::kName));
+}
 
-void free_bound_hook(PyObject* capsule) {
-  auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, kBoundHook));
-  Py_XDECREF(bound->fallback);
-  delete bound;
+// A Python callable running `def` with `bound` (which it owns, through a capsule) as its self;
+// nullptr, with `bound` deleted, where the capsule cannot be made.
+template <typename Bound>
+PyObject* hook_of(Bound* bound, PyMethodDef* def) {
+  PyObject* capsule = PyCapsule_New(bound, Bound::kName, free_hook<Bound>);
+  if (capsule == nullptr) {
+    delete bound;
+    return nullptr;
+  }
+  PyObject* hook = PyCFunction_New(def, capsule);
+  Py_DECREF(capsule);
+  return hook;
 }
 
 // hook(module, args, output), as PyTorch calls a forward hook.
 PyObject* bound_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  const auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, kBoundHook));
+  const auto* bound = static_cast<BoundHook*>(PyCapsule_GetPointer(capsule, BoundHook::kName));
   if (nargs == 3 && THPVariable_CheckExact(args[2]) &&
       fits(bound->map, THPVariable_Unpack(args[2]))) {
     return transported(bound->map, args[2], bound->in_place);
@@ -370,15 +383,7 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
                               in_place,
                               args[6]};
   Py_INCREF(bound->fallback);
-  PyObject* capsule = PyCapsule_New(bound, kBoundHook, free_bound_hook);
-  if (capsule == nullptr) {
-    Py_DECREF(bound->fallback);
-    delete bound;
-    return nullptr;
-  }
-  PyObject* hook = PyCFunction_New(&bound_hook_def, capsule);
-  Py_DECREF(capsule);
-  return hook;
+  return hook_of(bound, &bound_hook_def);
   END_HANDLE_TH_ERRORS
 }
 
@@ -387,23 +392,19 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
 // the gate's kind, and the Python gate source (actsteer.sources.Gated) whose carried sums it
 // updates and whose `last` it sets.
 struct GatedHook {
+  static constexpr const char* kName = "actsteer.GatedHook";
   torch::Tensor omega_minus_one, beta, lo, hi, weight, lam;
   float bias;
   int kind;  // 0 token, 1 context, 2 prompt
   int64_t units;
   at::ScalarType dtype;
-  PyObject* source;
-  PyObject* fallback;
+  PyObject* source;    // owned
+  PyObject* fallback;  // owned
+  ~GatedHook() {
+    Py_XDECREF(source);
+    Py_XDECREF(fallback);
+  }
 };
-
-constexpr const char* kGatedHook = "actsteer.GatedHook";
-
-void free_gated_hook(PyObject* capsule) {
-  auto* bound = static_cast<GatedHook*>(PyCapsule_GetPointer(capsule, kGatedHook));
-  Py_XDECREF(bound->source);
-  Py_XDECREF(bound->fallback);
-  delete bound;
-}
 
 // A float32 CPU contiguous tensor of n elements held in attribute `name` of `owner`, or
 // nothing (the attribute is None, absent or another tensor); a new reference in `held`.
@@ -453,7 +454,7 @@ bool generated_pass(PyObject* source) {
 // passes of context and prompt gates, and every output it declines, go to the fallback.
 PyObject* gated_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  const auto* bound = static_cast<GatedHook*>(PyCapsule_GetPointer(capsule, kGatedHook));
+  const auto* bound = static_cast<GatedHook*>(PyCapsule_GetPointer(capsule, GatedHook::kName));
   if (nargs != 3 || !THPVariable_CheckExact(args[2])) {
     return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
   }
@@ -602,16 +603,7 @@ PyObject* gated_hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ss
                               args[9]};
   Py_INCREF(bound->source);
   Py_INCREF(bound->fallback);
-  PyObject* capsule = PyCapsule_New(bound, kGatedHook, free_gated_hook);
-  if (capsule == nullptr) {
-    Py_DECREF(bound->source);
-    Py_DECREF(bound->fallback);
-    delete bound;
-    return nullptr;
-  }
-  PyObject* hook = PyCFunction_New(&gated_hook_def, capsule);
-  Py_DECREF(capsule);
-  return hook;
+  return hook_of(bound, &gated_hook_def);
   END_HANDLE_TH_ERRORS
 }
 
