@@ -248,11 +248,12 @@ def test_gate_settings_are_checked(gated):
     assert gated.with_gate_settings(threshold=1.5).gate_settings.threshold == 1.5
 
 
-def neutral_text_file(tmp_path, neutral, football):
-    """A raw text file of 100 lines the calibrations read as their WikiText."""
+def tiny_calibration(tmp_path, neutral, football, passage_tokens: int = 32) -> dict:
+    """Calibration options reading two short windows of a raw text file of 100 lines as their
+    WikiText."""
     text = tmp_path / "held_out.raw"
     text.write_text("\n".join(f" {line}" for line in neutral[60:110] + football[60:110]) + "\n")
-    return text
+    return {"data": text, "passages": 2, "passage_tokens": passage_tokens, "offset": 0}
 
 
 def test_calibrate_gate_picks_lambda_and_threshold_by_the_held_out_effect(
@@ -260,8 +261,7 @@ def test_calibrate_gate_picks_lambda_and_threshold_by_the_held_out_effect(
 ):
     from actsteer.gate_calibration import calibrate_gate
 
-    text = neutral_text_file(tmp_path, neutral, football)
-    tiny = {"data": text, "passages": 2, "passage_tokens": 32, "offset": 0}
+    tiny = tiny_calibration(tmp_path, neutral, football)
     found = calibrate_gate(
         gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5,
         held_out=(neutral[40:52], football[40:52]), thresholds=(0.0, 1.0), **tiny,
@@ -284,8 +284,7 @@ def test_calibrate_gate_by_neutral_open_shares(gated, tiny_llama, tokenizer, neu
     neutral scores (as its kind sees them) lies above θ = 0."""
     from actsteer.gate_calibration import calibrate_gate, neutral_ids, neutral_scores
 
-    text = neutral_text_file(tmp_path, neutral, football)
-    tiny = {"data": text, "passages": 2, "passage_tokens": 40, "offset": 0}
+    tiny = tiny_calibration(tmp_path, neutral, football, passage_tokens=40)
     found = calibrate_gate(
         gated.extrapolated(3.0), tiny_llama, tokenizer, 0.5,
         held_out=(neutral[40:52], football[40:52]), open_shares=(0.1, 0.4), **tiny,
@@ -312,8 +311,7 @@ def test_calibrate_gate_chooses_by_the_callers_effect(
     at its calibrated λ, and the candidate it scores highest is chosen."""
     from actsteer.gate_calibration import calibrate_gate
 
-    text = neutral_text_file(tmp_path, neutral, football)
-    tiny = {"data": text, "passages": 2, "passage_tokens": 32, "offset": 0}
+    tiny = tiny_calibration(tmp_path, neutral, football)
     seen: list[tuple[float, float]] = []
 
     def prefers_threshold_one(steering: Steering, strength: float) -> float:
