@@ -78,6 +78,14 @@ class Gate:
         return torch.matmul(a.float(), weight) + self.bias.to(a.device)
 
 
+def folded(gate: Gate, settings: GateSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w′, b′) with w′ · a + b′ = (s − θ)/τ: the gate's logit in one matrix-vector product
+    (g = σ of it)."""
+    return gate.weight.float() / settings.tau, (
+        gate.bias.float() - settings.threshold
+    ) / settings.tau
+
+
 def require_token_gate(name: str, settings: GateSettings | None, carried: str) -> None:
     """Refuse steering `name`'s context or prompt gate where only token gates apply (a batch
     whose rows change between passes); `carried` says what such a gate would carry and why

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
-from actsteer.gates import Gate, GateSettings
+from actsteer.gates import Gate, GateSettings, folded
 from actsteer.guidance import Guidance
 from actsteer.transport import per_row_mismatch
 
@@ -178,9 +178,7 @@ class Gated:
     def __init__(self, gate: Gate, settings: GateSettings, phase: PassPhase | None) -> None:
         self.settings = settings
         self.phase = phase
-        # z = (s − θ)/τ in one matrix-vector product; running means commute with it
-        self.weight = gate.weight.float() / settings.tau
-        self.bias = (gate.bias.float() - settings.threshold) / settings.tau
+        self.weight, self.bias = folded(gate, settings)  # running means commute with it
         self.total: torch.Tensor | None = None  # per row: the z's sum so far
         self.count: torch.Tensor | None = None  # per row: how many real tokens so far
         self.last: torch.Tensor | None = None

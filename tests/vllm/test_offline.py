@@ -1,6 +1,7 @@
-"""The vLLM plugin offline (`vllm.LLM`, one engine for the module): steered vLLM agrees with
-steered Hugging Face as closely as plain vLLM agrees with plain Hugging Face, a mixed batch
-equals each request alone, unsteered requests and λ = 0 are the plain engine, bad requests and
+"""The vLLM plugin offline (`vllm.LLM`, one engine per execution mode: eager, and vLLM's
+default compilation): steered vLLM agrees with steered Hugging Face as closely as plain vLLM
+agrees with plain Hugging Face, a mixed batch equals each request alone, unsteered requests
+and λ = 0 are the plain engine, new strengths and mixes compile nothing, bad requests and
 unmappable modules are refused with clear messages."""
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def prompt_ids(smol):
     return [smol[1](p).input_ids for p in PROMPTS]
 
 
-@pytest.fixture(scope="module")
-def llm(steering_files):
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def llm(request, steering_files):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc of a test function
     engine = vllm.LLM(
         model=model_folder(),
@@ -38,10 +39,14 @@ def llm(steering_files):
         max_model_len=256,
         gpu_memory_utilization=0.1,
         seed=0,
-        **engine_args(steering_files),
+        **engine_args(steering_files, compiled=request.param == "compiled"),
     )
     yield engine
     engine.llm_engine.engine_core.shutdown()  # the engine processes end with the module
+
+
+def compiled(llm) -> bool:
+    return llm.llm_engine.vllm_config.compilation_config.mode != 0
 
 
 def compare(vllm_runs, hf_runs) -> tuple[int, float]:
@@ -82,7 +87,8 @@ def test_steered_vllm_matches_steered_hf_as_closely_as_plain_does(llm, smol, ste
     total = TOKENS * len(PROMPTS)
     hf_plain = [hf_greedy(smol, p) for p in prompt_ids]
     plain = compare(run(llm, prompt_ids, [None] * len(PROMPTS)), hf_plain)
-    print(f"\nplain: {plain[0]}/{total} tokens agree, max |Δ logprob| {plain[1]:.2e}")
+    mode = "compiled" if compiled(llm) else "eager"
+    print(f"\n{mode} plain: {plain[0]}/{total} tokens agree, max |Δ logprob| {plain[1]:.2e}")
     changed = False
     for names, lam in CONFIGS:
         extra = {"actsteer": {name: lam for name in names}}
@@ -151,18 +157,24 @@ def test_a_bad_request_is_refused_and_the_engine_keeps_serving(llm, prompt_ids, 
     assert len(run(llm, prompt_ids[:1], [None])[0][0]) == TOKENS
 
 
-def try_install(worker, module: str, width: int) -> str:
-    """In vLLM's worker: install a steering of `module` on the loaded model; the error."""
+def try_install(worker, module: str, width: int, tables: bool) -> str:
+    """In vLLM's worker: install a steering of `module` on the loaded model (eager hooks, or
+    `tables` for the compiled mode); the error."""
     from actsteer.integrations.batch import BatchSteering
-    from actsteer.integrations.vllm import install
+    from actsteer.integrations.vllm import install, install_tables
 
     steering = Steering({module: AffineMap(torch.ones(width), torch.zeros(width))})
     model = worker.model_runner.model
     hooks = sum(len(m._forward_hooks) for m in model.modules())
+    buffers = len(list(model.buffers()))
     try:
-        install(model, BatchSteering({"bad": steering}), 576)
+        if tables:
+            install_tables(model, BatchSteering({"bad": steering}), 576, 64)
+        else:
+            install(model, BatchSteering({"bad": steering}), 576)
     except Exception as err:  # the message travels back to the test
         assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+        assert len(list(model.buffers())) == buffers
         return str(err)
     return ""
 
@@ -177,12 +189,12 @@ def try_install(worker, module: str, width: int) -> str:
     ],
 )
 def test_an_unmappable_module_is_a_clear_error_and_hooks_nothing(llm, module, width, message):
-    (error,) = llm.collective_rpc(try_install, args=(module, width))
+    (error,) = llm.collective_rpc(try_install, args=(module, width, compiled(llm)))
     assert error, f"{module} was installed"
     assert re.search(message, error), error
 
 
-def test_compilation_prefix_caching_and_a_missing_logits_processor_are_refused():
+def test_unsupported_compilation_prefix_caching_and_a_missing_logits_processor_are_refused():
     from actsteer.errors import ActSteerError
     from actsteer.integrations.vllm import LOGITS_PROCESSOR, SCHEDULER, check_engine
 
@@ -190,16 +202,58 @@ def test_compilation_prefix_caching_and_a_missing_logits_processor_are_refused()
         settings = {"enforce_eager": True, "enable_prefix_caching": False}
         settings["logits_processors"] = [LOGITS_PROCESSOR]
         args = vllm.EngineArgs(model=model_folder(), load_format="actsteer", **(settings | kwargs))
-        check_engine(args.create_engine_config())
+        config = args.create_engine_config()
+        if "cudagraph_mode" in kwargs.get("compilation_config", {}):  # CPU turns graphs off
+            config.compilation_config.cudagraph_mode = kwargs["compilation_config"][
+                "cudagraph_mode"
+            ]
+        check_engine(config)
 
-    with pytest.raises(ActSteerError, match=r"eager execution.*enforce_eager=True"):
-        check(enforce_eager=False)
+    compiled = {"enforce_eager": False}
+    with pytest.raises(ActSteerError, match=r"compilation modes .*not STOCK_TORCH_COMPILE"):
+        check(**compiled, compilation_config={"mode": 1})
+    full = vllm.config.CUDAGraphMode.FULL_AND_PIECEWISE
+    with pytest.raises(ActSteerError, match=r"FULL_AND_PIECEWISE: a full CUDA graph .*PIECEWISE"):
+        check(**compiled, compilation_config={"cudagraph_mode": full})
+    with pytest.raises(ActSteerError, match=r"max_autotune or freezing"):
+        check(**compiled, compilation_config={"inductor_compile_config": {"max_autotune": True}})
     with pytest.raises(ActSteerError, match=r"--scheduler-cls .*enable_prefix_caching=False"):
         check(enable_prefix_caching=True)
     with pytest.raises(ActSteerError, match=r"--logits-processors"):
         check(logits_processors=None)
     check()
+    check(**compiled)
     check(enable_prefix_caching=True, scheduler_cls=SCHEDULER)
+
+
+def compilation_counts(worker) -> dict:
+    """In vLLM's worker: vLLM's compilation counters and Dynamo's count of graphs traced."""
+    import dataclasses
+
+    from vllm.compilation.counter import compilation_counter
+
+    counts = dataclasses.asdict(compilation_counter)
+    counts["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return counts
+
+
+def test_new_strengths_and_mixes_compile_nothing(llm, prompt_ids):
+    """In compiled mode: after a first steered batch, other strengths, other steerings, other
+    mixes and other batch sizes run the graph already compiled (vLLM's and Dynamo's counters
+    unchanged) and do steer."""
+    if not compiled(llm):
+        pytest.skip("eager mode compiles nothing")
+    first = run(llm, prompt_ids[:2], [{"actsteer": {"football": 1.0}}, None])
+    (before,) = llm.collective_rpc(compilation_counts)
+    assert before["num_graphs_seen"] >= 1, before  # the model was compiled
+    later = [
+        run(llm, prompt_ids[:2], [{"actsteer": {"football": 0.3}}, None]),
+        run(llm, prompt_ids, [{"actsteer": {"mixed": 1.0, "gated": 0.5}}] * 4),
+        run(llm, prompt_ids[:3], [None, {"actsteer": "bounded=0.5"}, {"actsteer": "gated=1"}]),
+    ]
+    (after,) = llm.collective_rpc(compilation_counts)
+    assert after == before
+    assert later[0][0][0] != first[0][0]  # λ 0.3 is not λ 1
 
 
 def test_prefix_caching_keeps_each_steerings_prefixes_apart(llm, smol, steerings, prompt_ids):
@@ -251,7 +305,10 @@ def count_transport_calls(worker, on: bool) -> int:
 
 
 def test_the_plugins_hooks_steer_through_the_one_transport(llm, prompt_ids):
-    """Each steered module's hook in vLLM calls actsteer.transport.Transport (per-token λ)."""
+    """Each steered module's eager hook in vLLM calls actsteer.transport.Transport (per-token
+    λ); the compiled hook calls its functions (tests/test_slots.py)."""
+    if compiled(llm):
+        pytest.skip("the compiled graph calls the transport's functions, traced")
     llm.collective_rpc(count_transport_calls, args=(True,))
     try:
         run(llm, prompt_ids[:1], [None])

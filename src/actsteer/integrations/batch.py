@@ -149,6 +149,21 @@ def build_stages(requests: Mapping[int, Spec], size: int) -> Stages:
     return [(name, lam) for (_, name), lam in sorted(ranked.items(), key=lambda kv: kv[0][0])]
 
 
+def request_slots(
+    requests: Mapping[int, Spec], size: int, ids: Mapping[str, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steering id, λ) of each request's k-th steering, for a compiled graph's slots
+    (actsteer.integrations.slots): two (len(ids), size) tensors, id 0 and λ 0 where a request
+    has fewer steerings, λ = 0 ones left out like `build_stages` does."""
+    steering = torch.zeros(len(ids), size, dtype=torch.long)
+    strength = torch.zeros(len(ids), size)
+    for index, spec in requests.items():
+        if index < size:
+            for slot, (name, lam) in enumerate(s for s in spec if s[1] != 0.0):
+                steering[slot, index], strength[slot, index] = ids[name], lam
+    return steering, strength
+
+
 def token_strengths(
     per_request: torch.Tensor, query_start_loc: torch.Tensor, tokens: int
 ) -> torch.Tensor:
@@ -170,14 +185,19 @@ class BatchSteering:
 
     def __init__(self, steerings: Mapping[str, Steering]) -> None:
         self.steerings = dict(steerings)
+        #: each steering's id in a compiled graph's tables (0: none)
+        self.ids = {name: number for number, name in enumerate(self.steerings, start=1)}
         self.requests: dict[int, Spec] = {}
         self.stages: Stages = []
+        self.slots = request_slots({}, 0, self.ids)
         self._boundaries: torch.Tensor | None = None
         self._tokens: Stages | None = None
 
     def set_batch(self, size: int) -> None:
-        """Rebuild the stages after `requests` changed; the batch holds `size` requests."""
+        """Rebuild the stages (and the per-request slots) after `requests` changed; the batch
+        holds `size` requests."""
         self.stages = build_stages(self.requests, size)
+        self.slots = request_slots(self.requests, size, self.ids)
 
     def begin_pass(self, query_start_loc: torch.Tensor | None) -> None:
         """A forward pass starts with these request boundaries (None: no requests, e.g. the

@@ -24,16 +24,31 @@ layer returns (output, bias) and `output` is steered; a decoder block returns
 (hidden, residual), whose sum is the residual stream, and it returns (0, steered stream).
 Modules vLLM fuses (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj) are refused at
 start-up. A gated steering's token gates apply per token (context and prompt gates, which carry
-a request's scores across passes, are refused). Hooks need eager execution: torch.compile would
-trace one batch's strengths into the graph and CUDA graphs would replay without the hooks, so
-both are refused (`enforce_eager=True`, `--enforce-eager`); so is prefix caching without the
-scheduler, which would hand a prefix's KV cache computed under one steering to a request with
-another.
+a request's scores across passes, are refused).
+
+Two ways to run, chosen by vLLM's compilation mode:
+
+- compiled (vLLM's default: `DYNAMO_TRACE_ONCE` on CPU, `VLLM_COMPILE` on GPUs, with no CUDA
+  graphs or piecewise ones): each steered module holds its maps stacked in tables and a traced
+  hook reads each token's steerings from persistent slot buffers that the model's pre-hook
+  rewrites in place once per step (actsteer.integrations.slots); λ, the requests and their mix
+  change buffers, never the graph. Full CUDA graphs (which replay the whole forward without the
+  pre-hook), stock torch.compile and inductor's freezing (which bakes buffers in as constants)
+  are refused. The served steerings' layout is added to `additional_config`, which vLLM hashes
+  into its compile cache's key, so a graph traced for one set of steerings is never loaded for
+  another.
+- eager (`enforce_eager=True`): hooks apply the batch's stages in Python
+  (actsteer.integrations.batch).
+
+Prefix caching needs the scheduler (a KV cache computed under one steering would otherwise be
+reused by a request with another).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -69,6 +84,7 @@ from actsteer.integrations.batch import (
     load_table,
     parse_request,
 )
+from actsteer.integrations.slots import TableSteering, TokenSlots
 from actsteer.sources import Gated
 from actsteer.transport import Transport
 from actsteer.tree import output_tensor, with_output
@@ -86,17 +102,23 @@ FUSED = {
     "up_proj": "gate_up_proj",
 }
 _BLOCK = re.compile(r"(?:.*\.)?layers\.\d+")
+#: The compilation modes the plugin runs under, and the CUDA-graph modes among them.
+COMPILED_MODES = (CompilationMode.DYNAMO_TRACE_ONCE, CompilationMode.VLLM_COMPILE)
+GRAPH_MODES = (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE)
+#: The key of vLLM's additional_config that carries the compiled steering's layout.
+LAYOUT_KEY = "actsteer_layout"
 #: The batch state of each engine in this process, by vLLM instance id: the logits processor
 #: writes it, the hooks read it.
 _BATCHES: dict[str, BatchSteering] = {}
 
 
-def engine_args(steerings: Mapping[str, str | Path]) -> dict[str, Any]:
+def engine_args(steerings: Mapping[str, str | Path], compiled: bool = True) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` that serve `steerings` (name → artifact path).
 
     Sets ACTSTEER_VLLM_STEERINGS in this process's environment (vLLM's processes inherit it)
-    and returns the loader, the logits processor, eager execution and the scheduler that
-    salts each steered request's prefix cache (prefix caching stays on).
+    and returns the loader, the logits processor and the scheduler that salts each steered
+    request's prefix cache (prefix caching stays on); `compiled`: vLLM's compiled graphs with
+    piecewise CUDA graphs at most, else eager execution.
     """
     os.environ[ENV] = ",".join(f"{name}={path}" for name, path in steerings.items())
     for name, steering in served().items():  # a bad table fails here, before vLLM starts
@@ -106,11 +128,16 @@ def engine_args(steerings: Mapping[str, str | Path]) -> dict[str, Any]:
                 f"steering {name!r} steers {fused[0]!r}, which vLLM fuses into "
                 f"{FUSED[fused[0].rpartition('.')[2]]}; steer norms or output projections"
             )
+    execution: dict[str, Any] = (
+        {"compilation_config": {"cudagraph_mode": "PIECEWISE"}}
+        if compiled
+        else {"enforce_eager": True}
+    )
     return {
         "load_format": LOAD_FORMAT,
         "logits_processors": [LOGITS_PROCESSOR],
-        "enforce_eager": True,
         "scheduler_cls": SCHEDULER,
+        **execution,
     }
 
 
@@ -207,20 +234,39 @@ class SteeringLoader(BaseModelLoader):
     def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> nn.Module:
         check_engine(vllm_config)
         model = self.inner.load_model(vllm_config, model_config, prefix)
-        install(model, batch_of(vllm_config), model_config.get_hidden_size())
+        batch = batch_of(vllm_config)
+        if vllm_config.compilation_config.mode == CompilationMode.NONE:
+            install(model, batch, model_config.get_hidden_size())
+        else:
+            capacity = vllm_config.scheduler_config.max_num_batched_tokens
+            layout = install_tables(model, batch, model_config.get_hidden_size(), capacity)
+            key_compile_cache(vllm_config, layout)
         return model
 
 
 def check_engine(vllm_config: Any) -> None:
     """Refuse engine settings the hooks cannot run under, saying what to change."""
     compilation = vllm_config.compilation_config
-    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != (
-        CUDAGraphMode.NONE
-    ):
+    if compilation.mode not in (CompilationMode.NONE, *COMPILED_MODES):
         raise ActSteerError(
-            "actsteer's hooks need eager execution: torch.compile would trace one batch's "
-            "strengths into the graph and CUDA graphs would replay without the hooks; start "
-            "vLLM with enforce_eager=True (--enforce-eager)"
+            f"actsteer runs under vLLM's compilation modes {[m.name for m in COMPILED_MODES]} "
+            f"or eager execution, not {compilation.mode.name}: leave the mode at vLLM's default "
+            "or start vLLM with enforce_eager=True (--enforce-eager)"
+        )
+    if compilation.cudagraph_mode not in GRAPH_MODES:
+        raise ActSteerError(
+            f"actsteer cannot steer under CUDA-graph mode {compilation.cudagraph_mode.name}: a "
+            "full CUDA graph replays the whole forward without the per-step update of each "
+            'token\'s steering; use compilation_config={"cudagraph_mode": "PIECEWISE"} '
+            "(-cc.cudagraph_mode=PIECEWISE), as actsteer's engine_args does, or enforce_eager"
+        )
+    if compilation.inductor_compile_config.get(
+        "max_autotune"
+    ) or compilation.inductor_compile_config.get("freezing"):
+        raise ActSteerError(
+            "actsteer cannot steer with inductor's max_autotune or freezing: both freeze the "
+            "model's buffers into constants, and the steering's per-token buffers change every "
+            "step; leave them off"
         )
     scheduler = vllm_config.scheduler_config.scheduler_cls
     if vllm_config.cache_config.enable_prefix_caching and scheduler not in (
@@ -297,12 +343,7 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
         )
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
-            width = _width(name, modules[name], hidden)
-            if width != amap.dim:
-                raise ActSteerError(
-                    f"steering {steering_name!r} has {amap.dim} units for {name!r}, whose "
-                    f"output in this model has {width}: it was fitted on another model"
-                )
+            check_width(steering_name, name, amap.dim, _width(name, modules[name], hidden))
             transport = amap.transport(steering.default_support)
             transport.parameters(device, model_dtype)  # placed now, not in the first pass
             gate = steering.gates.get(name) if gating is not None else None
@@ -315,18 +356,83 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     model.register_forward_pre_hook(PassStart(batch))
 
 
-class PassStart:
-    """Model pre-hook: hand this pass's request boundaries to the batch state."""
+def install_tables(
+    model: nn.Module, batch: BatchSteering, hidden: int, capacity: int
+) -> list[tuple[str, bool, bool, int]]:
+    """For compiled execution: every module the served steerings touch gets its stacked
+    tables and a traced hook, the model a pre-hook that fills the token slots (`capacity`
+    tokens per step at most). Returns the layout the compiled graph depends on: per module,
+    its name, whether gated, whether bounded, and its table's rows."""
+    first = next(model.parameters())
+    slots = TokenSlots(len(batch.steerings), capacity, first.device)
+    per_module: dict[str, dict[int, tuple[Transport, Any]]] = {}
+    for steering_name, steering in batch.steerings.items():
+        gating = steering.gate_settings
+        require_token_gate(
+            steering_name, gating, "request's scores across passes; the plugin applies token gates"
+        )
+        modules = mapped_modules(model, list(steering.maps))
+        for name, amap in steering.maps.items():
+            check_width(steering_name, name, amap.dim, _width(name, modules[name], hidden))
+            gate = steering.gates.get(name) if gating is not None else None
+            maps = per_module.setdefault(name, {})
+            maps[batch.ids[steering_name]] = (
+                amap.transport(steering.default_support),
+                None if gate is None or gating is None else (gate, gating),
+            )
+    lookup = dict(model.named_modules())
+    layout = []
+    for name, maps in sorted(per_module.items()):
+        module, stream = lookup[name], bool(_BLOCK.fullmatch(name))
+        hook = TableSteering(module, maps, len(batch.steerings), slots, first.dtype, stream)
+        module.register_forward_hook(hook)
+        layout.append((name, hook.gated, hook.bounded, len(maps) + 1))
+    model.register_forward_pre_hook(PassStart(batch, slots))
+    return layout
 
-    def __init__(self, batch: BatchSteering) -> None:
+
+def key_compile_cache(vllm_config: Any, layout: list[tuple[str, bool, bool, int]]) -> None:
+    """Put the steering's layout into `additional_config`, which vLLM hashes into the key of
+    its compile cache (computed when the model is first compiled, after loading)."""
+    extra = vllm_config.additional_config
+    if not isinstance(extra, dict):
+        raise ActSteerError(
+            "actsteer's compiled mode keys vLLM's compile cache by the served steerings through "
+            f"additional_config, which this platform made a {type(extra).__name__}; start vLLM "
+            "with enforce_eager=True (--enforce-eager)"
+        )
+    slots = len(served())
+    text = json.dumps([slots, layout])
+    extra[LAYOUT_KEY] = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_width(steering_name: str, name: str, units: int, width: int) -> None:
+    """Refuse a map whose units do not match the module's output width in this model."""
+    if width != units:
+        raise ActSteerError(
+            f"steering {steering_name!r} has {units} units for {name!r}, whose "
+            f"output in this model has {width}: it was fitted on another model"
+        )
+
+
+class PassStart:
+    """Model pre-hook: hand this pass's request boundaries to the batch state (eager), or
+    spread the requests' slots over this pass's tokens (compiled: `slots`)."""
+
+    def __init__(self, batch: BatchSteering, slots: TokenSlots | None = None) -> None:
         self.batch = batch
+        self.slots = slots
 
     def __call__(self, module: nn.Module, args: object) -> None:
-        if not self.batch.stages:
+        if not self.batch.stages and self.slots is None:
             return
         metadata = get_forward_context().attn_metadata
         first = next(iter(metadata.values()), None) if isinstance(metadata, dict) else None
-        self.batch.begin_pass(None if first is None else first.query_start_loc)
+        boundaries = None if first is None else first.query_start_loc
+        if self.slots is None:
+            self.batch.begin_pass(boundaries)
+        else:
+            self.slots.fill(*self.batch.slots, boundaries if self.batch.stages else None)
 
 
 class ModuleSteering:
