@@ -166,6 +166,31 @@ def test_context_gates_refuse_a_batch_that_changes_rows():
         source(torch.tensor(1.0), torch.randn(3, 1, 4))
 
 
+@pytest.mark.parametrize("kind", ["context", "prompt"])
+def test_carried_gates_resume_a_shared_prefix_reused_under_batches(
+    gated, tiny_llama, tokenizer, football, neutral, kind
+):
+    """A prefix's cache computed once and copied under each batch of rows (as the likelihood
+    tasks score few-shot prompts): every row's logits equal those of one forward over prefix
+    and row together, batch after batch, and the next generation starts afresh."""
+    from actsteer.evaluation.likelihood import batched_logits, encode
+
+    steering = gated.with_gate_settings(kind=kind)
+    prefix = encode(tokenizer, football[60] + " " + neutral[61])
+    rows = [encode(tokenizer, text)[:6] for text in (football[62], neutral[63], football[64])]
+    with steering.applied(tiny_llama, 1.0):
+        cached = {}
+        for batch, found, _ in batched_logits(tiny_llama, tokenizer, prefix, rows, batch_size=2):
+            for b, i in enumerate(batch):
+                cached[i] = found[b, : len(rows[i])]
+        with torch.no_grad():
+            whole = [
+                tiny_llama(torch.tensor([prefix + row])).logits[0, len(prefix) :] for row in rows
+            ]
+    for i, expected in enumerate(whole):
+        torch.testing.assert_close(cached[i], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["token", "context", "prompt"])
 def test_the_fused_kernels_gated_hook_steers_as_the_torch_ops_do(
     gated, tiny_llama, tokenizer, neutral, football, kind, monkeypatch

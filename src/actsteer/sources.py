@@ -52,22 +52,48 @@ class Memo:
 
 class PassPhase:
     """Model-level pre-hook: is the current forward pass the prompt pass (nothing cached yet)?
-    And its attention mask, where the call gives one (left padding is not a token)."""
+    And its attention mask, where the call gives one (left padding is not a token).
+
+    A pass that does not continue the last one where it ended (a cached prefix reused, e.g. a
+    few-shot prefix copied under each batch of questions) tells the carried gates (`carriers`)
+    where it starts and how many rows it has, so they resume from that point's sums.
+    """
 
     def __init__(self) -> None:
         self.prompt = True
         self.mask: torch.Tensor | None = None
+        self.end = 0  # the cache length after the last pass
+        self.carriers: list[Gated] = []
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # newer, older transformers
         if cache is None:
-            self.prompt = True
+            start = 0
         elif hasattr(cache, "get_seq_length"):
-            self.prompt = cache.get_seq_length() == 0
+            start = int(cache.get_seq_length())
         else:  # legacy tuple of per-layer (key, value)
-            self.prompt = len(cache) == 0 or cache[0][0].shape[-2] == 0
+            start = 0 if len(cache) == 0 else int(cache[0][0].shape[-2])
+        self.prompt = start == 0
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if tokens is None and args and isinstance(args[0], torch.Tensor):
+            tokens = args[0]
+        if isinstance(tokens, torch.Tensor) and tokens.ndim >= 2:
+            if not self.prompt:
+                for gate in self.carriers:
+                    gate.resume(start, self.end, tokens.shape[0])
+            self.end = start + tokens.shape[1]
+
+
+def holds_prompt_decisions(model: nn.Module) -> bool:
+    """Whether a steering applied to `model` has prompt gates, which decide once from a whole
+    prompt: a prefix cached apart from the rest of a prompt would make them decide from the
+    prefix alone."""
+    return any(
+        isinstance(hook, PassPhase) and any(g.settings.kind == "prompt" for g in hook.carriers)
+        for hook in model._forward_pre_hooks.values()
+    )
 
 
 class InPhase:
@@ -181,7 +207,10 @@ class Gated:
         self.weight, self.bias = folded(gate, settings)  # running means commute with it
         self.total: torch.Tensor | None = None  # per row: the z's sum so far
         self.count: torch.Tensor | None = None  # per row: how many real tokens so far
+        self.after_prompt: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.last: torch.Tensor | None = None
+        if phase is not None and settings.kind != "token":
+            phase.carriers.append(self)
 
     def place(self, device: torch.device) -> None:
         """Keep the folded weight and bias on `device` (where the activations are)."""
@@ -202,6 +231,26 @@ class Gated:
             return lam.to(g.device).view(-1, 1) * g
         return g * lam.to(g.device)
 
+    def resume(self, start: int, end: int, rows: int) -> None:
+        """Before a pass that starts at cache length `start` with `rows` rows (the last pass
+        ended at `end`): carry on from the sums at `start` — the last pass's, or the prompt
+        pass's where the cache was rewound to the prompt — each row's repeated where a cache
+        was (`batch_repeat_interleave`); none known (the next pass refuses) otherwise."""
+        if start == end and self.total is not None and self.count is not None:
+            sums = (self.total, self.count)
+        elif self.after_prompt is not None and self.after_prompt[0] == start:
+            sums = self.after_prompt[1:]
+        else:
+            self.total = self.count = None
+            return
+        known = sums[0].shape[0]
+        if known == rows and sums[0] is self.total:
+            return
+        if rows % known:
+            self.total = self.count = None
+            return
+        self.total, self.count = (t.repeat_interleave(rows // known).contiguous() for t in sums)
+
     def _carried(self, score: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The running mean (context) or the prompt's mean (prompt) of (B, T) scores."""
         if a.ndim != 3:
@@ -220,12 +269,14 @@ class Gated:
             seen, total, count = prompt_scores(score, real, self.settings.kind)
             # owned, contiguous: the fused kernel's gated hook carries them on in place
             self.total, self.count = total.contiguous(), count.contiguous()
+            if self.phase is not None:
+                self.after_prompt = (self.phase.end, self.total.clone(), self.count.clone())
             return seen
         if self.total is None or self.count is None or self.total.shape[0] != score.shape[0]:
             raise ActSteerError(
                 "a context or prompt gate carries each row's scores from its prompt pass; this "
-                "pass has rows it did not see (beam search or a batch that changes rows): use a "
-                "token gate"
+                "pass has rows it did not see (beam search or a batch that changes rows) or "
+                "continues a cache from a point it did not see: use a token gate"
             )
         if self.settings.kind == "prompt":
             return (self.total / self.count.clamp_min(1)).unsqueeze(1).expand_as(score)

@@ -2,7 +2,9 @@
 
 Texts are tokenised in parts (shared prefix, context, continuation) and the parts' ids are
 concatenated, as lm-evaluation-harness does. A prefix shared by every request (a few-shot
-preamble) runs once; its KV cache is copied for each batch, so a long preamble costs one pass.
+preamble) runs once; its KV cache is copied for each batch, so a long preamble costs one pass
+(except under a prompt gate, which decides from the whole prompt: there each row carries the
+prefix).
 Batches are right-padded: real tokens never attend to padding under the causal mask.
 """
 
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from actsteer.errors import ActSteerError
 from actsteer.models import cache_keyword
+from actsteer.sources import holds_prompt_decisions
 from actsteer.tree import model_device
 
 if TYPE_CHECKING:
@@ -61,8 +64,8 @@ def batched_logits(
     """Forward every row (appended to the shared `prefix` ids), a batch at a time.
 
     Yields (row indices, logits, prefix_logits): logits[b, j] (float32) predicts token j + 1 of
-    row b; prefix_logits (V,) predicts token 0 of every row, or is None without a prefix. Rows
-    are grouped by length to limit padding; run it inside the steering context you want.
+    row b; prefix_logits[b] predicts its token 0 (None without a prefix). Rows are grouped by
+    length to limit padding; run it inside the steering context you want.
     """
     if batch_size < 1:
         raise ActSteerError(f"batch_size must be at least 1, got {batch_size}")
@@ -71,36 +74,42 @@ def batched_logits(
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     keyword = cache_keyword(model)
+    n_prefix = len(prefix)
+    lead = list(prefix) if prefix and holds_prompt_decisions(model) else []  # in every row
     with torch.inference_mode():
         cache, prefix_logits = None, None
-        if prefix:
+        if prefix and not lead:
             out = model(torch.tensor([list(prefix)], device=device), use_cache=True)
             cache, prefix_logits = getattr(out, keyword), out.logits[0, -1].float()
-        n_prefix = len(prefix)
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            width = max(len(rows[i]) for i in batch)
-            if width == 0:
+            width = len(lead) + max(len(rows[i]) for i in batch)
+            if width == len(lead):
                 raise ActSteerError("cannot score an empty text")
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), n_prefix + width), dtype=torch.long)
+            mask = torch.zeros((len(batch), n_prefix + width - len(lead)), dtype=torch.long)
             mask[:, :n_prefix] = 1
             for b, i in enumerate(batch):
-                ids[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+                ids[b, : len(lead) + len(rows[i])] = torch.tensor(lead + list(rows[i]))
                 mask[b, n_prefix : n_prefix + len(rows[i])] = 1
             kwargs = {}
             if cache is not None:
                 batch_cache = copy.deepcopy(cache)
                 batch_cache.batch_repeat_interleave(len(batch))
                 kwargs[keyword] = batch_cache
-            positions = torch.arange(n_prefix, n_prefix + width).expand(len(batch), width)
+            first = n_prefix - len(lead)
+            positions = torch.arange(first, first + width).expand(len(batch), width)
             logits = model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
                 use_cache=cache is not None,
                 **kwargs,
-            ).logits
-            yield batch, logits.float(), prefix_logits
+            ).logits.float()
+            if lead:
+                yield batch, logits[:, n_prefix:], logits[:, n_prefix - 1]
+            else:
+                shared = None if prefix_logits is None else prefix_logits.expand(len(batch), -1)
+                yield batch, logits, shared
 
 
 def continuation_logprobs(
@@ -139,7 +148,7 @@ def continuation_logprobs(
             preds = logits[b, max(start - 1, 0) : end - 1]
             if start == 0:  # the first continuation token is predicted by the prefix
                 assert prefix_logits is not None  # checked above: no context, no BOS is refused
-                preds = torch.cat([prefix_logits[None], preds])
+                preds = torch.cat([prefix_logits[b : b + 1], preds])
             targets = torch.tensor(rows[i][start:end], device=preds.device)
             logprobs = preds.log_softmax(-1).gather(-1, targets[:, None])
             results[i] = (float(logprobs.sum()), end - start)
