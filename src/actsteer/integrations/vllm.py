@@ -260,9 +260,8 @@ def check_engine(vllm_config: Any) -> None:
             'token\'s steering; use compilation_config={"cudagraph_mode": "PIECEWISE"} '
             "(-cc.cudagraph_mode=PIECEWISE), as actsteer's engine_args does, or enforce_eager"
         )
-    if compilation.inductor_compile_config.get(
-        "max_autotune"
-    ) or compilation.inductor_compile_config.get("freezing"):
+    inductor = compilation.inductor_compile_config
+    if inductor.get("max_autotune") or inductor.get("freezing"):
         raise ActSteerError(
             "actsteer cannot steer with inductor's max_autotune or freezing: both freeze the "
             "model's buffers into constants, and the steering's per-token buffers change every "
@@ -358,11 +357,11 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
 
 def install_tables(
     model: nn.Module, batch: BatchSteering, hidden: int, capacity: int
-) -> list[tuple[str, bool, bool, int]]:
+) -> list[object]:
     """For compiled execution: every module the served steerings touch gets its stacked
     tables and a traced hook, the model a pre-hook that fills the token slots (`capacity`
-    tokens per step at most). Returns the layout the compiled graph depends on: per module,
-    its name, whether gated, whether bounded, and its table's rows."""
+    tokens per step at most). Returns the layout the compiled graph depends on: the number of
+    slots, then per module its name, whether gated, whether bounded, and its table's rows."""
     first = next(model.parameters())
     slots = TokenSlots(len(batch.steerings), capacity, first.device)
     per_module: dict[str, dict[int, tuple[Transport, Any]]] = {}
@@ -381,7 +380,7 @@ def install_tables(
                 None if gate is None or gating is None else (gate, gating),
             )
     lookup = dict(model.named_modules())
-    layout = []
+    layout: list[object] = [len(batch.steerings)]
     for name, maps in sorted(per_module.items()):
         module, stream = lookup[name], bool(_BLOCK.fullmatch(name))
         hook = TableSteering(module, maps, len(batch.steerings), slots, first.dtype, stream)
@@ -391,7 +390,7 @@ def install_tables(
     return layout
 
 
-def key_compile_cache(vllm_config: Any, layout: list[tuple[str, bool, bool, int]]) -> None:
+def key_compile_cache(vllm_config: Any, layout: list[object]) -> None:
     """Put the steering's layout into `additional_config`, which vLLM hashes into the key of
     its compile cache (computed when the model is first compiled, after loading)."""
     extra = vllm_config.additional_config
@@ -401,9 +400,7 @@ def key_compile_cache(vllm_config: Any, layout: list[tuple[str, bool, bool, int]
             f"additional_config, which this platform made a {type(extra).__name__}; start vLLM "
             "with enforce_eager=True (--enforce-eager)"
         )
-    slots = len(served())
-    text = json.dumps([slots, layout])
-    extra[LAYOUT_KEY] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    extra[LAYOUT_KEY] = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
 def check_width(steering_name: str, name: str, units: int, width: int) -> None:
