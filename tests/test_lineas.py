@@ -24,7 +24,7 @@ from actsteer.modes import EndToEnd
 PROBE = ["The cat sat on the mat and looked out of the window.", "Rain fell all night."]
 
 
-TRAINING = ("training_steps", "learning_rate", "sparsity", "seed", "init")
+TRAINING = ("training_steps", "learning_rate", "sparsity", "seed", "init", "held_out")
 
 
 def lineas(model, tok, source, target, **kwargs):
@@ -139,6 +139,31 @@ def test_beats_independent_linear_act_on_held_out_texts(tiny_llama, tokenizer, n
     mine = held_out_distance(tiny_llama, tokenizer, ours, *held)
     theirs = held_out_distance(tiny_llama, tokenizer, act, *held)
     assert mine < 0.9 * theirs, (mine, theirs)
+
+
+def test_held_out_texts_choose_the_step_whose_maps_are_returned(
+    tiny_llama, tokenizer, neutral, football
+):
+    """held_out=0.25: a quarter of each set never trains; its distance is checked along the
+    way and the maps returned are those of the best check (their held-out distance, measured
+    again through the library's hooks, is that check's), here before the last step."""
+    from actsteer.lineas import split_off
+
+    source, target = neutral[:32], football[:32]
+    steering = lineas(
+        tiny_llama, tokenizer, source, target, training_steps=60, learning_rate=0.3,
+        held_out=0.25, modules="layernorms",
+    )  # fmt: skip
+    training = steering.info.data["training"]
+    assert training["held_out_texts"] == [8, 8]
+    steps = [step for step, _ in training["held_out_curve"]]
+    assert steps == [*range(3, 60, 3), 60]
+    best_step, best = min(training["held_out_curve"], key=lambda point: point[1])
+    assert training["chosen_step"] == best_step
+    held_source, held_target = (split_off(t, 0.25, 0, "")[1] for t in (source, target))
+    again = held_out_distance(tiny_llama, tokenizer, steering, held_source, held_target)
+    assert again == pytest.approx(best, rel=1e-4)
+    assert best_step < 60, "at this learning rate the last step should not be the best"
 
 
 def test_model_is_left_exactly_as_it_was(trained, tiny_llama):
@@ -282,6 +307,8 @@ def test_a_diverging_run_is_a_clear_error_and_leaves_the_model_untouched(
         (dict(method="lineas", mode=lambda: EndToEnd(learning_rate=-1.0)), "learning_rate must be"),
         (dict(method="lineas", mode=lambda: EndToEnd(sparsity=float("nan"))), "sparsity must be"),
         (dict(method="lineas", mode=lambda: EndToEnd(init="random")), "unknown init 'random'"),
+        (dict(method="lineas", mode=lambda: EndToEnd(held_out=1.0)), "0 ≤ held_out < 1"),
+        (dict(method="lineas", mode=EndToEnd(held_out=0.75)), "of 4 source texts leaves 1 to"),
     ],
 )
 def test_settings_errors(tiny_llama, tokenizer, neutral, football, kwargs, message):

@@ -39,6 +39,13 @@ subset each step: 16 per step ran twice as fast but ended further from held-out 
 truncated at fit's max_length like the recording, so both sets are pooled over the same spans.
 fit's batch_size is the recording's.
 
+Held-out selection (EndToEnd.held_out > 0): that share of each set's texts is kept out of
+training (drawn with the seed); at every loss-curve point and after the last step the W2 loss
+of the held-out source texts through the steered model against the held-out target texts is
+measured, and the maps of the best check are returned (its step: info.data["training"]
+["chosen_step"]). The end-to-end maps fit their own texts closer than new ones (docs/
+benchmarks.md), so the step that moves unseen texts closest is not always the last.
+
 Cost: one forward and backward pass of 32 source texts per step (gradients only for
 ω, b; the model's weights are frozen and the pass stops after the last steered module), plus
 one recording pass per set. Memory: that pass's autograd graph (32 × max_length
@@ -51,7 +58,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -274,6 +281,50 @@ def frozen(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def split_off(
+    texts: Sequence[str], share: float, seed: int, what: str
+) -> tuple[list[str], list[str]]:
+    """(kept, held out): `share` of the texts (at least one), drawn with `seed`; at least two
+    texts must be kept."""
+    held = max(1, round(len(texts) * share))
+    if len(texts) - held < 2:
+        raise ActSteerError(
+            f"held_out={share:g} of {len(texts)} {what} texts leaves {len(texts) - held} to train "
+            "on; give more texts or a smaller held_out"
+        )
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = set(order[:held])
+    return [t for i, t in enumerate(texts) if i not in out], [texts[i] for i in sorted(out)]
+
+
+@dataclass
+class HeldOut:
+    """The texts kept out of training and the best step on them: source texts (steered when
+    measured), the target's sorted quantiles (plain model), the distance at each check, and
+    the parameters at the smallest one."""
+
+    source: list[str]
+    target_sorted: dict[str, torch.Tensor]
+    target_texts: int
+    curve: list[list[float]] = field(default_factory=list)
+    best: float = float("inf")
+    best_step: int = 0
+    snapshot: list[torch.Tensor] = field(default_factory=list)
+
+    def check(self, step: int, distance: float, tensors: Sequence[torch.Tensor]) -> None:
+        """Record the distance after `step` steps; keep the parameters if it is the best."""
+        self.curve.append([step, distance])
+        if distance < self.best:
+            self.best, self.best_step = distance, step
+            self.snapshot = [t.detach().clone() for t in tensors]
+
+    def restore(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Put the best step's parameters back."""
+        with torch.no_grad():
+            for t, kept in zip(tensors, self.snapshot, strict=True):
+                t.copy_(kept)
+
+
 def _initial(
     settings: EndToEnd, source: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,9 +373,24 @@ def fit_end_to_end(
         budget_mb=budget_mb / 2,
         progress=progress,
     )
+    device = model_device(model)
+    held: HeldOut | None = None
+    if settings.held_out > 0:
+        (source, held_source), (target, held_target) = (
+            split_off(texts, settings.held_out, settings.seed, what)
+            for texts, what in ((source, "source"), (target, "target"))
+        )
+        held_samples = record(
+            model, tokenizer, held_target, names, desc="held-out target", **recorded
+        )
+        held = HeldOut(
+            list(held_source),
+            {name: sorted_quantiles(held_samples[name]).to(device) for name in names},
+            len(held_target),
+        )
+        del held_samples
     target_samples = record(model, tokenizer, target, names, desc="target", **recorded)
     plain_source = record(model, tokenizer, source, names, desc="source", **recorded)
-    device = model_device(model)
     target_sorted = {name: sorted_quantiles(target_samples[name]).to(device) for name in names}
     supports = {name: support_bounds(plain_source[name]) for name in names}
     params: dict[str, Trainable] = {}
@@ -350,7 +416,7 @@ def fit_end_to_end(
     curve = _train(
         model, tokenizer, list(source), list(names), params, target_sorted, settings,
         pooling=pooling, max_length=max_length, progress=progress,
-        gates=gates, gating=gating, target_tokens=target_tokens,
+        gates=gates, gating=gating, target_tokens=target_tokens, held=held,
     )  # fmt: skip
     maps = {
         name: AffineMap(
@@ -365,6 +431,15 @@ def fit_end_to_end(
         "optimizer": "adam",
         "module_share": MODULE_SHARE,
         "loss_curve": curve,
+        **(
+            {}
+            if held is None
+            else {
+                "held_out_texts": [len(held.source), held.target_texts],
+                "held_out_curve": held.curve,
+                "chosen_step": held.best_step,
+            }
+        ),
         "units_touched": touched,
         "units": units,
         "modules_touched": sum(bool(((m.omega != 1) | (m.beta != 0)).any()) for m in maps.values()),
@@ -410,9 +485,12 @@ def _train(
     gates: dict[str, TrainableGate],
     gating: GateSettings | None,
     target_tokens: dict[str, torch.Tensor],
+    held: HeldOut | None = None,
 ) -> list[list[float]]:
     """Adam on ω and b = β/σ with the proximal step (and on the gates, with their penalty);
-    returns the loss curve [[step, loss], …], the last point the loss after the final step."""
+    returns the loss curve [[step, loss], …], the last point the loss after the final step.
+    With `held`, the W2 distance of the held-out texts is checked at every curve point and
+    after the last step, and the parameters of the best check are restored at the end."""
     generator = torch.Generator().manual_seed(settings.seed)
     tensors = [x for t in params.values() for x in (t.omega, t.shift)]
     tensors += [x for g in gates.values() for x in (g.weight, g.bias)]
@@ -444,6 +522,20 @@ def _train(
             start.append(float(loss.detach()))
         shut = torch.stack([gates[n].open_on(target_tokens[n], gating) for n in gates]).mean()
         return loss + GATE_PENALTY * start[0] * shut
+
+    def held_out_distance() -> float:
+        assert held is not None
+        pooled: dict[str, list[torch.Tensor]] = {name: [] for name in params}
+        hooks.rows = None
+        with torch.no_grad():
+            for batch in batches(
+                tokenizer, held.source, settings.texts_per_step, max_length, device
+            ):
+                hooks.mask = batch["attention_mask"].bool()
+                for name, samples in hooks.run(body, batch).items():
+                    pooled[name].append(samples)
+        steered = {name: torch.cat(parts) for name, parts in pooled.items()}
+        return float(w2_loss(steered, held.target_sorted))
 
     def check(loss: torch.Tensor, step: int) -> None:
         bad = not torch.isfinite(loss) or not all(t.finite() for t in params.values())
@@ -477,11 +569,17 @@ def _train(
                 value = float(loss.detach())
                 if step % every == 0:
                     curve.append([step, value])
+                done = step + 1
+                if held is not None and done % every == 0 and done < settings.training_steps:
+                    held.check(done, held_out_distance(), tensors)
                 bar.set_postfix(loss=f"{value:.4g}")
             with torch.no_grad():  # the loss after the last step, for the curve
                 final = loss_of_step()
             check(final, settings.training_steps)
             curve.append([settings.training_steps, float(final)])
+            if held is not None:
+                held.check(settings.training_steps, held_out_distance(), tensors)
+                held.restore(tensors)
         finally:
             hooks.remove()
     return curve

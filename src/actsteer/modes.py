@@ -58,8 +58,10 @@ class EndToEnd:
     actsteer.lineas for the loss and the penalty).
 
     training_steps: Adam steps; learning_rate: Adam's; sparsity: the sparse-group-lasso
-    strength (0 = no penalty); seed: the order of the texts per step; init: "identity" or
-    "linear-act" (start from the closed-form maps); texts_per_step: source texts per step.
+    strength (0 = no penalty); seed: the order of the texts per step (and the held-out split);
+    init: "identity" or "linear-act" (start from the closed-form maps); texts_per_step: source
+    texts per step; held_out: the share of each set's texts kept out of training, on which the
+    maps of the step with the smallest distance are chosen (0: the last step's maps).
     """
 
     name: ClassVar[str] = "end-to-end"
@@ -69,6 +71,7 @@ class EndToEnd:
     seed: int = 0
     init: str = "identity"
     texts_per_step: int = 32
+    held_out: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("training_steps", "texts_per_step"):
@@ -84,6 +87,10 @@ class EndToEnd:
         if not math.isfinite(self.sparsity) or self.sparsity < 0:
             raise ActSteerError(
                 f"sparsity must be a finite number ≥ 0 (0 = no penalty), got {self.sparsity}"
+            )
+        if not 0 <= self.held_out < 1:
+            raise ActSteerError(
+                f"held_out must be a share of the texts, 0 ≤ held_out < 1, got {self.held_out}"
             )
         if self.init not in INITS:
             raise ActSteerError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
