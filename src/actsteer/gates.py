@@ -81,9 +81,8 @@ class Gate:
 def folded(gate: Gate, settings: GateSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(w′, b′) with w′ · a + b′ = (s − θ)/τ: the gate's logit in one matrix-vector product
     (g = σ of it)."""
-    return gate.weight.float() / settings.tau, (
-        gate.bias.float() - settings.threshold
-    ) / settings.tau
+    weight = gate.weight.float() / settings.tau
+    return weight, (gate.bias.float() - settings.threshold) / settings.tau
 
 
 def require_token_gate(name: str, settings: GateSettings | None, carried: str) -> None:

@@ -62,7 +62,7 @@ class PassPhase:
     def __init__(self) -> None:
         self.prompt = True
         self.mask: torch.Tensor | None = None
-        self.end = 0  # the cache length after the last pass
+        self.end: int | None = 0  # the cache length after the last pass (None: not known)
         self.carriers: list[Gated] = []
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -76,14 +76,18 @@ class PassPhase:
         else:  # legacy tuple of per-layer (key, value)
             start = 0 if len(cache) == 0 else int(cache[0][0].shape[-2])
         self.prompt = start == 0
-        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
         if tokens is None and args and isinstance(args[0], torch.Tensor):
             tokens = args[0]
-        if isinstance(tokens, torch.Tensor) and tokens.ndim >= 2:
-            if not self.prompt:
-                for gate in self.carriers:
-                    gate.resume(start, self.end, tokens.shape[0])
-            self.end = start + tokens.shape[1]
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim < 2:
+            self.end = None
+            return
+        if not self.prompt and self.end is not None:
+            for gate in self.carriers:
+                gate.resume(start, self.end, tokens.shape[0])
+        self.end = start + tokens.shape[1]
 
 
 def holds_prompt_decisions(model: nn.Module) -> bool:
@@ -207,7 +211,7 @@ class Gated:
         self.weight, self.bias = folded(gate, settings)  # running means commute with it
         self.total: torch.Tensor | None = None  # per row: the z's sum so far
         self.count: torch.Tensor | None = None  # per row: how many real tokens so far
-        self.after_prompt: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.after_prompt: tuple[int | None, torch.Tensor, torch.Tensor] | None = None
         self.last: torch.Tensor | None = None
         if phase is not None and settings.kind != "token":
             phase.carriers.append(self)
