@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict] = {
     "lineas, held out 0.25": {"method": "lineas", "mode": EndToEnd(held_out=0.25)},
     "lineas, sparsity 0.1": {"method": "lineas", "mode": EndToEnd(sparsity=0.1)},
     "lineas, sparsity 1": {"method": "lineas", "mode": EndToEnd(sparsity=1.0)},
+    "lineas, sparsity 3": {"method": "lineas", "mode": EndToEnd(sparsity=3.0)},
+    "lineas, sparsity 10": {"method": "lineas", "mode": EndToEnd(sparsity=10.0)},
     "lineas, held out 0.25, sparsity 0.1": {
         "method": "lineas",
         "mode": EndToEnd(held_out=0.25, sparsity=0.1),
