@@ -74,7 +74,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from actsteer.errors import ActSteerError
-from actsteer.gates import require_token_gate
+from actsteer.gates import Gate, GateSettings, require_token_gate
 from actsteer.integrations.batch import (
     ARG_KEY,
     ENV,
@@ -330,11 +330,15 @@ def mapped_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return found
 
 
-def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
-    """Hook every module the served steerings touch, and the model's per-pass pre-hook."""
-    first = next(model.parameters())
-    device, model_dtype = first.device, first.dtype
-    per_module: dict[str, dict[str, tuple[Transport, Gated | None]]] = {}
+#: Per module a served steering touches: steering name → (its transport, its token gate with
+#: the steering's gate settings, or None).
+ServedMaps = dict[str, dict[str, tuple[Transport, tuple[Gate, GateSettings] | None]]]
+
+
+def served_maps(model: nn.Module, batch: BatchSteering, hidden: int) -> ServedMaps:
+    """The maps of the served steerings by module, every one mapped onto this model and
+    checked (only token gates; widths) before anything is hooked."""
+    per_module: ServedMaps = {}
     for steering_name, steering in batch.steerings.items():
         gating = steering.gate_settings
         require_token_gate(
@@ -343,14 +347,24 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
         modules = mapped_modules(model, list(steering.maps))
         for name, amap in steering.maps.items():
             check_width(steering_name, name, amap.dim, _width(name, modules[name], hidden))
-            transport = amap.transport(steering.default_support)
-            transport.parameters(device, model_dtype)  # placed now, not in the first pass
             gate = steering.gates.get(name) if gating is not None else None
-            gated = None if gate is None or gating is None else Gated(gate, gating, None)
-            per_module.setdefault(name, {})[steering_name] = (transport, gated)
+            per_module.setdefault(name, {})[steering_name] = (
+                amap.transport(steering.default_support),
+                None if gate is None or gating is None else (gate, gating),
+            )
+    return per_module
+
+
+def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
+    """Hook every module the served steerings touch, and the model's per-pass pre-hook."""
+    first = next(model.parameters())
     lookup = dict(model.named_modules())
-    for name, maps in per_module.items():
-        hook = ModuleSteering(batch, maps, stream=bool(_BLOCK.fullmatch(name)))
+    for name, maps in served_maps(model, batch, hidden).items():
+        steered: dict[str, tuple[Transport, Gated | None]] = {}
+        for steering_name, (transport, gate) in maps.items():
+            transport.parameters(first.device, first.dtype)  # placed now, not in the first pass
+            steered[steering_name] = (transport, None if gate is None else Gated(*gate, None))
+        hook = ModuleSteering(batch, steered, stream=bool(_BLOCK.fullmatch(name)))
         lookup[name].register_forward_hook(hook)
     model.register_forward_pre_hook(PassStart(batch))
 
@@ -363,27 +377,14 @@ def install_tables(
     tokens per step at most). Returns the layout the compiled graph depends on: the number of
     slots, then per module its name, whether gated, whether bounded, and its table's rows."""
     first = next(model.parameters())
+    per_module = served_maps(model, batch, hidden)
     slots = TokenSlots(len(batch.steerings), capacity, first.device)
-    per_module: dict[str, dict[int, tuple[Transport, Any]]] = {}
-    for steering_name, steering in batch.steerings.items():
-        gating = steering.gate_settings
-        require_token_gate(
-            steering_name, gating, "request's scores across passes; the plugin applies token gates"
-        )
-        modules = mapped_modules(model, list(steering.maps))
-        for name, amap in steering.maps.items():
-            check_width(steering_name, name, amap.dim, _width(name, modules[name], hidden))
-            gate = steering.gates.get(name) if gating is not None else None
-            maps = per_module.setdefault(name, {})
-            maps[batch.ids[steering_name]] = (
-                amap.transport(steering.default_support),
-                None if gate is None or gating is None else (gate, gating),
-            )
     lookup = dict(model.named_modules())
     layout: list[object] = [len(batch.steerings)]
     for name, maps in sorted(per_module.items()):
         module, stream = lookup[name], bool(_BLOCK.fullmatch(name))
-        hook = TableSteering(module, maps, len(batch.steerings), slots, first.dtype, stream)
+        by_id = {batch.ids[steering_name]: pair for steering_name, pair in maps.items()}
+        hook = TableSteering(module, by_id, len(batch.steerings), slots, first.dtype, stream)
         module.register_forward_hook(hook)
         layout.append((name, hook.gated, hook.bounded, len(maps) + 1))
     model.register_forward_pre_hook(PassStart(batch, slots))
