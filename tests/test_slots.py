@@ -51,11 +51,16 @@ def steered_layer(served: dict) -> tuple[nn.Module, TokenSlots]:
     return layer, slots
 
 
-def by_hand(served, x, requests, boundaries):
+def plain(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output without its hooks."""
+    with torch.no_grad():
+        return nn.functional.linear(x, layer.weight, layer.bias)
+
+
+def by_hand(served, layer, x, requests, boundaries):
     """Each request's rows through its steerings in order: Transport at λ (times the token
     gate, actsteer.sources.Gated) — what the eager plugin computes."""
-    with torch.no_grad():
-        out = nn.functional.linear(x, *reference_weights())
+    out = plain(layer, x)
     for index, spec in requests.items():
         rows = slice(int(boundaries[index]), int(boundaries[index + 1]))
         a = out[rows]
@@ -67,12 +72,6 @@ def by_hand(served, x, requests, boundaries):
             a = transport(a, strength)
         out[rows] = a
     return out
-
-
-def reference_weights() -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(1)
-    layer = nn.Linear(UNITS, UNITS)
-    return layer.weight.detach(), layer.bias.detach()
 
 
 specs = st.lists(
@@ -96,7 +95,7 @@ def test_the_table_hook_is_each_requests_steerings_in_its_order(batch, data):
     slots.fill(*request_slots(requests, len(batch), IDS), boundaries)
     with torch.no_grad():
         found = layer(x)
-    expected = by_hand(served, x, requests, boundaries)
+    expected = by_hand(served, layer, x, requests, boundaries)
     torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -105,12 +104,12 @@ def test_unsteered_tokens_and_zero_strength_are_bit_identical():
     layer, slots = steered_layer(served)
     x = torch.randn(9, UNITS)
     with torch.no_grad():
-        plain = nn.functional.linear(x, *reference_weights())
+        unsteered = plain(layer, x)
         requests = {0: (), 1: (("wide", 0.0), ("gated", 0.0)), 2: (("bounded", 0.0),)}
         slots.fill(*request_slots(requests, 3, IDS), torch.tensor([0, 3, 6, 9]))
-        assert torch.equal(layer(x), plain)
+        assert torch.equal(layer(x), unsteered)
         slots.fill(*request_slots({0: (("wide", 1.0),)}, 1, IDS), None)  # no boundaries
-        assert torch.equal(layer(x), plain)
+        assert torch.equal(layer(x), unsteered)
 
 
 def test_only_the_modules_steerings_have_rows_and_the_buffers_are_the_slots():
@@ -123,7 +122,7 @@ def test_only_the_modules_steerings_have_rows_and_the_buffers_are_the_slots():
     x = torch.randn(4, UNITS)
     slots.fill(*request_slots({0: (("wide", 1.0),)}, 1, IDS), torch.tensor([0, 4]))
     with torch.no_grad():
-        assert torch.equal(layer(x), nn.functional.linear(x, *reference_weights()))
+        assert torch.equal(layer(x), plain(layer, x))
 
 
 def test_fill_spreads_requests_over_tokens_like_the_eager_batch():
@@ -154,7 +153,7 @@ def test_compiled_it_matches_eager_and_new_strengths_mixes_and_sizes_compile_not
             boundaries = torch.tensor(bounds)
             x = torch.randn(bounds[-1] + 1, UNITS)
             slots.fill(*request_slots(requests, len(requests), IDS), boundaries)
-            expected = by_hand(served, x, requests, boundaries)
+            expected = by_hand(served, layer, x, requests, boundaries)
             torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
             if index == 0:
                 frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
