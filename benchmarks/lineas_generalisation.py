@@ -13,7 +13,9 @@ modules Σ units W2² between pooled activations of held-out source texts throug
 model at λ = 1, its own default support, and of held-out target texts on the plain model),
 divided by the same distance unsteered: < 1 moves unseen texts closer.
 
-Results are kept per (data set, variant) in --out (JSON), so a killed run resumes.
+--draw N fits on another draw of texts (N × --lines further into each file; WikiText's after
+the held-out ones); the held-out texts are the same in every draw. Results are kept per (data
+set, modules, lines, draw, variant) in --out (JSON), so a killed run resumes.
 
   ACTSTEER_DATA=../shared/data .venv/bin/python benchmarks/lineas_generalisation.py
 """
@@ -39,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "lineas": {"method": "lineas"},
     "lineas, held out 0.25": {"method": "lineas", "mode": EndToEnd(held_out=0.25)},
     "lineas, sparsity 0.1": {"method": "lineas", "mode": EndToEnd(sparsity=0.1)},
+    "lineas, sparsity 0.3": {"method": "lineas", "mode": EndToEnd(sparsity=0.3)},
     "lineas, sparsity 1": {"method": "lineas", "mode": EndToEnd(sparsity=1.0)},
     "lineas, sparsity 3": {"method": "lineas", "mode": EndToEnd(sparsity=3.0)},
     "lineas, sparsity 10": {"method": "lineas", "mode": EndToEnd(sparsity=10.0)},
@@ -63,18 +66,20 @@ def wikitext_sentences(count: int, start: int = 0) -> list[str]:
     return sentences[start : start + count]
 
 
-def data_sets(lines: int, held: int) -> dict[str, tuple[list[str], ...]]:
+def data_sets(lines: int, held: int, draw: int) -> dict[str, tuple[list[str], ...]]:
     """name → (fit source, fit target, held-out source, held-out target)."""
+    start = draw * lines
+    wiki_start = lines + held + (draw - 1) * lines if draw else 0
     return {
         "paradetox": (
-            read_lines("source", 0, lines),
-            read_lines("target", 0, lines),
+            read_lines("source", start, lines),
+            read_lines("target", start, lines),
             read_lines("source_val", 0, held),
             read_lines("target_val", 0, held),
         ),
         "unpaired": (
-            read_lines("source", 1000, lines),
-            wikitext_sentences(lines),
+            read_lines("source", 1000 + start, lines),
+            wikitext_sentences(lines, start=wiki_start),
             read_lines("source_val", held, held),
             wikitext_sentences(held, start=lines),
         ),
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lines", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=128)
+    parser.add_argument("--draw", type=int, default=0, help="which draw of fit texts (0: first)")
     parser.add_argument("--modules", default="post-attn-ln")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument(
@@ -97,11 +103,12 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     names = None
     for data_name, (source, target, held_source, held_target) in data_sets(
-        args.lines, args.held_out
+        args.lines, args.held_out, args.draw
     ).items():
         plain = {}
         for variant in args.variants:
-            key = f"{data_name} | {args.modules} | {args.lines} | {variant}"
+            lines = f"{args.lines}" + (f" (draw {args.draw})" if args.draw else "")
+            key = f"{data_name} | {args.modules} | {lines} | {variant}"
             if key in results:
                 continue
             started = time.perf_counter()

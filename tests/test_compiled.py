@@ -30,11 +30,12 @@ def model(tiny_llama):
     torch.compiler.reset()
 
 
-@pytest.fixture(scope="module")
-def steering(tiny_llama, tokenizer, neutral, football):
+@pytest.fixture(scope="module", params=["linear-act", "quantile-act"])
+def steering(request, tiny_llama, tokenizer, neutral, football):
+    """An affine and a piecewise (quantile) steering: both go through traced hooks."""
     return actsteer.fit(
         tiny_llama, tokenizer, neutral[:32], football[:32], modules=MODULES, gate="token",
-        progress=False,
+        method=request.param, progress=False,
     ).extrapolated(2.0)  # fmt: skip
 
 

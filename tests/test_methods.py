@@ -47,6 +47,7 @@ def test_registry_lists_every_method():
         "iti-c",
         "aura",
         "lineas",
+        "quantile-act",
     }
 
 

@@ -1,7 +1,9 @@
 """The steering file format: one .safetensors file, tensors per module plus JSON metadata.
 
-Tensors: `<module>.omega`, `<module>.beta`, `<module>.support.<name>.lo|hi`, and for a gated
-steering `<module>.gate.weight|bias` (format 2; format 1 files, without gates, still load). The
+Tensors: `<module>.omega`, `<module>.beta` (affine maps) or `<module>.knots.x|y` (quantile
+maps, format 3), `<module>.support.<name>.lo|hi`, and for a gated steering
+`<module>.gate.weight|bias` (format 2). Each file has the lowest format that holds it, so older
+versions read what they can; format 1 and 2 files load. The
 header's "actsteer" entry holds the JSON description (format version, method, model name and
 fingerprint, modules, pooling, data, default strength, the gate's settings, library version) and
 a checksum of the tensor bytes, so a damaged file is refused instead of steering with garbage.
@@ -20,19 +22,19 @@ from safetensors.torch import save_file
 
 from actsteer.errors import ActSteerError
 from actsteer.gates import Gate
-from actsteer.maps import AffineMap
+from actsteer.maps import MAP_TENSORS, AffineMap, UnitMap, from_tensors
 from actsteer.outputs import written_file
 from actsteer.version import __version__
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _KEY = "actsteer"
 
 
-def _tensors(maps: dict[str, AffineMap], gates: dict[str, Gate]) -> dict[str, torch.Tensor]:
+def _tensors(maps: dict[str, UnitMap], gates: dict[str, Gate]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, amap in maps.items():
-        tensors[f"{name}.omega"] = amap.omega
-        tensors[f"{name}.beta"] = amap.beta
+        for key, tensor in amap.tensors().items():
+            tensors[f"{name}.{key}"] = tensor
         for support, (lo, hi) in amap.bounds.items():
             tensors[f"{name}.support.{support}.lo"] = lo
             tensors[f"{name}.support.{support}.hi"] = hi
@@ -40,6 +42,13 @@ def _tensors(maps: dict[str, AffineMap], gates: dict[str, Gate]) -> dict[str, to
         tensors[f"{name}.gate.weight"] = gate.weight
         tensors[f"{name}.gate.bias"] = gate.bias
     return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _lowest_format(maps: dict[str, UnitMap], gates: dict[str, Gate] | None) -> int:
+    """3 with maps that are not affine, 2 with gates, else 1 (readable by older versions)."""
+    if any(not isinstance(amap, AffineMap) for amap in maps.values()):
+        return FORMAT_VERSION
+    return 2 if gates else 1
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -51,7 +60,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write_steering(
-    maps: dict[str, AffineMap],
+    maps: dict[str, UnitMap],
     info: dict[str, Any],
     path: str | Path,
     gates: dict[str, Gate] | None = None,
@@ -62,8 +71,7 @@ def write_steering(
     tensors = _tensors(maps, gates or {})
     header = {
         **info,
-        # format 2 only where it is needed: an ungated file stays readable by older versions
-        "format_version": FORMAT_VERSION if gates else 1,
+        "format_version": _lowest_format(maps, gates),
         "library_version": __version__,
         "modules": list(maps),
         "supports": sorted(next(iter(maps.values())).bounds) if maps else [],
@@ -76,7 +84,7 @@ def write_steering(
 
 def read_steering(
     path: str | Path,
-) -> tuple[dict[str, AffineMap], dict[str, Gate], dict[str, Any]]:
+) -> tuple[dict[str, UnitMap], dict[str, Gate], dict[str, Any]]:
     """Maps, gates and JSON description of a steering file; anything missing, foreign or
     damaged is a clear error."""
     path = Path(path)
@@ -109,9 +117,13 @@ def read_steering(
                 s: (tensors[f"{name}.support.{s}.lo"], tensors[f"{name}.support.{s}.hi"])
                 for s in info.get("supports", [])
             }
-            maps[name] = AffineMap(tensors[f"{name}.omega"], tensors[f"{name}.beta"], bounds)
         except KeyError as err:
             raise ActSteerError(f"{damaged}: tensor {err.args[0]!r} is missing") from None
+        own = {key: tensors[f"{name}.{key}"] for key in MAP_TENSORS if f"{name}.{key}" in tensors}
+        try:
+            maps[name] = from_tensors(own, bounds)
+        except KeyError as err:
+            raise ActSteerError(f"{damaged}: tensor '{name}.{err.args[0]}' is missing") from None
     if not maps:
         raise ActSteerError(f"{damaged}: it steers no module")
     gates = {

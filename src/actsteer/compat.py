@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
-from actsteer.maps import AffineMap
+from actsteer.maps import UnitMap
 
 
 def model_fingerprint(model: nn.Module) -> list[str]:
@@ -31,7 +31,7 @@ def module_width(module: nn.Module) -> int | None:
 
 
 def check_compatible(
-    maps: Mapping[str, AffineMap],
+    maps: Mapping[str, UnitMap],
     model: nn.Module,
     origin: str = "",
     fingerprint: list[str] | None = None,

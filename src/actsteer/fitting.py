@@ -23,7 +23,7 @@ from actsteer.compat import model_fingerprint
 from actsteer.diffusion import record_pipeline
 from actsteer.errors import ActSteerError
 from actsteer.gates import Gate, GateSettings
-from actsteer.maps import AffineMap, support_bounds
+from actsteer.maps import UnitMap, support_bounds
 from actsteer.methods import Method, get_method
 from actsteer.modes import (
     Denoising,
@@ -225,7 +225,7 @@ def estimate(
     source: dict[str, torch.Tensor],
     target: dict[str, torch.Tensor],
     progress: bool = True,
-) -> dict[str, AffineMap]:
+) -> dict[str, UnitMap]:
     """One map per module from its recorded source and target samples."""
     return {
         name: estimator.fit(source[name], target[name], what=f"activations of {name!r}")
@@ -246,7 +246,7 @@ def _fit_language_model(
     batch_size: int,
     budget_mb: float,
     progress: bool,
-) -> dict[str, AffineMap]:
+) -> dict[str, UnitMap]:
     """Record a causal LM's activations on both sets (sequentially: carried through the maps
     of the upstream modules) and estimate the maps."""
     assert info.pooling is not None and info.max_length is not None and info.support is not None
@@ -269,7 +269,7 @@ def _fit_language_model(
                 maps[name].bounds = support_bounds(support[name])
         return maps
 
-    def fit_module(name: str, source: torch.Tensor, target: torch.Tensor) -> AffineMap:
+    def fit_module(name: str, source: torch.Tensor, target: torch.Tensor) -> UnitMap:
         return estimator.fit(source, target, what=f"activations of {name!r}")
 
     width = getattr(model.config, "hidden_size", 1024)

@@ -35,7 +35,7 @@ from torch import nn
 
 from actsteer.errors import ActSteerError
 from actsteer.families import Family, family_of
-from actsteer.maps import AffineMap
+from actsteer.maps import AffineMap, UnitMap, affine_only
 from actsteer.tree import is_pipeline, module_tree
 
 #: Largest |folded − hooked| on the probe, relative to the largest |hooked| output (≥ 1).
@@ -261,8 +261,12 @@ def _agree(hooked: list[torch.Tensor], folded: list[torch.Tensor], dtype: torch.
     return worst
 
 
+#: What to do with a steering that does not fold.
+HOOKS_INSTEAD = "keep the steering as hooks (steering.applied, actsteer serve)"
+
+
 def fold_maps(
-    maps: Mapping[str, AffineMap],
+    maps: Mapping[str, UnitMap],
     model: Any,
     strength: float,
     hooked: Callable[[], AbstractContextManager[Any]],
@@ -275,9 +279,10 @@ def fold_maps(
     reference. When the folded model disagrees with it the weights are restored and the fold
     refused, naming the gap.
     """
+    affine = {n: affine_only(m, "folding into weights", HOOKS_INSTEAD) for n, m in maps.items()}
     tree = module_tree(model)
     family = family_of(tree, "folding")
-    names = list(maps)
+    names = list(affine)
     with hooked():
         expected = _probe(model, tree, names)
     folder = _Folder(tree, family)
@@ -289,7 +294,7 @@ def fold_maps(
     try:
         with torch.no_grad():
             for name in order:
-                folder.fold(name, maps[name], strength)
+                folder.fold(name, affine[name], strength)
         dtype = next(tree.parameters()).dtype
         gap = _agree(expected, _probe(model, tree, names), dtype)
         if gap:

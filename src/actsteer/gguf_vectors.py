@@ -32,7 +32,7 @@ from torch import nn
 from actsteer.capture import resolve_modules
 from actsteer.errors import ActSteerError
 from actsteer.families import family_of, model_type
-from actsteer.maps import SUPPORT_ALL, AffineMap
+from actsteer.maps import SUPPORT_ALL, AffineMap, UnitMap, affine_only
 
 ARCHITECTURE = "controlvector"
 #: Hugging Face model types whose llama.cpp architecture has another name.
@@ -58,7 +58,7 @@ def decoder_blocks(model: nn.Module) -> list[str]:
     return resolve_modules(model, "residual")
 
 
-def first_block_left_out(maps: dict[str, AffineMap], model: nn.Module) -> str | None:
+def first_block_left_out(maps: dict[str, UnitMap], model: nn.Module) -> str | None:
     """The first decoder block, where `maps` steer it: llama.cpp has no direction.0, so a
     control vector leaves that block's map out."""
     first = decoder_blocks(model)[0]
@@ -66,7 +66,7 @@ def first_block_left_out(maps: dict[str, AffineMap], model: nn.Module) -> str | 
 
 
 def write_control_vector(
-    maps: dict[str, AffineMap],
+    maps: dict[str, UnitMap],
     model: nn.Module,
     path: str | Path,
     strength: float,
@@ -81,6 +81,12 @@ def write_control_vector(
     """
     import gguf
 
+    affine = {
+        name: affine_only(
+            amap, "a llama.cpp control vector", "serve it with `actsteer serve` or vLLM instead"
+        )
+        for name, amap in maps.items()
+    }
     if support != SUPPORT_ALL:
         raise ActSteerError(
             f"support {support!r} moves only activations inside per-unit bounds, and a control "
@@ -90,7 +96,7 @@ def write_control_vector(
     blocks = decoder_blocks(model)
     index = {name: i for i, name in enumerate(blocks)}
     directions: dict[int, np.ndarray] = {}
-    for name, amap in maps.items():
+    for name, amap in affine.items():
         if name not in index:
             raise ActSteerError(
                 f"module {name!r} is not a decoder block's output, and llama.cpp adds control "
@@ -133,7 +139,7 @@ def _string(field: Any) -> str:
 
 def read_control_vector(
     path: str | Path, model: nn.Module
-) -> tuple[dict[str, AffineMap], dict[str, Any]]:
+) -> tuple[dict[str, UnitMap], dict[str, Any]]:
     """The maps (ω = 1, β = the summed `direction.N`, at block N) of a control-vector GGUF for
     `model`, and a description of the file; anything llama.cpp would refuse, or that does not
     fit the model, is a clear error."""
@@ -192,7 +198,7 @@ def read_control_vector(
         vectors[block] = vectors[block] + values if block in vectors else values
     if not vectors:
         raise ActSteerError(f"{str(path)!r} holds no direction tensor: it steers nothing")
-    maps = {
+    maps: dict[str, UnitMap] = {
         blocks[block]: AffineMap(torch.ones(width), vectors[block]) for block in sorted(vectors)
     }
     provenance = {

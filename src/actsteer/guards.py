@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from actsteer.errors import ActSteerError
-from actsteer.maps import AffineMap
+from actsteer.maps import UnitMap
 
 #: a shift larger than this many times the source's per-unit range (q0-100) gets a warning
 SPREAD_WARNING = 10.0
@@ -49,7 +49,7 @@ def describe_strength(strength: torch.Tensor) -> str:
     return "[" + ", ".join(f"{v:g}" for v in strength.tolist()) + "]"
 
 
-def reach(maps: dict[str, AffineMap]) -> tuple[float, str]:
+def reach(maps: dict[str, UnitMap]) -> tuple[float, str]:
     """The largest shift a map makes at |λ| = 1, over the source's range [lo, hi] of its unit,
     in units of hi − lo (floored at RANGE_FLOOR × the module's median range), and the module it
     occurs in (λ scales it linearly)."""
@@ -59,8 +59,7 @@ def reach(maps: dict[str, AffineMap]) -> tuple[float, str]:
         if bounds is None:
             continue
         lo, hi = (b.float() for b in bounds)
-        omega, beta = amap.omega.float(), amap.beta.float()
-        shift = torch.maximum(((omega - 1) * lo + beta).abs(), ((omega - 1) * hi + beta).abs())
+        shift = amap.reach()
         spread = hi - lo
         floor = max(RANGE_FLOOR * float(spread.median()), 1e-12)
         ratio = float((shift / spread.clamp_min(floor)).max())

@@ -21,7 +21,7 @@ from actsteer.errors import ActSteerError
 from actsteer.gates import Gate, GateSettings
 from actsteer.guards import check_far_strength, enter, guard_of, leave, reach
 from actsteer.guidance import Guidance
-from actsteer.maps import AffineMap
+from actsteer.maps import UnitMap
 from actsteer.sources import (
     BothHalves,
     ConditionalHalf,
@@ -32,7 +32,6 @@ from actsteer.sources import (
     PromptEncoding,
     Source,
 )
-from actsteer.transport import Transport
 from actsteer.tree import (
     DENOISERS,
     PipelineModules,
@@ -52,7 +51,7 @@ FRESH_OUTPUT = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 class Steerable(Protocol):
     """What a handle needs of a steering: its maps and gates, its λ range and its model check."""
 
-    maps: dict[str, AffineMap]
+    maps: dict[str, UnitMap]
     gates: dict[str, Gate]
 
     @property
@@ -80,13 +79,13 @@ class ModuleHook:
 
     def __init__(
         self,
-        amap: AffineMap,
+        amap: UnitMap,
         support: str,
         module: nn.Module,
         sources: list[Source],
         traced: bool = False,
     ):
-        self.transport = Transport(amap.omega, amap.beta, amap.support(support), fused=not traced)
+        self.transport = amap.transport(support, fused=not traced)
         self.sources = sources
         self.stream = stream_index(module)
         param = next(module.parameters(), None)

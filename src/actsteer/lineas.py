@@ -69,7 +69,7 @@ from actsteer.capture import POOLINGS, batches, forward_body, pool, record
 from actsteer.choices import check_choice
 from actsteer.errors import ActSteerError
 from actsteer.gates import Gate, fit_gate
-from actsteer.maps import AffineMap, quantile_grid, support_bounds
+from actsteer.maps import AffineMap, UnitMap, quantile_grid, support_bounds
 from actsteer.methods.linear_act import fit_linear
 from actsteer.trained_gates import GATE_PENALTY, PENALTY_TOKENS, TrainableGate
 from actsteer.transport import Transport
@@ -359,7 +359,7 @@ def fit_end_to_end(
     budget_mb: float,
     progress: bool,
     gating: GateSettings | None = None,
-) -> tuple[dict[str, AffineMap], dict[str, Gate]]:
+) -> tuple[dict[str, UnitMap], dict[str, Gate]]:
     """Train the maps of `names` jointly (LinEAS), with a gate per module when `gating` is
     given (actsteer.trained_gates); the settings and the loss curve go to
     info.data["training"]. batch_size is the recording passes' number of texts."""
@@ -450,7 +450,8 @@ def fit_end_to_end(
             "fit": {"trained": "jointly with the maps (lineas)", "penalty": GATE_PENALTY,
                     "source_texts": len(source), "target_texts": len(target)},
         }  # fmt: skip
-    return maps, {name: gate.frozen() for name, gate in gates.items()}
+    trained: dict[str, UnitMap] = dict(maps)
+    return trained, {name: gate.frozen() for name, gate in gates.items()}
 
 
 def penalise(optimizer: torch.optim.Adam, params: Iterable[Trainable], step: float) -> None:

@@ -1,5 +1,6 @@
-"""The per-unit affine map T(a) = ω ⊙ a + β with its supports: applying, inverting, and what
-the estimators share (checks of samples, the monotone coupling, support bounds).
+"""The per-unit maps with their supports — affine, T(a) = ω ⊙ a + β, and piecewise-linear
+monotone through knots (quantile-act) — applying, inverting, and what the estimators share
+(checks of samples, the monotone coupling, support bounds).
 
 Pure torch; knows nothing about models. Samples are (N, D) tensors: N samples of D units. The
 estimators themselves are files of actsteer.methods.
@@ -7,43 +8,59 @@ estimators themselves are files of actsteer.methods.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
 from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES, check_choice
 from actsteer.errors import ActSteerError
-from actsteer.transport import Transport, coefficients
+from actsteer.transport import Bounds, KnotTransport, Transport, coefficients
 
 
-@dataclass
-class AffineMap:
-    """ω, β of shape (D,), plus per-support (lo, hi) bounds of shape (D,)."""
+class UnitMap(ABC):
+    """What every map of D units has: per-support (lo, hi) bounds of shape (D,), applying with
+    a support, and its tensors by name (saved in the steering file and hashed in its digest).
+    """
 
-    omega: torch.Tensor
-    beta: torch.Tensor
-    bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    bounds: dict[str, Bounds]
+    #: The map's kind in messages and steering files.
+    kind = ""
 
     @property
+    @abstractmethod
     def dim(self) -> int:
-        return self.omega.shape[0]
+        """D, the number of units."""
 
-    def support(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The map's own tensors by name (not its bounds)."""
+
+    @abstractmethod
+    def transport(
+        self, support: str = SUPPORT_ALL, fused: bool = True
+    ) -> Transport | KnotTransport:
+        """This map ready to apply with a support (actsteer.transport)."""
+
+    @abstractmethod
+    def inverse(self) -> UnitMap:
+        """The inverse map (an error where there is none)."""
+
+    @abstractmethod
+    def reach(self) -> torch.Tensor:
+        """(D,) the largest |T(a) − a| over the source's range [lo, hi] of each unit (q0-100)."""
+
+    @abstractmethod
+    def line(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ω, β) of shape (D,): the map itself where it is affine, else the least-squares
+        line through its knots (what `inspect` summarises)."""
+
+    def support(self, name: str) -> Bounds | None:
         """(lo, hi) of a support by name; None for the unbounded support "all"."""
         if name == SUPPORT_ALL:
             return None
         check_choice(name, [*sorted(self.bounds), SUPPORT_ALL], "support")
         return self.bounds[name]
-
-    def at(self, strength: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The map at strength λ: (ω̃, λβ) with ω̃ = 1 + λ(ω − 1), so T_λ(a) = ω̃ ⊙ a + λβ
-        (actsteer.transport.coefficients). λ is a number, giving (D,) tensors, or a (B,)
-        tensor of per-row strengths, giving (B, D) tensors."""
-        return coefficients(self.omega.float() - 1, self.beta.float(), strength)
-
-    def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> Transport:
-        """This map ready to apply with a support (actsteer.transport)."""
-        return Transport(self.omega, self.beta, self.support(support), fused)
 
     def __call__(
         self, a: torch.Tensor, strength: float | torch.Tensor = 1.0, support: str = SUPPORT_ALL
@@ -56,6 +73,40 @@ class AffineMap:
             return transport(a.reshape(-1, self.dim), lam).view(a.shape)
         rows = lam.reshape(-1)
         return transport(a.reshape(rows.shape[0], -1, self.dim), rows).view(a.shape)
+
+
+@dataclass
+class AffineMap(UnitMap):
+    """ω, β of shape (D,), plus per-support (lo, hi) bounds of shape (D,)."""
+
+    omega: torch.Tensor
+    beta: torch.Tensor
+    bounds: dict[str, Bounds] = field(default_factory=dict)
+    kind = "affine"
+
+    @property
+    def dim(self) -> int:
+        return self.omega.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"omega": self.omega, "beta": self.beta}
+
+    def at(self, strength: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map at strength λ: (ω̃, λβ) with ω̃ = 1 + λ(ω − 1), so T_λ(a) = ω̃ ⊙ a + λβ
+        (actsteer.transport.coefficients). λ is a number, giving (D,) tensors, or a (B,)
+        tensor of per-row strengths, giving (B, D) tensors."""
+        return coefficients(self.omega.float() - 1, self.beta.float(), strength)
+
+    def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> Transport:
+        return Transport(self.omega, self.beta, self.support(support), fused)
+
+    def line(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.omega, self.beta
+
+    def reach(self) -> torch.Tensor:
+        lo, hi = (b.float() for b in self.bounds["q0-100"])
+        omega, beta = self.omega.float(), self.beta.float()
+        return torch.maximum(((omega - 1) * lo + beta).abs(), ((omega - 1) * hi + beta).abs())
 
     def inverse(self) -> AffineMap:
         """T⁻¹(b) = (b − β)/ω, whose supports are the images of this map's supports.
@@ -74,6 +125,93 @@ class AffineMap:
             slack = 4 * torch.finfo(torch.float32).eps * (a.abs().maximum(b.abs()) + 1)
             bounds[name] = (torch.minimum(a, b) - slack, torch.maximum(a, b) + slack)
         return AffineMap(omega, beta, bounds)
+
+
+@dataclass
+class QuantileMap(UnitMap):
+    """A monotone piecewise-linear map per unit through K knot pairs: x (D, K) increasing
+    (source quantiles), y (D, K) non-decreasing (target quantiles); linear between knots, the
+    end segments extended past the outer ones. T_λ(a) = a + λ(T(a) − a)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    bounds: dict[str, Bounds] = field(default_factory=dict)
+    kind = "quantile"
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.x.shape != self.y.shape or self.x.shape[1] < 2:
+            raise ActSteerError(
+                f"quantile knots must be two (units, K ≥ 2) tensors of one shape, got "
+                f"{tuple(self.x.shape)} and {tuple(self.y.shape)}"
+            )
+        for name, knots in (("x", self.x), ("y", self.y)):
+            falling = (knots[:, 1:] < knots[:, :-1]).any(dim=1)
+            if falling.any() or not torch.isfinite(knots).all():
+                bad = int(falling.nonzero()[0]) if falling.any() else -1
+                raise ActSteerError(
+                    f"quantile knots {name} must be finite and non-decreasing per unit"
+                    + (f" (unit {bad} falls)" if bad >= 0 else "")
+                )
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"knots.x": self.x, "knots.y": self.y}
+
+    def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> KnotTransport:
+        return KnotTransport(self.x, self.y, self.support(support))
+
+    def line(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.x.double(), self.y.double()
+        dx, dy = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        var = (dx * dx).sum(1)
+        omega = torch.where(var > 0, (dx * dy).sum(1) / var.clamp_min(1e-300), 1.0)
+        beta = y.mean(1) - omega * x.mean(1)
+        return omega.float(), beta.float()
+
+    def reach(self) -> torch.Tensor:
+        lo, hi = (b.float() for b in self.bounds["q0-100"])
+        x = torch.cat([lo[:, None], self.x.float(), hi[:, None]], dim=1)
+        moved = self.transport()(x.t().contiguous(), 1.0).t()
+        return (moved - x).abs().amax(dim=1)
+
+    def inverse(self) -> QuantileMap:
+        """The map through the swapped knots, whose supports are the images of this map's.
+        A unit whose target knots repeat maps an interval to one value: an error."""
+        flat = (self.y[:, 1:] - self.y[:, :-1] <= 0).any(dim=1)
+        if flat.any():
+            bad = int(flat.nonzero()[0])
+            raise ActSteerError(f"map is not invertible: unit {bad} maps an interval to one value")
+        forward = self.transport()
+        bounds = {}
+        for name, (lo, hi) in self.bounds.items():
+            ends = forward(torch.stack([lo, hi]).float(), 1.0)
+            slack = 4 * torch.finfo(torch.float32).eps * (ends.abs().amax(dim=0) + 1)
+            bounds[name] = (ends[0] - slack, ends[1] + slack)
+        return QuantileMap(self.y, self.x, bounds)
+
+
+#: The names of every kind of map's own tensors (`UnitMap.tensors`).
+MAP_TENSORS = ("omega", "beta", "knots.x", "knots.y")
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], bounds: dict[str, Bounds]) -> UnitMap:
+    """The map whose `tensors()` these are (KeyError when a tensor is missing)."""
+    if "knots.x" in tensors or "knots.y" in tensors:
+        return QuantileMap(tensors["knots.x"], tensors["knots.y"], bounds)
+    return AffineMap(tensors["omega"], tensors["beta"], bounds)
+
+
+def affine_only(amap: UnitMap, use: str, instead: str) -> AffineMap:
+    """`amap` where it is affine; else a clear error: `use` needs ω ⊙ a + β, do `instead`."""
+    if isinstance(amap, AffineMap):
+        return amap
+    raise ActSteerError(
+        f"{use} needs affine maps (T(a) = ω ⊙ a + β) and this steering's maps are {amap.kind} "
+        f"(piecewise linear per unit, not affine); {instead}"
+    )
 
 
 def check_samples(

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from actsteer.capture import Recorder, batches, forward_body
 from actsteer.errors import ActSteerError
-from actsteer.maps import AffineMap
+from actsteer.maps import UnitMap
 from actsteer.steering import Steering, SteeringInfo
 from actsteer.tree import model_device, output_tensor
 
@@ -109,7 +109,7 @@ def _capturing_block_inputs(blocks: nn.ModuleList, calls: list[list[tuple]]):
 
 #: The two text sets carried through the model, in the order they are recorded.
 SETS = ("source", "target")
-Estimate = Callable[[str, torch.Tensor, torch.Tensor], AffineMap]
+Estimate = Callable[[str, torch.Tensor, torch.Tensor], UnitMap]
 
 
 class _Carried:
@@ -147,7 +147,7 @@ class SequentialFitter:
         self.estimate, self.method = estimate, method
         self.pooling, self.support, self.cap = pooling, support, cap
         self.batch_size, self.max_length, self.progress = batch_size, max_length, progress
-        self.maps: dict[str, AffineMap] = {}
+        self.maps: dict[str, UnitMap] = {}
 
     def _steering(self, names: Sequence[str]) -> Steering:
         maps = {n: self.maps[n] for n in names if n in self.maps}
@@ -242,7 +242,7 @@ class SequentialFitter:
             recorder.remove()
         return recorder.samples()[name]
 
-    def run(self, modules: Sequence[str]) -> dict[str, AffineMap]:
+    def run(self, modules: Sequence[str]) -> dict[str, UnitMap]:
         """Fit every module; returns the maps in the given module order."""
         order = execution_order(self.model, self.tokenizer, self.texts["source"][0], modules)
         found = find_blocks(self.model, order)

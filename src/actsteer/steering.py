@@ -24,11 +24,11 @@ from actsteer.choices import GUIDANCE_MODES, check_choice
 from actsteer.compat import check_compatible, model_fingerprint
 from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
-from actsteer.fold import FOLDED, fold_maps, folded_records
+from actsteer.fold import FOLDED, HOOKS_INSTEAD, fold_maps, folded_records
 from actsteer.gates import DEFAULT_C, GATE_FIELDS, Gate, GateSettings, describe_fit, fit_gates
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.hub import PREFIX, locate, save_folder
-from actsteer.maps import AffineMap
+from actsteer.maps import UnitMap, affine_only
 from actsteer.methods import METHODS, get_method
 from actsteer.tree import model_name, module_tree
 
@@ -113,7 +113,7 @@ class Steering:
     would be an import circle).
     """
 
-    maps: dict[str, AffineMap]
+    maps: dict[str, UnitMap]
     info: SteeringInfo = field(default_factory=SteeringInfo)
     max_strength: float | None = None
     gates: dict[str, Gate] = field(default_factory=dict)
@@ -197,8 +197,8 @@ class Steering:
         for name in sorted(self.maps):
             amap = self.maps[name]
             digest.update(name.encode())
-            digest.update(amap.omega.detach().float().cpu().numpy().tobytes())
-            digest.update(amap.beta.detach().float().cpu().numpy().tobytes())
+            for tensor in amap.tensors().values():
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
         settings = self.gate_settings
         if settings is not None:
             digest.update(repr(settings).encode())
@@ -363,6 +363,8 @@ class Steering:
         the steering's default support is bounded.
         """
         support = support or self.default_support
+        for amap in self.maps.values():
+            affine_only(amap, "folding into weights", HOOKS_INSTEAD)
         if self.gates:
             raise ActSteerError(
                 "a gated steering cannot be folded into weights: its gate sets each token's "

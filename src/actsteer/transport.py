@@ -2,6 +2,10 @@
 
     T_λ(a) = ω̃ ⊙ a + λβ,  ω̃ = 1 + λ(ω − 1),   where lo < a < hi;   a elsewhere
 
+A piecewise-linear monotone map per unit (quantile-act's knots x₀ < … < x_{K−1} ↦ y₀ … y_{K−1})
+is this same formula with ω, β taken per element from the segment each activation lies in
+(`KnotTransport`; the end segments extend past the outer knots).
+
 The support (lo, hi) is open, as in the reference implementation: an activation exactly on a
 bound (a one-token text is its own pooled sample) stays as it is. λ is one number, one per row
 ((B,)), or one per token ((B, T) for a (B, T, D) output, (N,) for a batch flattened to (N, D)):
@@ -107,36 +111,14 @@ class Transport:
 
     def strength_for(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
         """λ as a float32 tensor, checked against the layout and shape of `a`."""
-        if a.ndim not in (2, 3, 4):
-            raise ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
-        if a.shape[1 if a.ndim == 4 else -1] != self.units:
-            raise ActSteerError(
-                f"cannot steer a module output of shape {tuple(a.shape)} with a map of "
-                f"{self.units} units"
-            )
-        lam = strength
-        if not isinstance(lam, torch.Tensor) or lam.dtype != torch.float32:
-            lam = torch.as_tensor(strength, dtype=torch.float32)
-        if lam.ndim:
-            if lam.ndim == 1 and lam.shape[0] != a.shape[0]:
-                raise per_row_mismatch(lam.shape[0], a.shape[0])
-            if lam.ndim > (1 if a.ndim == 4 else a.ndim - 1) or lam.shape != a.shape[: lam.ndim]:
-                raise ActSteerError(
-                    f"a strength of shape {tuple(lam.shape)} does not fit a module output of "
-                    f"shape {tuple(a.shape)}: give one λ, one per row or one per token"
-                )
-        return lam
+        return checked_strength(a, strength, self.units)
 
     def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """ω − 1 and β (float32) and the bounds in `dtype` (±∞ for "all"), on `device`."""
         key = (device, dtype)
         placed = self.placed.get(key)
         if placed is None:
-            if self.bounds is None:
-                infinity = torch.full((self.units,), torch.inf, dtype=dtype, device=device)
-                lo, hi = -infinity, infinity
-            else:
-                lo, hi = (b.to(device, dtype) for b in self.bounds)
+            lo, hi = _bounds_or_infinite(self.bounds, self.units, device, dtype)
             om1, beta = self.omega_minus_one.to(device), self.beta.to(device)
             placed = self.placed[key] = (om1, beta, lo, hi)
         return placed
@@ -192,6 +174,101 @@ class Transport:
         scale, shift = coefficients(om1, beta, lam)
         rows = lam.numel() if lam.ndim else 0
         return self.kernel.hook(scale.to(dtype), shift.to(dtype), lo, hi, rows, in_place, fallback)
+
+
+class KnotTransport:
+    """A piecewise-linear monotone map per unit ready to apply (actsteer.maps.QuantileMap):
+    knots x (D, K), increasing, and per segment the affine piece T(a) = ω a + β through its
+    two knots, as ω − 1 and β (D, K − 1) in float32; bounds as for `Transport`. The segment of
+    each activation is found by binary search on its unit's knots (the end segments extend
+    past the outer knots), then the transport is `transport_ops` with that element's ω̃, λβ.
+    Torch ops only, nothing kept: the same code runs eagerly and traced (no fused kernel)."""
+
+    kernel = None
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bounds: Bounds | None = None) -> None:
+        x, y = x.float(), y.float()
+        width = x[:, 1:] - x[:, :-1]
+        slope = torch.where(width > 0, (y[:, 1:] - y[:, :-1]) / width.clamp_min(1e-30), 0.0)
+        self.x = x.contiguous()
+        self.omega_minus_one = slope - 1
+        self.beta = y[:, :-1] - slope * x[:, :-1]
+        self.bounds = bounds
+        self.units = x.shape[0]
+        self.placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
+        """T_λ(a) for λ = `strength` (a number, per row or per token; see the module)."""
+        lam = checked_strength(a, strength, self.units).to(a.device)
+        return self.traced(a, lam, self.parameters(a.device, a.dtype))
+
+    def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Knots, ω − 1 and β per segment (float32) and the bounds in `dtype` (±∞ for "all"),
+        on `device`."""
+        key = (device, dtype)
+        placed = self.placed.get(key)
+        if placed is None:
+            lo, hi = _bounds_or_infinite(self.bounds, self.units, device, dtype)
+            x, om1, beta = (t.to(device) for t in (self.x, self.omega_minus_one, self.beta))
+            placed = self.placed[key] = (x, om1, beta, lo, hi)
+        return placed
+
+    def traced(
+        self, a: torch.Tensor, strength: torch.Tensor, parameters: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """T_λ(a) from `parameters` (`self.parameters(a.device, a.dtype)`), λ a tensor on a's
+        device (one, per row or per token)."""
+        x, om1, beta, lo, hi = parameters
+        channels = a.ndim == 4
+        units_last = a.movedim(1, -1) if channels else a
+        flat = units_last.reshape(-1, self.units)
+        segments = x.shape[1] - 2
+        found = torch.searchsorted(x, flat.t().float().contiguous(), right=True) - 1
+        segment = found.clamp_(0, segments)
+        lam, lead = strength, units_last.shape[:-1]
+        if lam.ndim:  # one λ per element of `flat`'s rows
+            lam = lam.view(*lam.shape, *[1] * (len(lead) - lam.ndim)).expand(lead).reshape(-1)
+        scale, shift = coefficients(om1.gather(1, segment).t(), beta.gather(1, segment).t(), lam)
+        moved = transport_ops(flat, scale.to(a.dtype), shift.to(a.dtype), (lo, hi))
+        return moved.view(units_last.shape).movedim(-1, 1) if channels else moved.view(a.shape)
+
+    def kernel_hook(self, *args: object) -> None:
+        """No fused kernel serves a piecewise map."""
+        return None
+
+
+def checked_strength(a: torch.Tensor, strength: float | torch.Tensor, units: int) -> torch.Tensor:
+    """λ as a float32 tensor, checked against the layout and shape of `a` (for a map of
+    `units` units)."""
+    if a.ndim not in (2, 3, 4):
+        raise ActSteerError(f"cannot steer a module output of shape {tuple(a.shape)}")
+    if a.shape[1 if a.ndim == 4 else -1] != units:
+        raise ActSteerError(
+            f"cannot steer a module output of shape {tuple(a.shape)} with a map of {units} units"
+        )
+    lam = strength
+    if not isinstance(lam, torch.Tensor) or lam.dtype != torch.float32:
+        lam = torch.as_tensor(strength, dtype=torch.float32)
+    if lam.ndim:
+        if lam.ndim == 1 and lam.shape[0] != a.shape[0]:
+            raise per_row_mismatch(lam.shape[0], a.shape[0])
+        if lam.ndim > (1 if a.ndim == 4 else a.ndim - 1) or lam.shape != a.shape[: lam.ndim]:
+            raise ActSteerError(
+                f"a strength of shape {tuple(lam.shape)} does not fit a module output of "
+                f"shape {tuple(a.shape)}: give one λ, one per row or one per token"
+            )
+    return lam
+
+
+def _bounds_or_infinite(
+    bounds: Bounds | None, units: int, device: torch.device, dtype: torch.dtype
+) -> Bounds:
+    """The bounds in `dtype` on `device`, or ±∞ for the support "all"."""
+    if bounds is None:
+        infinity = torch.full((units,), torch.inf, dtype=dtype, device=device)
+        return -infinity, infinity
+    lo, hi = (b.to(device, dtype) for b in bounds)
+    return lo, hi
 
 
 def transport_ops(

@@ -127,12 +127,18 @@ def inspect(
         )
     for key, value in rows:
         out.print(Text(f"{key:>16}: {value}"))
-    table = Table(title="maps T(a) = ω ⊙ a + β per module", show_edge=False)
+    kinds = sorted({amap.kind for amap in steering.maps.values()})
+    title = "maps T(a) = ω ⊙ a + β per module"
+    if kinds != ["affine"]:
+        title = (
+            f"{'/'.join(kinds)} maps per module: ω, β of the least-squares line through the knots"
+        )
+    table = Table(title=title, show_edge=False)
     table.add_column("module", overflow="fold")
     for name in ("D", "ω mean", "ω min", "ω max", "β mean", "max |β|"):
         table.add_column(name, justify="right")
     for name, amap in steering.maps.items():
-        omega, beta = amap.omega.float(), amap.beta.float()
+        omega, beta = (t.float() for t in amap.line())
         table.add_row(
             name,
             str(amap.dim),

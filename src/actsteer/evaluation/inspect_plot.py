@@ -14,7 +14,7 @@ import torch
 
 from actsteer.errors import ActSteerError
 from actsteer.extras import require
-from actsteer.maps import AffineMap
+from actsteer.maps import UnitMap
 from actsteer.steering import Steering
 
 if TYPE_CHECKING:
@@ -53,17 +53,19 @@ def middle_module(steering: Steering) -> str:
     return names[len(names) // 2]
 
 
-def top_units(amap: AffineMap, samples: torch.Tensor, count: int = 4) -> list[int]:
-    """The `count` units the map moves most: largest |β| + |ω − 1|·std(source activations)."""
+def top_units(amap: UnitMap, samples: torch.Tensor, count: int = 4) -> list[int]:
+    """The `count` units the map moves most: largest |β| + |ω − 1|·std(source activations)
+    (ω, β: the map's line, `UnitMap.line`)."""
     std = samples.detach().float().cpu().std(0) if samples.shape[0] > 1 else 0.0
-    score = amap.beta.float().cpu().abs() + (amap.omega.float().cpu() - 1).abs() * std
+    omega, beta = (t.float().cpu() for t in amap.line())
+    score = beta.abs() + (omega - 1).abs() * std
     return score.topk(min(count, amap.dim)).indices.tolist()
 
 
 def _draw_spread(ax, steering: Steering, which: str, reference: float) -> None:
     """Median and 5–95% band of ω or β per module, in layer order."""
     names = list(steering.maps)
-    rows = [spread(getattr(steering.maps[n], which)) for n in names]
+    rows = [spread(steering.maps[n].line()[0 if which == "omega" else 1]) for n in names]
     xs = list(range(len(names)))
     symbol = "ω" if which == "omega" else "β"
     ax.fill_between(
@@ -82,7 +84,7 @@ def _draw_spread(ax, steering: Steering, which: str, reference: float) -> None:
 
 
 def _draw_unit(
-    ax, source: torch.Tensor, moved: torch.Tensor, unit: int, amap: AffineMap, bins: int
+    ax, source: torch.Tensor, moved: torch.Tensor, unit: int, amap: UnitMap, bins: int
 ) -> None:
     """Histograms of one unit's source and transported activations."""
     a, b = source[:, unit].float().cpu(), moved[:, unit].float().cpu()
@@ -93,8 +95,9 @@ def _draw_unit(
     edges = torch.linspace(low, high, bins + 1).numpy()
     ax.hist(a.numpy(), bins=edges, alpha=0.55, label="source")
     ax.hist(b.numpy(), bins=edges, alpha=0.55, label="transported (λ=1)")
-    omega, beta = float(amap.omega[unit]), float(amap.beta[unit])
-    ax.set_title(f"unit {unit}: ω={omega:.2f}, β={beta:+.2f}", fontsize=9)
+    omega, beta = (float(t[unit]) for t in amap.line())
+    fit = "" if amap.kind == "affine" else f"{amap.kind}, line "
+    ax.set_title(f"unit {unit}: {fit}ω={omega:.2f}, β={beta:+.2f}", fontsize=9)
     ax.set_xlabel("activation")
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
@@ -112,7 +115,8 @@ def steering_figure(
 ) -> Figure:
     """The figure of `actsteer inspect --plot`.
 
-    Top row: ω and β per steered module (median, 5–95% band over units). With `source`
+    Top row: ω and β per steered module (median, 5–95% band over units; of the least-squares
+    line through the knots for quantile maps). With `source`
     activations (samples × units) of `module` (default: the middle one), a bottom row of
     histograms for its `units` most-moved units: source vs transported at λ = 1 under `support`
     (default: the steering's). The target distribution is not drawn: it is not in the file.

@@ -86,7 +86,7 @@ from actsteer.integrations.batch import (
 )
 from actsteer.integrations.slots import TableSteering, TokenSlots
 from actsteer.sources import Gated
-from actsteer.transport import Transport
+from actsteer.transport import KnotTransport, Transport
 from actsteer.tree import output_tensor, with_output
 
 LOAD_FORMAT = "actsteer"
@@ -332,7 +332,9 @@ def mapped_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 
 #: Per module a served steering touches: steering name → (its transport, its token gate with
 #: the steering's gate settings, or None).
-ServedMaps = dict[str, dict[str, tuple[Transport, tuple[Gate, GateSettings] | None]]]
+ServedMaps = dict[
+    str, dict[str, tuple[Transport | KnotTransport, tuple[Gate, GateSettings] | None]]
+]
 
 
 def served_maps(model: nn.Module, batch: BatchSteering, hidden: int) -> ServedMaps:
@@ -360,7 +362,7 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     first = next(model.parameters())
     lookup = dict(model.named_modules())
     for name, maps in served_maps(model, batch, hidden).items():
-        steered: dict[str, tuple[Transport, Gated | None]] = {}
+        steered: dict[str, tuple[Transport | KnotTransport, Gated | None]] = {}
         for steering_name, (transport, gate) in maps.items():
             transport.parameters(first.device, first.dtype)  # placed now, not in the first pass
             steered[steering_name] = (transport, None if gate is None else Gated(*gate, None))
@@ -383,12 +385,26 @@ def install_tables(
     layout: list[object] = [len(batch.steerings)]
     for name, maps in sorted(per_module.items()):
         module, stream = lookup[name], bool(_BLOCK.fullmatch(name))
-        by_id = {batch.ids[steering_name]: pair for steering_name, pair in maps.items()}
+        by_id = {
+            batch.ids[steering_name]: (tabled(steering_name, transport), gate)
+            for steering_name, (transport, gate) in maps.items()
+        }
         hook = TableSteering(module, by_id, len(batch.steerings), slots, first.dtype, stream)
         module.register_forward_hook(hook)
         layout.append((name, hook.gated, hook.bounded, len(maps) + 1))
     model.register_forward_pre_hook(PassStart(batch, slots))
     return layout
+
+
+def tabled(steering_name: str, transport: Transport | KnotTransport) -> Transport:
+    """`transport` where an affine table row holds it; a clear error for piecewise maps."""
+    if isinstance(transport, Transport):
+        return transport
+    raise ActSteerError(
+        f"steering {steering_name!r} has piecewise (quantile) maps, which the compiled graphs' "
+        "affine tables cannot hold; serve it eagerly: engine_args(..., compiled=False), or "
+        "`vllm serve --enforce-eager`"
+    )
 
 
 def key_compile_cache(vllm_config: Any, layout: list[object]) -> None:
@@ -441,7 +457,7 @@ class ModuleSteering:
     def __init__(
         self,
         batch: BatchSteering,
-        maps: dict[str, tuple[Transport, Gated | None]],
+        maps: dict[str, tuple[Transport | KnotTransport, Gated | None]],
         stream: bool,
     ) -> None:
         self.batch = batch

@@ -1,4 +1,4 @@
-"""Steering estimators: each turns pooled (source, target) samples into an AffineMap.
+"""Steering estimators: each turns pooled (source, target) samples into a map (actsteer.maps).
 
 Every method is one module in this package that registers itself (`register(Method(...))`);
 the package imports all its modules, so adding an estimator is adding one file here. `METHODS`

@@ -16,14 +16,17 @@ from actsteer.errors import ActSteerError
 if TYPE_CHECKING:
     import torch
 
-    from actsteer.maps import AffineMap
+    from actsteer.maps import UnitMap
 
 FitFunction = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+#: Estimates a map of another kind than affine from (N, D) source and (M, D) target samples
+#: (its bounds are added by Method.fit).
+FitMapFunction = Callable[["torch.Tensor", "torch.Tensor"], "UnitMap"]
 #: Trains the maps of all modules jointly: (model, tokenizer, source, target, names, info,
 #: settings (actsteer.modes.EndToEnd), *, batch_size, budget_mb, progress, gating) →
-#: ({name: AffineMap}, {name: actsteer.gates.Gate}: trained with the maps where `gating` is
+#: ({name: UnitMap}, {name: actsteer.gates.Gate}: trained with the maps where `gating` is
 #: given).
-TrainFunction = Callable[..., tuple[dict[str, "AffineMap"], dict[str, Any]]]
+TrainFunction = Callable[..., tuple[dict[str, "UnitMap"], dict[str, Any]]]
 #: The modes a closed-form method is fitted in (actsteer.modes), its default first.
 CLOSED_FORM = ("independent", "sequential", "denoising")
 
@@ -38,10 +41,11 @@ def _imported(function: Callable | str) -> Any:
 
 @dataclass(frozen=True)
 class Method:
-    """A named estimator and how it is fitted: either `fit_omega_beta(source, target)`, which
-    gives ω, β of shape (D,) for one module from its samples (the closed-form modes:
-    independent, sequential, denoising), or `train`, which fits every module's map at once
-    through the model (mode end-to-end: LinEAS). Either may be given as "module:function",
+    """A named estimator and how it is fitted: one of `fit_omega_beta(source, target)`, which
+    gives ω, β of shape (D,) for one module from its samples, `fit_map(source, target)`, which
+    gives a map of another kind (actsteer.maps.UnitMap; both in the closed-form modes:
+    independent, sequential, denoising), and `train`, which fits every module's map at once
+    through the model (mode end-to-end: LinEAS). Each may be given as "module:function",
     imported when first used.
 
     strength_range bounds λ at apply time (None: unbounded); default_support and
@@ -53,6 +57,7 @@ class Method:
     name: str
     description: str
     fit_omega_beta: FitFunction | str | None = None
+    fit_map: FitMapFunction | str | None = None
     train: TrainFunction | str | None = None
     strength_range: tuple[float, float] | None = (0.0, 1.0)
     default_support: str = "q0-100"
@@ -62,8 +67,9 @@ class Method:
     probe: bool = False
 
     def __post_init__(self) -> None:
-        if (self.fit_omega_beta is None) == (self.train is None):
-            raise ValueError(f"method {self.name!r}: give one of fit_omega_beta and train")
+        given = [f for f in (self.fit_omega_beta, self.fit_map, self.train) if f is not None]
+        if len(given) != 1:
+            raise ValueError(f"method {self.name!r}: give one of fit_omega_beta, fit_map, train")
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -90,17 +96,22 @@ class Method:
             )
         return None
 
-    def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> AffineMap:
+    def fit(self, source: torch.Tensor, target: torch.Tensor, what: str = "samples") -> UnitMap:
         """Estimate one module's map from its (N, D) source and (M, D) target samples."""
         from actsteer.maps import AffineMap, check_samples, support_bounds
 
-        if self.fit_omega_beta is None:
+        if self.train is not None:
             raise ActSteerError(
                 f"{self.name} trains all modules' maps jointly through the model and has no "
                 f"per-module estimate; fit it with actsteer.fit(model, tok, source=..., "
                 f"target=..., method={self.name!r})"
             )
         check_samples(source, target, what, self.min_samples)
+        if self.fit_map is not None:
+            amap: UnitMap = _imported(self.fit_map)(source.float(), target.float())
+            amap.bounds = support_bounds(source)
+            return amap
+        assert self.fit_omega_beta is not None  # the one left of the three
         omega, beta = _imported(self.fit_omega_beta)(source.float(), target.float())
         return AffineMap(omega, beta, support_bounds(source))
 
