@@ -250,6 +250,12 @@ def _at_positions(sorted_x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return sorted_x[below] + frac * (sorted_x[above] - sorted_x[below])
 
 
+def quantiles_at(sorted_x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The empirical quantile function of column-sorted samples at `levels` in [0, 1]
+    (order statistics linearly interpolated): one row per level."""
+    return _at_positions(sorted_x, levels.double() * (sorted_x.shape[0] - 1))
+
+
 def quantile_grid(sorted_x: torch.Tensor, size: int) -> torch.Tensor:
     """Empirical quantile function of column-sorted samples at `size` evenly spaced levels.
 

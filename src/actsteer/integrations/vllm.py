@@ -379,17 +379,19 @@ def install_tables(
     tokens per step at most). Returns the layout the compiled graph depends on: the number of
     slots, then per module its name, whether gated, whether bounded, and its table's rows."""
     first = next(model.parameters())
-    per_module = served_maps(model, batch, hidden)
+    per_module = {  # every map checked before anything is hooked
+        name: {
+            batch.ids[steering_name]: (tabled(steering_name, transport), gate)
+            for steering_name, (transport, gate) in maps.items()
+        }
+        for name, maps in served_maps(model, batch, hidden).items()
+    }
     slots = TokenSlots(len(batch.steerings), capacity, first.device)
     lookup = dict(model.named_modules())
     layout: list[object] = [len(batch.steerings)]
     for name, maps in sorted(per_module.items()):
         module, stream = lookup[name], bool(_BLOCK.fullmatch(name))
-        by_id = {
-            batch.ids[steering_name]: (tabled(steering_name, transport), gate)
-            for steering_name, (transport, gate) in maps.items()
-        }
-        hook = TableSteering(module, by_id, len(batch.steerings), slots, first.dtype, stream)
+        hook = TableSteering(module, maps, len(batch.steerings), slots, first.dtype, stream)
         module.register_forward_hook(hook)
         layout.append((name, hook.gated, hook.bounded, len(maps) + 1))
     model.register_forward_pre_hook(PassStart(batch, slots))

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
     from actsteer.maps import QuantileMap
 
-#: Knot pairs per unit: the quantiles at K evenly spaced levels from 0 to 1.
+#: Knot pairs per unit: the quantiles at the K levels (k + ½)/K, k = 0 … K − 1 (the centres of
+#: K equal shares: never the sets' extremes, which a few samples decide).
 KNOTS = 16
 #: Shrinkage toward the affine fit: the knots' targets are α y + (1 − α)(ω x + β) with
 #: α = n / (n + PRIOR), n the smaller set's sample count (PRIOR = 0: the plain quantiles).
@@ -23,18 +24,21 @@ PRIOR = 0.0
 def fit_quantile(
     source: torch.Tensor, target: torch.Tensor, knots: int = KNOTS, prior: float = PRIOR
 ) -> QuantileMap:
-    """Knots x_k = Q_source(p_k) and y_k = Q_target(p_k) at p_k = k/(K − 1) per unit (linear
+    """Knots x_k = Q_source(p_k) and y_k = Q_target(p_k) at p_k = (k + ½)/K per unit (linear
     interpolation between order statistics), targets shrunk toward Linear-AcT's fit (x_k ↦
     ω x_k + β, slope ≥ 0) by `prior`; in float64, returned in float32. Non-decreasing by
     construction: quantiles are, and so is every convex blend with a non-negative slope. With
-    K = 2 and prior 0 it is the affine map through the two sets' extremes."""
-    from actsteer.maps import QuantileMap, quantile_grid
+    K = 2 and prior 0 it is the affine map through the two sets' quartiles."""
+    import torch
+
+    from actsteer.maps import QuantileMap, quantiles_at
     from actsteer.methods.linear_act import fit_linear
 
     if knots < 2:
         raise ValueError(f"quantile-act needs at least 2 knots, got {knots}")
-    x = quantile_grid(source.double().sort(dim=0).values, knots)
-    y = quantile_grid(target.double().sort(dim=0).values, knots)
+    levels = (torch.arange(knots, dtype=torch.float64) + 0.5) / knots
+    x = quantiles_at(source.double().sort(dim=0).values, levels)
+    y = quantiles_at(target.double().sort(dim=0).values, levels)
     if prior > 0:
         omega, beta = (t.double() for t in fit_linear(source, target))
         samples = min(source.shape[0], target.shape[0])

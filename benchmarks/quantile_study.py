@@ -1,0 +1,113 @@
+"""How many knots, how much shrinkage? quantile-act against the affine maps on unseen texts
+(issue 28 §1), by held-out W2.
+
+SmolLM2-135M-Instruct (float32, CPU), ParaDetox pairs (toxicity_fit/source.txt → target.txt),
+fitted on --sizes texts per set (the first lines), measured on --held-out others per set
+(source_val.txt, target_val.txt), at the modules of --modules (each a preset). Every map is
+estimated from one recording of the fit texts (pooling mean, as fit does in mode
+independent), so the variants differ only in the estimator: Linear-AcT, Mean-AcT and
+quantile-act at K knots with shrinkage prior P (knot targets α y + (1 − α)(ω x + β), α = n/(n +
+P)). The figure is the end-to-end distance (LinEAS's loss: Σ modules Σ units W2² between pooled
+activations of the held-out source texts through the steered model at λ = 1, support q0-100,
+and of the held-out target texts on the plain model) divided by the same distance unsteered
+(< 1: closer). Results are kept per (modules, size, variant) in --out, so a killed run resumes.
+
+  ACTSTEER_DATA=../shared/data .venv/bin/python benchmarks/quantile_study.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from _common import ROOT, begin, read_lines, table
+
+import actsteer
+from actsteer.capture import record
+from actsteer.lineas import end_to_end_distance
+from actsteer.maps import support_bounds
+from actsteer.methods import get_method
+from actsteer.methods.quantile_act import fit_quantile
+
+KNOTS = (2, 4, 8, 16, 32, 64)
+PRIORS = (0.0, 32.0)
+
+
+def variants() -> dict[str, object]:
+    """name → an estimator (source, target) → map."""
+    found: dict[str, object] = {
+        "linear-act": get_method("linear-act").fit,
+        "mean-act": get_method("mean-act").fit,
+    }
+    for knots in KNOTS:
+        for prior in PRIORS:
+
+            def estimate(s, t, knots=knots, prior=prior):
+                amap = fit_quantile(s, t, knots=knots, prior=prior)
+                amap.bounds = support_bounds(s)
+                return amap
+
+            found[f"quantile K={knots} P={prior:g}"] = estimate
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 128, 400])
+    parser.add_argument("--held-out", type=int, default=128)
+    parser.add_argument("--modules", nargs="+", default=["attn-out", "post-attn-ln"])
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "runs" / "quantile-study.json"
+    )
+    args = parser.parse_args()
+    run = begin("benchmarks/quantile_study.py", None, args.threads)
+    model, tok = actsteer.load_model("smollm2-135m")
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    held_source = read_lines("source_val", 0, args.held_out)
+    held_target = read_lines("target_val", 0, args.held_out)
+    estimators = variants()
+    for modules in args.modules:
+        plain: dict = {}
+        for size in args.sizes:
+            todo = [v for v in estimators if f"{modules} | {size} | {v}" not in results]
+            if not todo:
+                continue
+            source, target = read_lines("source", 0, size), read_lines("target", 0, size)
+            base = actsteer.fit(
+                model, tok, source=source, target=target, modules=modules, progress=False
+            )
+            names = base.modules
+            fit_source = record(model, tok, source, names, progress=False)
+            fit_target = record(model, tok, target, names, progress=False)
+            if not plain:
+                plain["target"] = record(model, tok, held_target, names, progress=False)
+                unsteered = record(model, tok, held_source, names, progress=False)
+                plain["distance"] = end_to_end_distance(unsteered, plain["target"])
+            for variant in todo:
+                started = time.perf_counter()
+                maps = {n: estimators[variant](fit_source[n], fit_target[n]) for n in names}
+                steering = dataclasses.replace(base, maps=maps)
+                with steering.applied(model, 1.0):
+                    steered = record(model, tok, held_source, names, progress=False)
+                distance = end_to_end_distance(steered, plain["target"])
+                key = f"{modules} | {size} | {variant}"
+                results[key] = {
+                    "distance": distance,
+                    "unsteered": plain["distance"],
+                    "ratio": distance / plain["distance"],
+                    "seconds": time.perf_counter() - started,
+                }
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=1))
+                print(f"{key}: ratio {distance / plain['distance']:.3f}", flush=True)
+    rows = [[*key.split(" | "), f"{r['ratio']:.3f}"] for key, r in results.items()]
+    print(table(["modules", "texts per set", "steering", "held-out W2 ÷ unsteered"], rows))
+    print(f"{run.command}; {run.env}; {run.seconds() / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
