@@ -6,11 +6,12 @@ fitted on --sizes texts per set (the first lines), measured on --held-out others
 (source_val.txt, target_val.txt), at the modules of --modules (each a preset). Every map is
 estimated from one recording of the fit texts (pooling mean, as fit does in mode
 independent), so the variants differ only in the estimator: Linear-AcT, Mean-AcT and
-quantile-act at K knots with shrinkage prior P (knot targets α y + (1 − α)(ω x + β), α = n/(n +
-P)). The figure is the end-to-end distance (LinEAS's loss: Σ modules Σ units W2² between pooled
-activations of the held-out source texts through the steered model at λ = 1, support q0-100,
-and of the held-out target texts on the plain model) divided by the same distance unsteered
-(< 1: closer). Results are kept per (modules, size, variant) in --out, so a killed run resumes.
+quantile-act at K knots placed at the extremes or the centres (`quantile_levels`) with
+shrinkage prior P (knot targets α y + (1 − α)(ω x + β), α = n/(n + P)). The figure is the
+end-to-end distance (LinEAS's loss: Σ modules Σ units W2² between pooled activations of the
+held-out source texts through the steered model at λ = 1, support q0-100, and of the held-out
+target texts on the plain model) divided by the same distance unsteered (< 1: closer).
+Results are kept per (modules, size, variant) in --out, so a killed run resumes.
 
   ACTSTEER_DATA=../shared/data .venv/bin/python benchmarks/quantile_study.py
 """
@@ -34,6 +35,7 @@ from actsteer.methods.quantile_act import fit_quantile
 
 KNOTS = (2, 4, 8, 16, 32, 64)
 PRIORS = (0.0, 32.0)
+LEVELS = ("extremes", "centres")
 
 
 def variants() -> dict[str, object]:
@@ -42,15 +44,16 @@ def variants() -> dict[str, object]:
         "linear-act": get_method("linear-act").fit,
         "mean-act": get_method("mean-act").fit,
     }
-    for knots in KNOTS:
-        for prior in PRIORS:
+    for levels in LEVELS:
+        for knots in KNOTS:
+            for prior in PRIORS:
 
-            def estimate(s, t, knots=knots, prior=prior):
-                amap = fit_quantile(s, t, knots=knots, prior=prior)
-                amap.bounds = support_bounds(s)
-                return amap
+                def estimate(s, t, knots=knots, prior=prior, levels=levels):
+                    amap = fit_quantile(s, t, knots=knots, prior=prior, levels=levels)
+                    amap.bounds = support_bounds(s)
+                    return amap
 
-            found[f"quantile K={knots} P={prior:g}"] = estimate
+                found[f"quantile {levels} K={knots} P={prior:g}"] = estimate
     return found
 
 

@@ -19,12 +19,13 @@ from actsteer.methods.quantile_act import fit_quantile
 MODULES = "post-attn-ln"
 
 
-def test_two_knots_are_the_affine_map_through_the_two_quartiles():
+@pytest.mark.parametrize(("levels", "quantiles"), [("extremes", (0, 1)), ("centres", (0.25, 0.75))])
+def test_two_knots_are_the_affine_map_through_the_two_quantiles(levels, quantiles):
     torch.manual_seed(0)
     source, target = torch.randn(300, 5), 3 * torch.rand(300, 5) - 1
-    amap = fit_quantile(source, target, knots=2)
-    quartiles = torch.tensor([0.25, 0.75])
-    (lo, hi), (low, high) = (torch.quantile(s, quartiles, dim=0) for s in (source, target))
+    amap = fit_quantile(source, target, knots=2, levels=levels)
+    at = torch.tensor(quantiles, dtype=torch.float32)
+    (lo, hi), (low, high) = (torch.quantile(s, at, dim=0) for s in (source, target))
     omega = (high - low) / (hi - lo)
     line = AffineMap(omega, low - omega * lo)
     a = 4 * torch.randn(50, 5)  # beyond the knots too: the one segment extends
@@ -70,11 +71,13 @@ def test_never_reorders_a_units_activations(seed, samples, knots, prior, lam):
 def test_knots_are_the_matched_quantiles_shrunk_toward_the_affine_fit():
     torch.manual_seed(1)
     source, target = torch.randn(40, 4), 2 * torch.randn(40, 4) + 1
-    plain = fit_quantile(source, target, knots=8)
+    plain = fit_quantile(source, target, knots=8, levels="centres")
     levels = (torch.arange(8, dtype=torch.float64) + 0.5) / 8  # the centres of 8 equal shares
     expected_x = torch.quantile(source.double(), levels, dim=0).t().float()
     torch.testing.assert_close(plain.x, expected_x)
-    shrunk = fit_quantile(source, target, knots=8, prior=40.0)  # α = 40 / (40 + 40)
+    shrunk = fit_quantile(
+        source, target, knots=8, prior=40.0, levels="centres"
+    )  # α = 40 / (40 + 40)
     omega, beta = get_method("linear-act").fit(source, target).line()
     affine_y = omega[:, None] * plain.x + beta[:, None]
     torch.testing.assert_close(shrunk.y, 0.5 * plain.y + 0.5 * affine_y, rtol=1e-5, atol=1e-5)

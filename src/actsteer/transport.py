@@ -3,8 +3,9 @@
     T_λ(a) = ω̃ ⊙ a + λβ,  ω̃ = 1 + λ(ω − 1),   where lo < a < hi;   a elsewhere
 
 A piecewise-linear monotone map per unit (quantile-act's knots x₀ < … < x_{K−1} ↦ y₀ … y_{K−1})
-is this same formula with ω, β taken per element from the segment each activation lies in
-(`KnotTransport`; the end segments extend past the outer knots).
+is the same interpolation, T_λ(a) = a + λ(T(a) − a), with T(a) = y_k + s_k (a − x_k) on the
+segment k each activation lies in (`KnotTransport`; the end segments extend past the outer
+knots; written about the segment's knot so steep segments lose nothing to rounding).
 
 The support (lo, hi) is open, as in the reference implementation: an activation exactly on a
 bound (a one-token text is its own pooled sample) stays as it is. λ is one number, one per row
@@ -178,11 +179,12 @@ class Transport:
 
 class KnotTransport:
     """A piecewise-linear monotone map per unit ready to apply (actsteer.maps.QuantileMap):
-    knots x (D, K), increasing, and per segment the affine piece T(a) = ω a + β through its
-    two knots, as ω − 1 and β (D, K − 1) in float32; bounds as for `Transport`. The segment of
-    each activation is found by binary search on its unit's knots (the end segments extend
-    past the outer knots), then the transport is `transport_ops` with that element's ω̃, λβ.
-    Torch ops only, nothing kept: the same code runs eagerly and traced (no fused kernel)."""
+    knots x (D, K), increasing, and per segment k its slope minus one, s_k − 1, and its knot's
+    shift y_k − x_k (D, K − 1), in float32; bounds as for `Transport`. The segment of each
+    activation is found by binary search on its unit's knots (the end segments extend past
+    the outer knots); then T_λ(a) = a + λ((y_k − x_k) + (s_k − 1)(a − x_k)) inside the open
+    support. Torch ops only, no strength kept: the same code runs eagerly and traced (no fused
+    kernel)."""
 
     kernel = None
 
@@ -191,8 +193,8 @@ class KnotTransport:
         width = x[:, 1:] - x[:, :-1]
         slope = torch.where(width > 0, (y[:, 1:] - y[:, :-1]) / width.clamp_min(1e-30), 0.0)
         self.x = x.contiguous()
-        self.omega_minus_one = slope - 1
-        self.beta = y[:, :-1] - slope * x[:, :-1]
+        self.slope_minus_one = slope - 1
+        self.shift = (y - x)[:, :-1]
         self.bounds = bounds
         self.units = x.shape[0]
         self.placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
@@ -203,14 +205,14 @@ class KnotTransport:
         return self.traced(a, lam, self.parameters(a.device, a.dtype))
 
     def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Knots, ω − 1 and β per segment (float32) and the bounds in `dtype` (±∞ for "all"),
-        on `device`."""
+        """Knots, slope − 1 and shift per segment (float32) and the bounds in `dtype` (±∞ for
+        "all"), on `device`."""
         key = (device, dtype)
         placed = self.placed.get(key)
         if placed is None:
             lo, hi = _bounds_or_infinite(self.bounds, self.units, device, dtype)
-            x, om1, beta = (t.to(device) for t in (self.x, self.omega_minus_one, self.beta))
-            placed = self.placed[key] = (x, om1, beta, lo, hi)
+            x, sm1, shift = (t.to(device) for t in (self.x, self.slope_minus_one, self.shift))
+            placed = self.placed[key] = (x, sm1, shift, lo, hi)
         return placed
 
     def traced(
@@ -218,18 +220,20 @@ class KnotTransport:
     ) -> torch.Tensor:
         """T_λ(a) from `parameters` (`self.parameters(a.device, a.dtype)`), λ a tensor on a's
         device (one, per row or per token)."""
-        x, om1, beta, lo, hi = parameters
+        x, sm1, shift, lo, hi = parameters
         channels = a.ndim == 4
         units_last = a.movedim(1, -1) if channels else a
         flat = units_last.reshape(-1, self.units)
-        segments = x.shape[1] - 2
-        found = torch.searchsorted(x, flat.t().float().contiguous(), right=True) - 1
-        segment = found.clamp_(0, segments)
+        by_unit = flat.t().float().contiguous()
+        found = torch.searchsorted(x, by_unit, right=True) - 1
+        segment = found.clamp_(0, x.shape[1] - 2)
+        knot = x.gather(1, segment)
+        change = shift.gather(1, segment) + sm1.gather(1, segment) * (by_unit - knot)
         lam, lead = strength, units_last.shape[:-1]
-        if lam.ndim:  # one λ per element of `flat`'s rows
+        if lam.ndim:  # one λ per row of `flat`
             lam = lam.view(*lam.shape, *[1] * (len(lead) - lam.ndim)).expand(lead).reshape(-1)
-        scale, shift = coefficients(om1.gather(1, segment).t(), beta.gather(1, segment).t(), lam)
-        moved = transport_ops(flat, scale.to(a.dtype), shift.to(a.dtype), (lo, hi))
+        moved = flat + (lam.unsqueeze(-1) * change.t()).to(a.dtype)
+        moved = torch.where(inside(flat, lo, hi), moved, flat)
         return moved.view(units_last.shape).movedim(-1, 1) if channels else moved.view(a.shape)
 
     def kernel_hook(self, *args: object) -> None:
