@@ -30,9 +30,9 @@ def model(tiny_llama):
     torch.compiler.reset()
 
 
-@pytest.fixture(scope="module", params=["linear-act", "quantile-act"])
+@pytest.fixture(scope="module", params=["linear-act", "quantile-act", "joint-act"])
 def steering(request, tiny_llama, tokenizer, neutral, football):
-    """An affine and a piecewise (quantile) steering: both go through traced hooks."""
+    """An affine, a piecewise (quantile) and a joint steering: all go through traced hooks."""
     return actsteer.fit(
         tiny_llama, tokenizer, neutral[:32], football[:32], modules=MODULES, gate="token",
         method=request.param, progress=False,

@@ -48,6 +48,7 @@ def test_registry_lists_every_method():
         "aura",
         "lineas",
         "quantile-act",
+        "joint-act",
     }
 
 

@@ -190,7 +190,7 @@ def test_save_and_load_keep_the_knots_and_affine_files_keep_their_format(
 
 
 def test_folding_and_control_vectors_refuse_it_saying_why(tiny_llama, quantile_steering, tmp_path):
-    with pytest.raises(ActSteerError, match="folding into weights needs affine maps.*quantile"):
+    with pytest.raises(ActSteerError, match="folding into weights needs an affine map.*quantile"):
         quantile_steering.fold(copy.deepcopy(tiny_llama), 1.0, support="all")
     from actsteer.gguf_vectors import write_control_vector
 

@@ -15,6 +15,10 @@ affine, so it folds into the module that produced `a`:
   block adds last to the stream (h + W x + c = h + (W x + c)). A scale cannot: the stream is
   the sum of every earlier block's writes and has no weight of its own.
 
+A joint map (joint-act) at a fixed λ is T_λ(a) = M a + c with a full matrix M
+(`JointMap.matrix`): into a Linear output W' = MW, b' = Mb + c; into the Linear layers reading
+a norm W' = WM, b' = Wc + b (the norm itself keeps its weights); never into a block's output.
+
 What each architecture needs (norm readers, (1 + γ) offset, bias flags, transposed layers)
 comes from `actsteer.families`. A fold is recorded in the model's config (`actsteer_folded`, saved
 with the checkpoint), so that the same steering is not applied or folded a second time. Every
@@ -35,7 +39,7 @@ from torch import nn
 
 from actsteer.errors import ActSteerError
 from actsteer.families import Family, family_of
-from actsteer.maps import AffineMap, UnitMap, affine_only
+from actsteer.maps import AffineMap, JointMap, UnitMap
 from actsteer.tree import is_pipeline, module_tree
 
 #: Largest |folded − hooked| on the probe, relative to the largest |hooked| output (≥ 1).
@@ -46,6 +50,8 @@ HALF_TOLERANCE = 5e-2  # float16, bfloat16
 #: The config attribute listing the steerings folded into a model: {digest, method, strength,
 #: model} each.
 FOLDED = "actsteer_folded"
+#: What to do with a steering that does not fold.
+HOOKS_INSTEAD = "keep the steering as hooks (steering.applied, actsteer serve)"
 
 
 def folded_records(model: nn.Module) -> list[dict[str, Any]]:
@@ -62,6 +68,20 @@ def _record_fold(model: nn.Module, record: dict[str, Any]) -> None:
 
 def _is_rms_norm(module: nn.Module) -> bool:
     return "rmsnorm" in type(module).__name__.lower()
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or _is_rms_norm(module)
+
+
+def check_foldable(amap: UnitMap) -> None:
+    """Refuse a map that is not affine over the whole activation (a quantile map)."""
+    if not isinstance(amap, AffineMap | JointMap):
+        raise ActSteerError(
+            f"folding into weights needs an affine map (ω ⊙ a + β, or a joint M a + c) and this "
+            f"steering's maps are {amap.kind} (piecewise linear per unit, not affine); "
+            + HOOKS_INSTEAD
+        )
 
 
 class _Edits:
@@ -142,7 +162,11 @@ class _Folder:
             linear = self.lookup[target]
             self.add_bias(target, linear, shift.to(next(linear.parameters()).device, torch.float64))
 
-    def fold(self, name: str, amap: AffineMap, strength: float) -> None:
+    def fold(self, name: str, amap: UnitMap, strength: float) -> None:
+        if isinstance(amap, JointMap):
+            self.fold_joint(name, amap, strength)
+            return
+        assert isinstance(amap, AffineMap)  # check_foldable refused the rest
         if self.is_block(name):
             self.fold_residual(name, amap, strength)
             return
@@ -182,6 +206,38 @@ class _Folder:
                 "GroupNorm, RMSNorm and Linear outputs; keep the steering as hooks for other "
                 "modules"
             )
+
+    def fold_joint(self, name: str, jmap: JointMap, strength: float) -> None:
+        """M, c of a joint map into the Linear layer producing `name`, or into those reading
+        the norm `name`."""
+        module = self.lookup[name]
+        if self.is_block(name) or not (self.is_linear(module) or _is_norm(module)):
+            raise ActSteerError(
+                f"cannot fold the joint map of {name!r} ({type(module).__name__}): a matrix "
+                "across units folds into a Linear layer's output or into the Linear layers "
+                "reading a norm (attn-out, mlp-out, post-attn-ln, layernorms); keep the "
+                "steering as hooks"
+            )
+        matrix, shift = jmap.matrix(strength)
+        if self.is_linear(module):
+            self.edits.remember(module, "weight", "bias")
+            out_first = self.out_first(module)
+            matrix = matrix.to(out_first.device)
+            out_first.data.copy_((matrix @ out_first.double()).to(out_first.dtype))
+            if module.bias is not None:
+                bias = matrix @ module.bias.double()
+                module.bias.data = bias.to(module.bias.dtype)
+            if shift.any():
+                self.add_bias(name, module, shift.to(out_first.device))
+            return
+        for reader in self.readers(name):
+            linear = self.lookup[reader]
+            self.edits.remember(linear, "weight", "bias")
+            out_first = self.out_first(linear)
+            weight = out_first.double()
+            out_first.data.copy_((weight @ matrix.to(weight.device)).to(out_first.dtype))
+            if shift.any():
+                self.add_bias(reader, linear, weight @ shift.to(weight.device))
 
     def readers(self, name: str) -> list[str]:
         block, _, leaf = name.rpartition(".")
@@ -261,10 +317,6 @@ def _agree(hooked: list[torch.Tensor], folded: list[torch.Tensor], dtype: torch.
     return worst
 
 
-#: What to do with a steering that does not fold.
-HOOKS_INSTEAD = "keep the steering as hooks (steering.applied, actsteer serve)"
-
-
 def fold_maps(
     maps: Mapping[str, UnitMap],
     model: Any,
@@ -279,10 +331,11 @@ def fold_maps(
     reference. When the folded model disagrees with it the weights are restored and the fold
     refused, naming the gap.
     """
-    affine = {n: affine_only(m, "folding into weights", HOOKS_INSTEAD) for n, m in maps.items()}
+    for amap in maps.values():
+        check_foldable(amap)
     tree = module_tree(model)
     family = family_of(tree, "folding")
-    names = list(affine)
+    names = list(maps)
     with hooked():
         expected = _probe(model, tree, names)
     folder = _Folder(tree, family)
@@ -294,7 +347,7 @@ def fold_maps(
     try:
         with torch.no_grad():
             for name in order:
-                folder.fold(name, affine[name], strength)
+                folder.fold(name, maps[name], strength)
         dtype = next(tree.parameters()).dtype
         gap = _agree(expected, _probe(model, tree, names), dtype)
         if gap:

@@ -15,7 +15,14 @@ import torch
 
 from actsteer.choices import SUPPORT_ALL, SUPPORT_QUANTILES, check_choice
 from actsteer.errors import ActSteerError
-from actsteer.transport import Bounds, KnotTransport, Transport, coefficients
+from actsteer.transport import (
+    AnyTransport,
+    Bounds,
+    KnotTransport,
+    LowRankTransport,
+    Transport,
+    coefficients,
+)
 
 
 class UnitMap(ABC):
@@ -37,9 +44,7 @@ class UnitMap(ABC):
         """The map's own tensors by name (not its bounds)."""
 
     @abstractmethod
-    def transport(
-        self, support: str = SUPPORT_ALL, fused: bool = True
-    ) -> Transport | KnotTransport:
+    def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> AnyTransport:
         """This map ready to apply with a support (actsteer.transport)."""
 
     @abstractmethod
@@ -194,13 +199,97 @@ class QuantileMap(UnitMap):
 
 
 #: The names of every kind of map's own tensors (`UnitMap.tensors`).
-MAP_TENSORS = ("omega", "beta", "knots.x", "knots.y")
+MAP_TENSORS = (
+    "omega", "beta", "knots.x", "knots.y", "joint.mean", "joint.basis", "joint.core", "joint.delta",
+)  # fmt: skip
+
+
+@dataclass
+class JointMap(UnitMap):
+    """A map across units: T(a) = a + U(C Uᵀ(a − m) + δ), the identity off the r-dimensional
+    subspace spanned by U's orthonormal columns (D, r), there the affine map z ↦ (I + C) z + δ
+    of the coordinates z = Uᵀ(a − m) (C (r, r), δ (r,), m (D,)). T_λ(a) = a + λ(T(a) − a).
+    Applied with support "all" only (it moves every unit at once); the bounds are the source's
+    per-unit ranges, for the guards."""
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    core: torch.Tensor
+    delta: torch.Tensor
+    bounds: dict[str, Bounds] = field(default_factory=dict)
+    kind = "joint"
+
+    def __post_init__(self) -> None:
+        d, r = self.basis.shape if self.basis.ndim == 2 else (-1, -1)
+        if (
+            (d, r) == (-1, -1)
+            or self.mean.shape != (d,)
+            or self.core.shape != (r, r)
+            or (self.delta.shape != (r,))
+        ):
+            raise ActSteerError(
+                "a joint map needs mean (D,), basis (D, r), core (r, r) and delta (r,), got "
+                f"{tuple(self.mean.shape)}, {tuple(self.basis.shape)}, "
+                f"{tuple(self.core.shape)}, {tuple(self.delta.shape)}"
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "joint.mean": self.mean, "joint.basis": self.basis, "joint.core": self.core,
+            "joint.delta": self.delta,
+        }  # fmt: skip
+
+    def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> LowRankTransport:
+        if support != SUPPORT_ALL:
+            check_choice(support, [*SUPPORT_QUANTILES, SUPPORT_ALL], "support")
+            raise ActSteerError(
+                f"a joint map moves every unit at once and has no per-unit support; apply it "
+                f"with support 'all', not {support!r}"
+            )
+        return LowRankTransport(self.mean, self.basis, self.core, self.delta)
+
+    def matrix(self, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, c) in float64 with T_λ(a) = M a + c: M = I + λ U C Uᵀ, c = λ U(δ − C Uᵀ m)."""
+        basis, core = self.basis.double(), self.core.double()
+        m = torch.eye(self.dim, dtype=torch.float64) + strength * basis @ core @ basis.t()
+        c = strength * basis @ (self.delta.double() - core @ (basis.t() @ self.mean.double()))
+        return m, c
+
+    def line(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m, c = self.matrix(1.0)
+        return m.diagonal().float(), c.float()
+
+    def reach(self) -> torch.Tensor:
+        lo, hi = (b.double() for b in self.bounds["q0-100"])
+        m, c = self.matrix(1.0)
+        change = m - torch.eye(self.dim, dtype=torch.float64)
+        centre = change @ ((lo + hi) / 2) + c  # |linear| over a box: centre + half-widths
+        return (centre.abs() + change.abs() @ ((hi - lo) / 2)).float()
+
+    def inverse(self) -> JointMap:
+        """z ↦ (I + C)⁻¹(z − δ) on the subspace, about m + Uδ (an error where I + C is
+        singular)."""
+        scale = torch.eye(self.core.shape[0], dtype=torch.float64) + self.core.double()
+        if torch.linalg.matrix_rank(scale) < scale.shape[0]:
+            raise ActSteerError("map is not invertible: it collapses a direction of its subspace")
+        inverse_core = torch.linalg.inv(scale) - torch.eye(scale.shape[0], dtype=torch.float64)
+        mean = self.mean.double() + self.basis.double() @ self.delta.double()
+        return JointMap(
+            mean.float(), self.basis, inverse_core.float(), -self.delta, dict(self.bounds)
+        )
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], bounds: dict[str, Bounds]) -> UnitMap:
     """The map whose `tensors()` these are (KeyError when a tensor is missing)."""
     if "knots.x" in tensors or "knots.y" in tensors:
         return QuantileMap(tensors["knots.x"], tensors["knots.y"], bounds)
+    if any(key.startswith("joint.") for key in tensors):
+        mean, basis = tensors["joint.mean"], tensors["joint.basis"]
+        return JointMap(mean, basis, tensors["joint.core"], tensors["joint.delta"], bounds)
     return AffineMap(tensors["omega"], tensors["beta"], bounds)
 
 

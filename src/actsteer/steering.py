@@ -24,11 +24,11 @@ from actsteer.choices import GUIDANCE_MODES, check_choice
 from actsteer.compat import check_compatible, model_fingerprint
 from actsteer.deprecation import warn_renamed
 from actsteer.errors import ActSteerError
-from actsteer.fold import FOLDED, HOOKS_INSTEAD, fold_maps, folded_records
+from actsteer.fold import FOLDED, check_foldable, fold_maps, folded_records
 from actsteer.gates import DEFAULT_C, GATE_FIELDS, Gate, GateSettings, describe_fit, fit_gates
 from actsteer.hooks import SteeringHandle, Strength
 from actsteer.hub import PREFIX, locate, save_folder
-from actsteer.maps import UnitMap, affine_only
+from actsteer.maps import UnitMap
 from actsteer.methods import METHODS, get_method
 from actsteer.tree import model_name, module_tree
 
@@ -364,7 +364,7 @@ class Steering:
         """
         support = support or self.default_support
         for amap in self.maps.values():
-            affine_only(amap, "folding into weights", HOOKS_INSTEAD)
+            check_foldable(amap)
         if self.gates:
             raise ActSteerError(
                 "a gated steering cannot be folded into weights: its gate sets each token's "

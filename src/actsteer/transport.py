@@ -5,7 +5,9 @@
 A piecewise-linear monotone map per unit (quantile-act's knots x₀ < … < x_{K−1} ↦ y₀ … y_{K−1})
 is the same interpolation, T_λ(a) = a + λ(T(a) − a), with T(a) = y_k + s_k (a − x_k) on the
 segment k each activation lies in (`KnotTransport`; the end segments extend past the outer
-knots; written about the segment's knot so steep segments lose nothing to rounding).
+knots; written about the segment's knot so steep segments lose nothing to rounding). A joint
+map across units (joint-act: T(a) = a + U(C Uᵀ(a − m) + δ), a rank-r update) interpolates the
+same way over the whole activation vector, support "all" only (`LowRankTransport`).
 
 The support (lo, hi) is open, as in the reference implementation: an activation exactly on a
 bound (a one-token text is its own pooled sample) stays as it is. λ is one number, one per row
@@ -239,6 +241,63 @@ class KnotTransport:
     def kernel_hook(self, *args: object) -> None:
         """No fused kernel serves a piecewise map."""
         return None
+
+
+class LowRankTransport:
+    """A joint map across units ready to apply (actsteer.maps.JointMap): T(a) = a + U(C Uᵀ(a −
+    m) + δ) with U (D, r) orthonormal, C (r, r), δ (r,) and m (D,) in float32, so T_λ(a) =
+    a + λ U(C Uᵀ(a − m) + δ): two (D × r) products per token. Every unit at once, so no
+    per-unit support: "all" only. Torch ops, no strength kept, eager and traced alike."""
+
+    kernel = None
+    bounds = None
+
+    def __init__(
+        self, mean: torch.Tensor, basis: torch.Tensor, core: torch.Tensor, delta: torch.Tensor
+    ) -> None:
+        self.mean, self.basis = mean.float(), basis.float().contiguous()
+        self.core, self.delta = core.float(), delta.float()
+        self.units = mean.shape[0]
+        self.placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
+        """T_λ(a) for λ = `strength` (a number, per row or per token; see the module)."""
+        lam = checked_strength(a, strength, self.units).to(a.device)
+        return self.traced(a, lam, self.parameters(a.device, a.dtype))
+
+    def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """m, U, Cᵀ and δ in float32 on `device`."""
+        key = (device, dtype)
+        placed = self.placed.get(key)
+        if placed is None:
+            tensors = (self.mean, self.basis, self.core.t().contiguous(), self.delta)
+            placed = self.placed[key] = tuple(t.to(device) for t in tensors)
+        return placed
+
+    def traced(
+        self, a: torch.Tensor, strength: torch.Tensor, parameters: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """T_λ(a) from `parameters` (`self.parameters(a.device, a.dtype)`), λ a tensor on a's
+        device (one, per row or per token)."""
+        mean, basis, core_t, delta = parameters
+        channels = a.ndim == 4
+        units_last = a.movedim(1, -1) if channels else a
+        flat = units_last.reshape(-1, self.units)
+        coordinates = (flat.float() - mean) @ basis
+        change = (coordinates @ core_t + delta) @ basis.t()
+        lam, lead = strength, units_last.shape[:-1]
+        if lam.ndim:  # one λ per row of `flat`
+            lam = lam.view(*lam.shape, *[1] * (len(lead) - lam.ndim)).expand(lead).reshape(-1)
+        moved = flat + (lam.unsqueeze(-1) * change).to(a.dtype)
+        return moved.view(units_last.shape).movedim(-1, 1) if channels else moved.view(a.shape)
+
+    def kernel_hook(self, *args: object) -> None:
+        """No fused kernel serves a joint map."""
+        return None
+
+
+#: Whatever a map's `transport(support)` gives: each is called as T(a, λ).
+AnyTransport = Transport | KnotTransport | LowRankTransport
 
 
 def checked_strength(a: torch.Tensor, strength: float | torch.Tensor, units: int) -> torch.Tensor:

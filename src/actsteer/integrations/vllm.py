@@ -86,7 +86,7 @@ from actsteer.integrations.batch import (
 )
 from actsteer.integrations.slots import TableSteering, TokenSlots
 from actsteer.sources import Gated
-from actsteer.transport import KnotTransport, Transport
+from actsteer.transport import AnyTransport, Transport
 from actsteer.tree import output_tensor, with_output
 
 LOAD_FORMAT = "actsteer"
@@ -332,9 +332,7 @@ def mapped_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
 
 #: Per module a served steering touches: steering name → (its transport, its token gate with
 #: the steering's gate settings, or None).
-ServedMaps = dict[
-    str, dict[str, tuple[Transport | KnotTransport, tuple[Gate, GateSettings] | None]]
-]
+ServedMaps = dict[str, dict[str, tuple[AnyTransport, tuple[Gate, GateSettings] | None]]]
 
 
 def served_maps(model: nn.Module, batch: BatchSteering, hidden: int) -> ServedMaps:
@@ -362,7 +360,7 @@ def install(model: nn.Module, batch: BatchSteering, hidden: int) -> None:
     first = next(model.parameters())
     lookup = dict(model.named_modules())
     for name, maps in served_maps(model, batch, hidden).items():
-        steered: dict[str, tuple[Transport | KnotTransport, Gated | None]] = {}
+        steered: dict[str, tuple[AnyTransport, Gated | None]] = {}
         for steering_name, (transport, gate) in maps.items():
             transport.parameters(first.device, first.dtype)  # placed now, not in the first pass
             steered[steering_name] = (transport, None if gate is None else Gated(*gate, None))
@@ -398,14 +396,14 @@ def install_tables(
     return layout
 
 
-def tabled(steering_name: str, transport: Transport | KnotTransport) -> Transport:
+def tabled(steering_name: str, transport: AnyTransport) -> Transport:
     """`transport` where an affine table row holds it; a clear error for piecewise maps."""
     if isinstance(transport, Transport):
         return transport
     raise ActSteerError(
-        f"steering {steering_name!r} has piecewise (quantile) maps, which the compiled graphs' "
-        "affine tables cannot hold; serve it eagerly: engine_args(..., compiled=False), or "
-        "`vllm serve --enforce-eager`"
+        f"steering {steering_name!r} has maps that are not affine (quantile or joint), "
+        "which the compiled graphs' affine tables cannot hold; serve it eagerly: "
+        "engine_args(..., compiled=False), or `vllm serve --enforce-eager`"
     )
 
 
@@ -459,7 +457,7 @@ class ModuleSteering:
     def __init__(
         self,
         batch: BatchSteering,
-        maps: dict[str, tuple[Transport | KnotTransport, Gated | None]],
+        maps: dict[str, tuple[AnyTransport, Gated | None]],
         stream: bool,
     ) -> None:
         self.batch = batch

@@ -1,6 +1,7 @@
-"""quantile-act in the vLLM plugin (issue 28 §1): an eager engine applies a piecewise map
-through the one transport as Hugging Face does, alone, composed with an affine steering and in
-a mixed batch; the compiled tables refuse it at installation, hooking nothing."""
+"""Maps that are not affine in the vLLM plugin (issue 28 §1–2): an eager engine applies
+quantile-act's piecewise maps and joint-act's low-rank maps through the one transport as
+Hugging Face does, alone, composed with an affine steering and in a mixed batch; the compiled
+tables refuse them at installation, hooking nothing."""
 
 from __future__ import annotations
 
@@ -25,25 +26,32 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # functions run in 
 
 
 @pytest.fixture(scope="module")
-def quantile(smol, tmp_path_factory):
+def files(smol, tmp_path_factory):
     """quantile-act on post-attn-ln, support "all" (a continuous map: log-probabilities
-    compare), saved. 64 texts a set, four per segment: fitted on 16, a segment between two
-    close samples is steep and turns the engines' 1e-6 differences into 1e-3."""
+    compare; 64 texts a set, four per segment: fitted on 16, a segment between two close
+    samples is steep and turns the engines' 1e-6 differences into 1e-3), and joint-act on
+    attn-out, saved."""
     model, tok = smol
-    fitted = actsteer.fit(
-        model, tok, source=texts("neutral", 64), target=texts("football", 64),
-        modules="post-attn-ln", method="quantile-act",
-    )  # fmt: skip
-    steering = dataclasses.replace(fitted, info=dataclasses.replace(fitted.info, support="all"))
-    path = tmp_path_factory.mktemp("quantile") / "quantile.safetensors"
-    steering.save(path)
-    return path
+    source, target = texts("neutral", 64), texts("football", 64)
+    quantile = actsteer.fit(
+        model, tok, source=source, target=target, modules="post-attn-ln", method="quantile-act"
+    )
+    fits = {
+        "quantile": dataclasses.replace(
+            quantile, info=dataclasses.replace(quantile.info, support="all")
+        ),
+        "joint": actsteer.fit(
+            model, tok, source=source, target=target, modules="attn-out", method="joint-act"
+        ),
+    }
+    folder = tmp_path_factory.mktemp("nonaffine")
+    return {name: steering.save(folder / f"{name}.safetensors") for name, steering in fits.items()}
 
 
 @pytest.fixture(scope="module")
-def llm(quantile, steering_files):
+def llm(files, steering_files):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc of a test function
-    served = {"quantile": quantile, "football": steering_files["football"]}
+    served = {**files, "football": steering_files["football"]}
     engine = vllm.LLM(
         model=model_folder(), dtype="float32", max_model_len=256, gpu_memory_utilization=0.1,
         seed=0, **engine_args(served, compiled=False),
@@ -57,32 +65,49 @@ def prompt_ids(smol):
     return [smol[1](p).input_ids for p in PROMPTS]
 
 
-def test_a_quantile_steering_in_vllm_matches_hugging_face(
-    llm, smol, quantile, steerings, prompt_ids
+CONFIGS = [
+    (("quantile",), 0.5),
+    (("quantile",), 1.0),
+    (("quantile", "football"), 1.0),
+    (("joint",), 0.5),
+    (("joint",), 1.0),
+    (("football", "joint"), 1.0),
+]
+
+
+def test_steerings_that_are_not_affine_in_vllm_match_hugging_face(
+    llm, smol, files, steerings, prompt_ids
 ):
-    loaded = {"quantile": Steering.load(quantile), "football": steerings["football"]}
+    loaded = {name: Steering.load(path) for name, path in files.items()}
+    loaded["football"] = steerings["football"]
     total = TOKENS * len(PROMPTS)
     hf_plain = [hf_greedy(smol, p) for p in prompt_ids]
     plain = compare(run(llm, prompt_ids, [None] * len(PROMPTS)), hf_plain)
     changed = False
-    for names, lam in ((("quantile",), 0.5), (("quantile",), 1.0), (("quantile", "football"), 1.0)):
+    changed = set()
+    for names, lam in CONFIGS:
         extra = {"actsteer": {name: lam for name in names}}
         hf = [hf_greedy(smol, p, [(loaded[name], lam) for name in names]) for p in prompt_ids]
         steered = compare(run(llm, prompt_ids, [extra] * len(PROMPTS)), hf)
         print(f"λ={lam} {' then '.join(names)}: {steered[0]}/{total} agree, {steered[1]:.2e}")
         assert steered[0] >= plain[0] - 2, (names, lam, steered, plain)
         assert steered[1] <= max(10 * plain[1], 1e-4), (names, lam, steered, plain)
-        changed |= any(h[0] != q[0] for h, q in zip(hf, hf_plain, strict=True))
-    assert changed, "the quantile steering changed no continuation"
+        if any(h[0] != q[0] for h, q in zip(hf, hf_plain, strict=True)):
+            changed.add(names[0])
+    assert changed >= {"quantile", "joint"}, f"only {changed} changed a continuation"
 
 
-def test_a_mixed_batch_with_a_quantile_steering_equals_each_request_alone(llm, prompt_ids):
+def test_a_mixed_batch_of_quantile_joint_and_affine_steerings_equals_each_request_alone(
+    llm, prompt_ids
+):
     p = prompt_ids
     requests = [
         (p[0], None),
         (p[1], {"actsteer": {"quantile": 1.0}}),
         (p[2], {"actsteer": {"quantile": 0.5, "football": 0.5}}),
         (p[3], {"actsteer": {"football": 1.0}}),
+        (p[0], {"actsteer": {"joint": 1.0}}),
+        (p[1], {"actsteer": {"joint": 0.7, "quantile": 0.3}}),
     ]
     together = run(llm, [r[0] for r in requests], [r[1] for r in requests])
     alone = [run(llm, [prompt], [extra])[0] for prompt, extra in requests]
@@ -92,20 +117,20 @@ def test_a_mixed_batch_with_a_quantile_steering_equals_each_request_alone(llm, p
 
 
 def try_tables(worker, path: str) -> str:
-    """In vLLM's worker: install the compiled mode's tables for an affine steering and the
-    quantile one at `path`; the error, after checking nothing was hooked."""
+    """In vLLM's worker: install the compiled mode's tables for an affine steering and, on
+    other modules, the steering at `path`; the error, after checking nothing was hooked."""
     from actsteer.integrations.batch import BatchSteering
     from actsteer.integrations.vllm import install_tables
 
     model = worker.model_runner.model
     hooks = sum(len(m._forward_hooks) for m in model.modules())
     buffers = len(list(model.buffers()))
-    quantile = Steering.load(path)
-    first, *rest = quantile.modules
+    other = Steering.load(path)
+    first, *rest = other.modules
     affine = Steering({first: actsteer.maps.AffineMap(torch.ones(576), torch.zeros(576))})
-    partial = dataclasses.replace(quantile, maps={name: quantile.maps[name] for name in rest})
+    partial = dataclasses.replace(other, maps={name: other.maps[name] for name in rest})
     try:
-        install_tables(model, BatchSteering({"affine": affine, "quantile": partial}), 576, 64)
+        install_tables(model, BatchSteering({"affine": affine, "other": partial}), 576, 64)
     except Exception as err:  # the message travels back to the test
         assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
         assert len(list(model.buffers())) == buffers
@@ -113,7 +138,8 @@ def try_tables(worker, path: str) -> str:
     return ""
 
 
-def test_the_compiled_tables_refuse_a_quantile_steering_and_hook_nothing(llm, quantile):
-    (error,) = llm.collective_rpc(try_tables, args=(str(quantile),))
-    assert "steering 'quantile' has piecewise (quantile) maps" in error, error
+@pytest.mark.parametrize("name", ["quantile", "joint"])
+def test_the_compiled_tables_refuse_maps_that_are_not_affine_and_hook_nothing(llm, files, name):
+    (error,) = llm.collective_rpc(try_tables, args=(str(files[name]),))
+    assert "steering 'other' has maps that are not affine" in error, error
     assert "--enforce-eager" in error
