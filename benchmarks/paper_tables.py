@@ -91,6 +91,8 @@ TOXICITY_METHODS: Methods = {
     "Linear-AcT": ("linear-act", (), {}),
     "Linear-AcT, sequential": ("linear-act", (), {"mode": "sequential"}),
     "LinEAS": ("lineas", (), {}),
+    "Quantile-AcT": ("quantile-act", (), {}),
+    "Joint-AcT": ("joint-act", (), {}),
 }
 #: The earlier methods each library method is compared with (paired, on the same prompts).
 BASELINES = ("ActAdd", "AurA", "ITI-c")
@@ -104,6 +106,8 @@ GATED_METHODS: Mapping[str, tuple[str, str, Mapping[str, Any]]] = {
         {"mode": "sequential"},
     ),
     "LinEAS, gate trained": ("LinEAS", "lineas", {}),
+    "Quantile-AcT, gated": ("Quantile-AcT", "quantile-act", {}),
+    "Joint-AcT, gated": ("Joint-AcT", "joint-act", {}),
 }
 #: Gate candidates calibrate_gate tries: neutral open shares per module (token and context
 #: gates), thresholds (prompt gates); λ may go up to GATE_EXTRAPOLATE (explicitly).

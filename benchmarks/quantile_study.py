@@ -1,5 +1,5 @@
-"""How many knots, how much shrinkage? quantile-act against the affine maps on unseen texts
-(issue 28 §1), by held-out W2.
+"""How many knots, how much shrinkage, what rank? quantile-act and joint-act against the affine
+maps on unseen texts (issue 28 §1–2), by held-out W2 per unit and sliced.
 
 SmolLM2-135M-Instruct (float32, CPU), ParaDetox pairs (toxicity_fit/source.txt → target.txt),
 fitted on --sizes texts per set (the first lines), measured on --held-out others per set
@@ -7,10 +7,13 @@ fitted on --sizes texts per set (the first lines), measured on --held-out others
 estimated from one recording of the fit texts (pooling mean, as fit does in mode
 independent), so the variants differ only in the estimator: Linear-AcT, Mean-AcT and
 quantile-act at K knots placed at the extremes or the centres (`quantile_levels`) with
-shrinkage prior P (knot targets α y + (1 − α)(ω x + β), α = n/(n + P)). The figure is the
-end-to-end distance (LinEAS's loss: Σ modules Σ units W2² between pooled activations of the
-held-out source texts through the steered model at λ = 1, support q0-100, and of the held-out
-target texts on the plain model) divided by the same distance unsteered (< 1: closer).
+shrinkage prior P (knot targets α y + (1 − α)(ω x + β), α = n/(n + P)), and joint-act at rank
+r with or without Ledoit–Wolf shrinkage. The figures are the end-to-end distance (LinEAS's
+loss: Σ modules Σ units W2² between pooled activations of the held-out source texts through
+the steered model at λ = 1, support q0-100 (joint-act: all), and of the held-out target texts
+on the plain model) and the sliced distance (Σ modules, the mean W2² over 256 fixed random
+directions: what a joint map should move and a per-unit one need not), each divided by the
+same distance unsteered (< 1: closer).
 Results are kept per (modules, size, variant) in --out, so a killed run resumes.
 
   ACTSTEER_DATA=../shared/data .venv/bin/python benchmarks/quantile_study.py
@@ -24,26 +27,50 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from _common import ROOT, begin, read_lines, table
 
 import actsteer
 from actsteer.capture import record
 from actsteer.lineas import end_to_end_distance
-from actsteer.maps import support_bounds
+from actsteer.maps import couple, support_bounds
 from actsteer.methods import get_method
+from actsteer.methods.joint_act import fit_joint
 from actsteer.methods.quantile_act import fit_quantile
 
-KNOTS = (2, 4, 8, 16, 32, 64)
+KNOTS = (4, 16, 64)
 PRIORS = (0.0, 32.0)
-LEVELS = ("extremes", "centres")
+LEVELS = ("extremes",)  # "centres" ran worse at 32 texts (results kept in --out)
+RANKS = (1, 4, 16)
+DIRECTIONS = 256
 
 
-def variants() -> dict[str, object]:
-    """name → an estimator (source, target) → map."""
-    found: dict[str, object] = {
-        "linear-act": get_method("linear-act").fit,
-        "mean-act": get_method("mean-act").fit,
+def sliced_distance(source: dict, target: dict) -> float:
+    """Σ modules of the mean W2² between the samples' projections on DIRECTIONS fixed random
+    unit directions."""
+    total = 0.0
+    for name, samples in source.items():
+        generator = torch.Generator().manual_seed(0)
+        directions = torch.randn(samples.shape[1], DIRECTIONS, generator=generator)
+        directions /= directions.norm(dim=0)
+        x, y = couple(samples.float() @ directions, target[name].float() @ directions)
+        total += float(((x - y) ** 2).mean(0).mean())
+    return total
+
+
+def variants() -> dict[str, tuple[object, str]]:
+    """name → (an estimator (source, target) → map, the support it is applied with)."""
+    found: dict[str, tuple[object, str]] = {
+        "linear-act": (get_method("linear-act").fit, "q0-100"),
+        "mean-act": (get_method("mean-act").fit, "q0-100"),
     }
+    for rank in RANKS:
+        for shrink, cross in ((True, False), (False, False), (True, True)):
+            name = f"joint r={rank}{'' if shrink else ' unshrunk'}{' cross-fit' if cross else ''}"
+            found[name] = (
+                lambda s, t, r=rank, sh=shrink, c=cross: fit_joint(s, t, r, sh, cross_fit=c),
+                "all",
+            )
     for levels in LEVELS:
         for knots in KNOTS:
             for prior in PRIORS:
@@ -53,7 +80,7 @@ def variants() -> dict[str, object]:
                     amap.bounds = support_bounds(s)
                     return amap
 
-                found[f"quantile {levels} K={knots} P={prior:g}"] = estimate
+                found[f"quantile {levels} K={knots} P={prior:g}"] = (estimate, "q0-100")
     return found
 
 
@@ -76,7 +103,11 @@ def main() -> None:
     for modules in args.modules:
         plain: dict = {}
         for size in args.sizes:
-            todo = [v for v in estimators if f"{modules} | {size} | {v}" not in results]
+            todo = [
+                v
+                for v in estimators
+                if "sliced" not in results.get(f"{modules} | {size} | {v}", {})
+            ]
             if not todo:
                 continue
             source, target = read_lines("source", 0, size), read_lines("target", 0, size)
@@ -90,25 +121,34 @@ def main() -> None:
                 plain["target"] = record(model, tok, held_target, names, progress=False)
                 unsteered = record(model, tok, held_source, names, progress=False)
                 plain["distance"] = end_to_end_distance(unsteered, plain["target"])
+                plain["sliced"] = sliced_distance(unsteered, plain["target"])
             for variant in todo:
                 started = time.perf_counter()
-                maps = {n: estimators[variant](fit_source[n], fit_target[n]) for n in names}
+                estimate, support = estimators[variant]
+                maps = {n: estimate(fit_source[n], fit_target[n]) for n in names}
                 steering = dataclasses.replace(base, maps=maps)
-                with steering.applied(model, 1.0):
+                with steering.applied(model, 1.0, support):
                     steered = record(model, tok, held_source, names, progress=False)
                 distance = end_to_end_distance(steered, plain["target"])
+                sliced = sliced_distance(steered, plain["target"])
                 key = f"{modules} | {size} | {variant}"
                 results[key] = {
                     "distance": distance,
                     "unsteered": plain["distance"],
                     "ratio": distance / plain["distance"],
+                    "sliced": sliced / plain["sliced"],
                     "seconds": time.perf_counter() - started,
                 }
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1))
-                print(f"{key}: ratio {distance / plain['distance']:.3f}", flush=True)
-    rows = [[*key.split(" | "), f"{r['ratio']:.3f}"] for key, r in results.items()]
-    print(table(["modules", "texts per set", "steering", "held-out W2 ÷ unsteered"], rows))
+                print(f"{key}: ratio {distance / plain['distance']:.3f}, sliced "
+                      f"{sliced / plain['sliced']:.3f}", flush=True)  # fmt: skip
+    rows = [
+        [*key.split(" | "), f"{r['ratio']:.3f}", f"{r['sliced']:.3f}" if "sliced" in r else "–"]
+        for key, r in results.items()
+    ]
+    header = ["modules", "texts per set", "steering", "held-out W2 ÷ unsteered", "sliced W2 ÷"]
+    print(table(header, rows))
     print(f"{run.command}; {run.env}; {run.seconds() / 60:.1f} min")
 
 

@@ -59,19 +59,30 @@ def subspace(source: torch.Tensor, target: torch.Tensor, rank: int) -> torch.Ten
 
 
 def fit_joint(
-    source: torch.Tensor, target: torch.Tensor, rank: int = RANK, shrink: bool = True
+    source: torch.Tensor,
+    target: torch.Tensor,
+    rank: int = RANK,
+    shrink: bool = True,
+    cross_fit: bool = False,
 ) -> JointMap:
     """T(a) = a + U((A − I) Uᵀ(a − m_s) + Uᵀ(m_t − m_s)) with U = `subspace(...)` and A the
     Gaussian Monge map between the covariances of the coordinates Uᵀ(a − m) of each set,
     shrunk (Ledoit–Wolf) unless `shrink` is False; in float64, returned in float32. With
-    r = D and diagonal covariances it is Gaussian-AcT."""
+    r = D and diagonal covariances it is Gaussian-AcT. `cross_fit`: U from every other
+    sample of each set, the covariances from the rest (with fewer samples than units, the
+    directions chosen on some samples show those samples' own spread too small)."""
     import torch
     from sklearn.covariance import ledoit_wolf
 
     s, t = source.double(), target.double()
-    basis = subspace(s, t, rank)
+    if cross_fit:
+        basis = subspace(s[::2], t[::2], rank)
+        spread = (s[1::2], t[1::2])
+    else:
+        basis = subspace(s, t, rank)
+        spread = (s, t)
     covariances = []
-    for samples in (s, t):
+    for samples in spread:
         coordinates = (samples - samples.mean(0)) @ basis
         if shrink and coordinates.shape[0] > 1:
             covariance = torch.from_numpy(ledoit_wolf(coordinates.numpy(), assume_centered=True)[0])
