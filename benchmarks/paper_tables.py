@@ -77,6 +77,7 @@ from actsteer.evaluation.tasks.toxicity import sampled_toxicity_effect
 from actsteer.evaluation.tasks.truthfulqa import load_truthfulqa
 from actsteer.families import find_family
 from actsteer.methods import get_method
+from actsteer.modes import EndToEnd
 from actsteer.steering import Steering
 
 PARTS = ("toxicity", "truthfulqa", "concept")
@@ -229,6 +230,8 @@ class Runner:
         estimator = get_method(method)
         defaults = [str(inspect.signature(actsteer.fit)), estimator.default_pooling]
         defaults.append(estimator.default_support)
+        if estimator.train is not None:  # a trained method's settings are its mode's defaults
+            defaults.append(repr(EndToEnd()))
         setup = json.dumps(
             [self.modules, list(source), list(target), options, defaults], sort_keys=True
         )

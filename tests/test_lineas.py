@@ -19,7 +19,7 @@ from actsteer.choices import DEFAULT_MODULES
 from actsteer.errors import ActSteerError
 from actsteer.lineas import end_to_end_distance, proximal_step, w2_per_unit
 from actsteer.methods import get_method
-from actsteer.modes import EndToEnd
+from actsteer.modes import DEFAULT_SPARSITY, EndToEnd
 
 PROBE = ["The cat sat on the mat and looked out of the window.", "Rain fell all night."]
 
@@ -103,7 +103,7 @@ def test_result_is_an_ordinary_steering(trained, tiny_llama, tmp_path):
     assert steering.modules == resolve_modules(tiny_llama, DEFAULT_MODULES)
     training = steering.info.data["training"]
     assert training["training_steps"] == 60 and training["learning_rate"] == 0.05
-    assert training["sparsity"] == 0.0 and training["init"] == "identity"
+    assert training["sparsity"] == DEFAULT_SPARSITY and training["init"] == "identity"
     for amap in steering.maps.values():
         assert set(amap.bounds) == {"q0-100", "q1-99", "q5-95"}
         assert amap.omega.requires_grad is False

@@ -1,9 +1,10 @@
 """The steering file format: one .safetensors file, tensors per module plus JSON metadata.
 
-Tensors: `<module>.omega`, `<module>.beta` (affine maps) or `<module>.knots.x|y` (quantile
-maps, format 3), `<module>.support.<name>.lo|hi`, and for a gated steering
-`<module>.gate.weight|bias` (format 2). Each file has the lowest format that holds it, so older
-versions read what they can; format 1 and 2 files load. The
+Tensors: `<module>.omega`, `<module>.beta` (affine maps), `<module>.knots.x|y` (quantile maps)
+or `<module>.joint.mean|basis|core|delta` (joint maps; both format 3),
+`<module>.support.<name>.lo|hi`, and for a gated steering `<module>.gate.weight|bias` (format
+2). Each file has the lowest format that holds it, so older versions read what they can;
+format 1 and 2 files load. The
 header's "actsteer" entry holds the JSON description (format version, method, model name and
 fingerprint, modules, pooling, data, default strength, the gate's settings, library version) and
 a checksum of the tensor bytes, so a damaged file is refused instead of steering with garbage.

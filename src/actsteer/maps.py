@@ -1,6 +1,7 @@
-"""The per-unit maps with their supports — affine, T(a) = ω ⊙ a + β, and piecewise-linear
-monotone through knots (quantile-act) — applying, inverting, and what the estimators share
-(checks of samples, the monotone coupling, support bounds).
+"""The maps with their supports — per unit affine, T(a) = ω ⊙ a + β, or piecewise-linear
+monotone through knots (quantile-act), and joint across units in a subspace (joint-act) —
+applying, inverting, and what the estimators share (checks of samples, the monotone coupling,
+support bounds).
 
 Pure torch; knows nothing about models. Samples are (N, D) tensors: N samples of D units. The
 estimators themselves are files of actsteer.methods.
@@ -57,8 +58,9 @@ class UnitMap(ABC):
 
     @abstractmethod
     def line(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ω, β) of shape (D,): the map itself where it is affine, else the least-squares
-        line through its knots (what `inspect` summarises)."""
+        """(ω, β) of shape (D,), what `inspect` summarises: the map itself where it is affine
+        per unit, else the least-squares line through its knots (quantile) or its matrix's
+        diagonal and its shift (joint)."""
 
     def support(self, name: str) -> Bounds | None:
         """(lo, hi) of a support by name; None for the unbounded support "all"."""
@@ -221,12 +223,8 @@ class JointMap(UnitMap):
 
     def __post_init__(self) -> None:
         d, r = self.basis.shape if self.basis.ndim == 2 else (-1, -1)
-        if (
-            (d, r) == (-1, -1)
-            or self.mean.shape != (d,)
-            or self.core.shape != (r, r)
-            or (self.delta.shape != (r,))
-        ):
+        shapes = (self.mean.shape, self.core.shape, self.delta.shape)
+        if d < 0 or shapes != ((d,), (r, r), (r,)):
             raise ActSteerError(
                 "a joint map needs mean (D,), basis (D, r), core (r, r) and delta (r,), got "
                 f"{tuple(self.mean.shape)}, {tuple(self.basis.shape)}, "

@@ -25,6 +25,10 @@ from actsteer.errors import ActSteerError
 #: LinEAS's defaults (measured on SmolLM2-135M, post-attn-ln, 32+32 texts: docs/benchmarks.md).
 DEFAULT_TRAINING_STEPS = 100
 DEFAULT_LEARNING_RATE = 0.02
+#: The sparse-group-lasso strength by default: on texts it never saw, LinEAS at 1 moved
+#: held-out source texts closest to the target on two data sets and two draws of 32 + 32 fit
+#: texts (docs/benchmarks.md, "LinEAS on unseen texts"); 0 is no penalty.
+DEFAULT_SPARSITY = 1.0
 INITS = ("identity", "linear-act")
 
 
@@ -58,16 +62,17 @@ class EndToEnd:
     actsteer.lineas for the loss and the penalty).
 
     training_steps: Adam steps; learning_rate: Adam's; sparsity: the sparse-group-lasso
-    strength (0 = no penalty); seed: the order of the texts per step (and the held-out split);
-    init: "identity" or "linear-act" (start from the closed-form maps); texts_per_step: source
-    texts per step; held_out: the share of each set's texts kept out of training, on which the
-    maps of the step with the smallest distance are chosen (0: the last step's maps).
+    strength (DEFAULT_SPARSITY; 0 = no penalty); seed: the order of the texts per step (and the
+    held-out split); init: "identity" or "linear-act" (start from the closed-form maps);
+    texts_per_step: source texts per step; held_out: the share of each set's texts kept out of
+    training, on which the maps of the step with the smallest distance are chosen (0: the last
+    step's maps).
     """
 
     name: ClassVar[str] = "end-to-end"
     training_steps: int = DEFAULT_TRAINING_STEPS
     learning_rate: float = DEFAULT_LEARNING_RATE
-    sparsity: float = 0.0
+    sparsity: float = DEFAULT_SPARSITY
     seed: int = 0
     init: str = "identity"
     texts_per_step: int = 32

@@ -135,7 +135,8 @@ def try_tables(worker, path: str) -> str:
     buffers = len(list(model.buffers()))
     other = Steering.load(path)
     first, *rest = other.modules
-    affine = Steering({first: actsteer.maps.AffineMap(torch.ones(576), torch.zeros(576))})
+    identity = actsteer.maps.AffineMap(torch.ones(576), torch.zeros(576))
+    affine = Steering({first: identity}, actsteer.SteeringInfo(support="all"))
     partial = dataclasses.replace(other, maps={name: other.maps[name] for name in rest})
     try:
         install_tables(model, BatchSteering({"affine": affine, "other": partial}), 576, 64)
