@@ -217,3 +217,25 @@ def test_inverse_undoes_it_and_composition_applies_both(
         ):
             both = tiny_llama(ids).logits
     torch.testing.assert_close(both, plain, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("support", ["q0-100", "all"])
+def test_the_fused_kernel_computes_the_torch_ops_bit_for_bit(dtype, support):
+    from actsteer.kernels import fused_kernel
+
+    if fused_kernel() is None:
+        pytest.skip("the fused kernel is not built here (no compiler, or not opted into)")
+    torch.manual_seed(3)
+    source = torch.randn(64, 40) * torch.linspace(0.1, 5, 40)
+    amap = get_method("quantile-act").fit(source, torch.randn(64, 40).exp())
+    fused, ops = amap.transport(support), amap.transport(support, fused=False)
+    assert fused.fused is not None and ops.fused is None
+    for shape, lam in (
+        ((8, 40), torch.tensor(0.7)),
+        ((3, 50, 40), torch.rand(3)),
+        ((3, 50, 40), torch.rand(3, 50)),
+        ((2000, 40), torch.tensor(1.0)),  # shared among threads
+    ):
+        a = (torch.randn(*shape) * 4).to(dtype)
+        assert torch.equal(fused(a, lam), ops(a, lam)), (shape, dtype)

@@ -168,7 +168,7 @@ class QuantileMap(UnitMap):
         return {"knots.x": self.x, "knots.y": self.y}
 
     def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> KnotTransport:
-        return KnotTransport(self.x, self.y, self.support(support))
+        return KnotTransport(self.x, self.y, self.support(support), fused)
 
     def line(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.x.double(), self.y.double()

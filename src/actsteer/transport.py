@@ -185,26 +185,42 @@ class KnotTransport:
     shift y_k − x_k (D, K − 1), in float32; bounds as for `Transport`. The segment of each
     activation is found by binary search on its unit's knots (the end segments extend past
     the outer knots); then T_λ(a) = a + λ((y_k − x_k) + (s_k − 1)(a − x_k)) inside the open
-    support. Torch ops only, no strength kept: the same code runs eagerly and traced (no fused
-    kernel)."""
+    support. On CPU the fused kernel's `knot_tokens` computes the same in one pass (`fused`);
+    elsewhere, and traced, torch ops do. No strength is kept."""
 
-    kernel = None
+    kernel = None  # the affine kernel's hooks do not apply
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, bounds: Bounds | None = None) -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, bounds: Bounds | None = None, fused: bool = True
+    ) -> None:
         x, y = x.float(), y.float()
         width = x[:, 1:] - x[:, :-1]
         slope = torch.where(width > 0, (y[:, 1:] - y[:, :-1]) / width.clamp_min(1e-30), 0.0)
         self.x = x.contiguous()
         self.slope_minus_one = slope - 1
-        self.shift = (y - x)[:, :-1]
+        self.shift = (y - x)[:, :-1].contiguous()
         self.bounds = bounds
         self.units = x.shape[0]
+        self.fused = fused_kernel() if fused else None
+        #: the kernel's layout: knots (K, D), slope − 1 and shift (K − 1, D), level-major
+        self.by_level = tuple(t.t().contiguous() for t in (self.x, slope - 1, self.shift))
         self.placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, a: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
         """T_λ(a) for λ = `strength` (a number, per row or per token; see the module)."""
         lam = checked_strength(a, strength, self.units).to(a.device)
-        return self.traced(a, lam, self.parameters(a.device, a.dtype))
+        parameters = self.parameters(a.device, a.dtype)
+        if self.fused is not None and a.is_cpu and a.ndim < 4 and a.is_contiguous():
+            if lam.ndim:  # one λ per token
+                spread = lam.view(*lam.shape, *[1] * (a.ndim - 1 - lam.ndim))
+                per_token = spread.expand(a.shape[:-1]).reshape(-1).contiguous()
+            else:  # one λ for all
+                per_token = lam.reshape(1)
+            lo, hi = parameters[3:]
+            out = self.fused.knot_tokens(*self.by_level, lo, hi, per_token, a.view(-1, self.units))
+            if out is not None:
+                return out.view(a.shape)
+        return self.traced(a, lam, parameters)
 
     def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Knots, slope − 1 and shift per segment (float32) and the bounds in `dtype` (±∞ for
