@@ -23,7 +23,7 @@ MODULES = "post-attn-ln"
 def test_two_knots_are_the_affine_map_through_the_two_quantiles(levels, quantiles):
     torch.manual_seed(0)
     source, target = torch.randn(300, 5), 3 * torch.rand(300, 5) - 1
-    amap = fit_quantile(source, target, knots=2, levels=levels)
+    amap = fit_quantile(source, target, knots=2, prior=0.0, levels=levels)
     at = torch.tensor(quantiles, dtype=torch.float32)
     (lo, hi), (low, high) = (torch.quantile(s, at, dim=0) for s in (source, target))
     omega = (high - low) / (hi - lo)
@@ -37,7 +37,7 @@ def test_recovers_a_known_monotone_map_between_one_dimensional_samples():
     torch.manual_seed(0)
     source = torch.randn(20000, 1)
     target = source**3 + source  # T(a) = a³ + a, monotone
-    amap = fit_quantile(source, target, knots=64)
+    amap = fit_quantile(source, target, knots=64, prior=0.0)
     a = torch.linspace(-1.5, 1.5, 101).unsqueeze(1)
     error = (amap(a, 1.0, "all") - (a**3 + a)).abs().max()
     assert error < 0.03, f"max error {error:.3f} inside the source's bulk"
@@ -71,7 +71,7 @@ def test_never_reorders_a_units_activations(seed, samples, knots, prior, lam):
 def test_knots_are_the_matched_quantiles_shrunk_toward_the_affine_fit():
     torch.manual_seed(1)
     source, target = torch.randn(40, 4), 2 * torch.randn(40, 4) + 1
-    plain = fit_quantile(source, target, knots=8, levels="centres")
+    plain = fit_quantile(source, target, knots=8, prior=0.0, levels="centres")
     levels = (torch.arange(8, dtype=torch.float64) + 0.5) / 8  # the centres of 8 equal shares
     expected_x = torch.quantile(source.double(), levels, dim=0).t().float()
     torch.testing.assert_close(plain.x, expected_x)
