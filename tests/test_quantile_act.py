@@ -239,3 +239,24 @@ def test_the_fused_kernel_computes_the_torch_ops_bit_for_bit(dtype, support):
     ):
         a = (torch.randn(*shape) * 4).to(dtype)
         assert torch.equal(fused(a, lam), ops(a, lam)), (shape, dtype)
+
+
+def test_with_the_kernel_the_hooks_are_its_bound_hooks_and_steer_as_torch_ops_do(
+    monkeypatch, tiny_llama, tokenizer, neutral, quantile_steering
+):
+    from actsteer.hooks import ModuleHook
+    from actsteer.kernels import fused_kernel
+
+    if fused_kernel() is None:
+        pytest.skip("the fused kernel is not built here")
+    ids = tokenizer(neutral[60:63], return_tensors="pt", padding=True).input_ids
+    logits = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("ACTSTEER_FUSED_KERNEL", switch)
+        for lam in (torch.tensor(0.8), torch.tensor([0.2, 1.0, 0.5])):
+            with torch.no_grad(), quantile_steering.applied(tiny_llama, lam) as handle:
+                logits[switch, lam.ndim] = tiny_llama(ids).logits
+                bound = [not isinstance(h, ModuleHook) for h in handle.forward_hooks.values()]
+            assert all(bound) == (switch == "1"), "the kernel's own hooks where it serves"
+    for rows in (0, 1):
+        assert torch.equal(logits["1", rows], logits["0", rows])

@@ -254,9 +254,19 @@ class KnotTransport:
         moved = torch.where(inside(flat, lo, hi), moved, flat)
         return moved.view(units_last.shape).movedim(-1, 1) if channels else moved.view(a.shape)
 
-    def kernel_hook(self, *args: object) -> None:
-        """No fused kernel serves a piecewise map."""
-        return None
+    def kernel_hook(
+        self, strength: torch.Tensor, dtype: torch.dtype, in_place: bool, fallback: object
+    ) -> object | None:
+        """A forward hook of the fused kernel with this map at `strength` (one λ, or one per
+        row) for outputs in `dtype`: no Python frame runs per call, and `fallback` serves every
+        output the kernel does not take. None where no kernel serves. (It always writes a new
+        tensor: `in_place` is the affine hook's.)"""
+        lam = torch.as_tensor(strength, dtype=torch.float32)
+        if self.fused is None or lam.ndim > 1:
+            return None
+        lo, hi = self.parameters(torch.device("cpu"), dtype)[3:]
+        lams = lam.reshape(-1).contiguous()
+        return self.fused.knot_hook(*self.by_level, lo, hi, lams, fallback)
 
 
 class LowRankTransport:

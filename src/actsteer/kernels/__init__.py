@@ -6,8 +6,9 @@ dispatches, several times the cost of the unbounded map at decoding sizes; trans
 in one pass, bit for bit the same result. It applies per-channel maps to (B, C, H, W) outputs
 without broadcasting, computes ω̃ and λβ itself for one λ per token (an engine's flattened
 batch), and overwrites a norm's fresh output that no other hook has seen, saving an allocation.
-It also applies quantile-act's piecewise maps (`knot_tokens`: each element's segment counted a
-knot level at a time, 10× the torch ops' speed on a (200, 576) output).
+It also applies quantile-act's piecewise maps (`knot_tokens`, and `knot_hook` bound like
+`hook`: each element's segment counted a knot level at a time, 10× the torch ops' speed on a
+(200, 576) output).
 Support "all" passes infinite bounds. The kernel is called through CPython's fast calling
 convention rather than pybind11: inside a model, where caches are cold, pybind11's dispatch cost
 more than the arithmetic. `hook(...)` binds a map's coefficients, checked once, into a forward

@@ -326,65 +326,74 @@ PyObject* transport_tokens_fastcall(PyObject* /*module*/, PyObject* const* args,
   END_HANDLE_TH_ERRORS
 }
 
-// knot_tokens(x, slope_minus_one, shift, lo, hi, lam, a): a piecewise-linear map per unit
-// (actsteer.transport.KnotTransport) on a (tokens, units) tensor with one λ, or one per token:
-// knots x
-// (K, units) and per segment s − 1 and y − x (K − 1, units), level-major, in float32, the
-// bounds in a's dtype. Each element's segment is the count of interior knots ≤ it (counted a
-// level at a time over the row's units, which vectorizes), then
-// out = a + (λ · ((y_k − x_k) + (s_k − 1)(a − x_k))) in float32 rounded to a's dtype, inside
-// the open bounds; the same operations, in the same order, as KnotTransport's torch ops. A new
-// tensor, or None where the kernel does not apply.
-PyObject* knot_tokens_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (nargs != 7) {
-    PyErr_Format(PyExc_TypeError, "knot_tokens() takes 7 arguments (%zd given)", nargs);
-    return nullptr;
+// A piecewise-linear map per unit (actsteer.transport.KnotTransport) as the loops read it:
+// knots x (K, units) and per segment s − 1 and y − x (K − 1, units), level-major, in float32;
+// the bounds in the outputs' dtype.
+struct KnotMap {
+  at::ScalarType dtype;
+  int64_t units;
+  int64_t knots;
+  const float* x;
+  const float* slope_minus_one;
+  const float* shift;
+  const void* lo;
+  const void* hi;
+};
+
+// The knot map of these tensors, or nothing when the kernel cannot read them.
+std::optional<KnotMap> read_knots(const at::Tensor& x, const at::Tensor& slope_minus_one,
+                                  const at::Tensor& shift, const at::Tensor& lo,
+                                  const at::Tensor& hi) {
+  const auto bounds = read_map(lo, hi, lo, hi, 0);  // lo, hi: one floating dtype, CPU, contiguous
+  if (!bounds || x.dim() != 2) {
+    return std::nullopt;
   }
-  if (!plain_tensors(args, {0, 1, 2, 3, 4, 5, 6})) {
-    Py_RETURN_NONE;
-  }
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
-  const at::Tensor& slope_minus_one = THPVariable_Unpack(args[1]);
-  const at::Tensor& shift = THPVariable_Unpack(args[2]);
-  const at::Tensor& lam = THPVariable_Unpack(args[5]);
-  const at::Tensor& a = THPVariable_Unpack(args[6]);
-  const auto bounds = read_map(THPVariable_Unpack(args[3]), THPVariable_Unpack(args[4]),
-                               THPVariable_Unpack(args[3]), THPVariable_Unpack(args[4]), 0);
-  if (!bounds || a.dim() != 2 || !fits(*bounds, a) || x.dim() != 2) {
-    Py_RETURN_NONE;
-  }
-  const int64_t tokens = a.size(0), units = bounds->units, knots = x.size(0);
-  for (const auto* t : {&x, &slope_minus_one, &shift, &lam}) {
+  for (const auto* t : {&x, &slope_minus_one, &shift}) {
     if (t->scalar_type() != at::kFloat || !t->device().is_cpu() || !t->is_contiguous()) {
-      Py_RETURN_NONE;
+      return std::nullopt;
     }
   }
+  const int64_t units = bounds->units, knots = x.size(0);
   if (knots < 2 || x.size(1) != units || slope_minus_one.numel() != units * (knots - 1) ||
-      shift.numel() != units * (knots - 1) || (lam.numel() != tokens && lam.numel() != 1)) {
-    Py_RETURN_NONE;
+      shift.numel() != units * (knots - 1)) {
+    return std::nullopt;
   }
-  const bool one_lam = lam.numel() == 1;
-  at::Tensor out = at::detail::empty_cpu(a.sizes(), bounds->dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bounds->dtype, "actsteer_knots", [&] {
+  return KnotMap{bounds->dtype,
+                 units,
+                 knots,
+                 x.const_data_ptr<float>(),
+                 slope_minus_one.const_data_ptr<float>(),
+                 shift.const_data_ptr<float>(),
+                 bounds->lo,
+                 bounds->hi};
+}
+
+// The map of `a` (its units last, contiguous, `map.dtype`) into a new tensor, at one λ (`lams`
+// = 1) or one per `tokens / lams` consecutive rows of units (a row's tokens, or each token).
+// Each element's segment is the count of interior knots ≤ it (counted a level at a time over
+// the row's units, which vectorizes), then out = a + (λ · ((y_k − x_k) + (s_k − 1)(a − x_k)))
+// in float32 rounded to a's dtype, inside the open bounds: the same operations, in the same
+// order, as KnotTransport's torch ops.
+at::Tensor knots_moved(const KnotMap& map, const at::Tensor& a, const float* lam, int64_t lams) {
+  const int64_t units = map.units, knots = map.knots;
+  const int64_t tokens = a.numel() / units;
+  const int64_t per_lam = tokens / lams;
+  at::Tensor out = at::detail::empty_cpu(a.sizes(), map.dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, map.dtype, "actsteer_knots", [&] {
     const auto* a_ = a.const_data_ptr<scalar_t>();
     auto* out_ = out.mutable_data_ptr<scalar_t>();
-    const auto* lam_ = lam.const_data_ptr<float>();
-    const auto* x_ = x.const_data_ptr<float>();
-    const auto* sm1 = slope_minus_one.const_data_ptr<float>();
-    const auto* shift_ = shift.const_data_ptr<float>();
-    const auto* lo = static_cast<const scalar_t*>(bounds->lo);
-    const auto* hi = static_cast<const scalar_t*>(bounds->hi);
+    const auto* lo = static_cast<const scalar_t*>(map.lo);
+    const auto* hi = static_cast<const scalar_t*>(map.hi);
     const auto rows = [&](int64_t begin, int64_t end) {
       std::vector<int32_t> segment(units);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = a_ + r * units;
-        count_at_or_above<scalar_t>(row, x_, segment.data(), units, knots);
-        const float l = lam_[one_lam ? 0 : r];
+        count_at_or_above<scalar_t>(row, map.x, segment.data(), units, knots);
+        const float l = lam[r / per_lam];
         for (int64_t u = 0; u < units; ++u) {
           const int64_t p = segment[u] * units + u;
           const float v = static_cast<float>(row[u]);
-          const float change = shift_[p] + sm1[p] * (v - x_[p]);
+          const float change = map.shift[p] + map.slope_minus_one[p] * (v - map.x[p]);
           const scalar_t moved = row[u] + static_cast<scalar_t>(l * change);
           const bool inside = (row[u] > lo[u]) & (row[u] < hi[u]);
           out_[r * units + u] = inside ? moved : row[u];
@@ -398,7 +407,44 @@ PyObject* knot_tokens_fastcall(PyObject* /*module*/, PyObject* const* args, Py_s
       at::parallel_for(0, tokens, grain, rows);
     }
   });
-  return THPVariable_Wrap(std::move(out));
+  return out;
+}
+
+// Whether the knot kernel takes `a` at `lams` strengths: a 2- or 3-D contiguous CPU tensor of
+// the map's dtype, units last, no gradient to carry, and one λ or one per row or token.
+bool knots_fit(const KnotMap& map, const at::Tensor& a, int64_t lams) {
+  const int64_t dims = a.dim();
+  if (dims < 2 || dims > 3 || a.scalar_type() != map.dtype || !a.device().is_cpu() ||
+      !a.is_contiguous() || (a.requires_grad() && at::GradMode::is_enabled()) ||
+      a.size(dims - 1) != map.units || a.numel() == 0) {
+    return false;
+  }
+  const int64_t tokens = a.numel() / map.units;
+  return lams == 1 || lams == a.size(0) || lams == tokens;
+}
+
+// knot_tokens(x, slope_minus_one, shift, lo, hi, lam, a): `knots_moved` of a (tokens, units)
+// tensor at one λ or one per token; a new tensor, or None where the kernel does not apply.
+PyObject* knot_tokens_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) {
+    PyErr_Format(PyExc_TypeError, "knot_tokens() takes 7 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  if (!plain_tensors(args, {0, 1, 2, 3, 4, 5, 6})) {
+    Py_RETURN_NONE;
+  }
+  const at::Tensor& lam = THPVariable_Unpack(args[5]);
+  const at::Tensor& a = THPVariable_Unpack(args[6]);
+  const auto map = read_knots(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                              THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
+                              THPVariable_Unpack(args[4]));
+  if (!map || a.dim() != 2 || lam.scalar_type() != at::kFloat || !lam.device().is_cpu() ||
+      !lam.is_contiguous() || (lam.numel() != 1 && lam.numel() != a.size(0)) ||
+      !knots_fit(*map, a, lam.numel())) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(knots_moved(*map, a, lam.const_data_ptr<float>(), lam.numel()));
   END_HANDLE_TH_ERRORS
 }
 
@@ -478,6 +524,70 @@ PyObject* hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
                               args[6]};
   Py_INCREF(bound->fallback);
   return hook_of(bound, &bound_hook_def);
+  END_HANDLE_TH_ERRORS
+}
+
+// A forward hook with a knot map and its λ (one, or one per row) bound; it holds the tensors
+// whose memory it reads.
+struct KnotHook {
+  static constexpr const char* kName = "actsteer.KnotHook";
+  torch::Tensor x, slope_minus_one, shift, lo, hi, lam;
+  KnotMap map;
+  PyObject* fallback;  // owned
+  ~KnotHook() { Py_XDECREF(fallback); }
+};
+
+// hook(module, args, output) of a knot map: `knots_moved` of a plain tensor output it fits,
+// the fallback for everything else.
+PyObject* knot_hook_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const auto* bound = static_cast<KnotHook*>(PyCapsule_GetPointer(capsule, KnotHook::kName));
+  const int64_t lams = bound->lam.numel();
+  if (nargs == 3 && THPVariable_CheckExact(args[2])) {
+    const at::Tensor& a = THPVariable_Unpack(args[2]);
+    if (knots_fit(bound->map, a, lams) && (lams == 1 || lams == a.size(0))) {
+      return THPVariable_Wrap(
+          knots_moved(bound->map, a, bound->lam.const_data_ptr<float>(), lams));
+    }
+  }
+  return PyObject_Vectorcall(bound->fallback, args, nargs, nullptr);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef knot_hook_def = {
+    "knot_steering_hook",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(knot_hook_call)), METH_FASTCALL,
+    "A steering forward hook of a knot map: hook(module, args, output)"};
+
+// knot_hook(x, slope_minus_one, shift, lo, hi, lam, fallback): a forward hook moving a plain
+// tensor output by the knot map at λ (float32, one or one per row) with no Python frame on
+// the way, fallback(module, args, output) for the rest; None where the kernel cannot read
+// the parameters.
+PyObject* knot_hook_fastcall(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) {
+    PyErr_Format(PyExc_TypeError, "knot_hook() takes 7 arguments (%zd given)", nargs);
+    return nullptr;
+  }
+  if (!plain_tensors(args, {0, 1, 2, 3, 4, 5}) || !PyCallable_Check(args[6])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "knot_hook() takes plain tensors for the map and λ, and a callable fallback");
+    return nullptr;
+  }
+  const at::Tensor& lam = THPVariable_Unpack(args[5]);
+  const auto map = read_knots(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                              THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
+                              THPVariable_Unpack(args[4]));
+  if (!map || lam.scalar_type() != at::kFloat || !lam.device().is_cpu() ||
+      !lam.is_contiguous() || lam.dim() > 1 || lam.numel() == 0) {
+    Py_RETURN_NONE;
+  }
+  auto* bound = new KnotHook{THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]),
+                             THPVariable_Unpack(args[2]), THPVariable_Unpack(args[3]),
+                             THPVariable_Unpack(args[4]), lam,
+                             *map,                        args[6]};
+  Py_INCREF(bound->fallback);
+  return hook_of(bound, &knot_hook_def);
   END_HANDLE_TH_ERRORS
 }
 
@@ -716,6 +826,12 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "knot_tokens(x, slope_minus_one, shift, lo, hi, lam, a): a piecewise-linear map per unit at "
      "one λ per row of a (tokens, units) tensor; None where the kernel does not apply"},
+    {"knot_hook",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(knot_hook_fastcall)),
+     METH_FASTCALL,
+     "knot_hook(x, slope_minus_one, shift, lo, hi, lam, fallback): a forward hook running "
+     "knot_tokens' map on tensor outputs at λ (one, or one per row), fallback(module, args, "
+     "output) for the rest; None where the kernel cannot read the parameters"},
     {"hook", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hook_fastcall)),
      METH_FASTCALL,
      "hook(scale, shift, lo, hi, rows, in_place, fallback): a forward hook running "
