@@ -128,11 +128,12 @@ def inspect(
     for key, value in rows:
         out.print(Text(f"{key:>16}: {value}"))
     kinds = sorted({amap.kind for amap in steering.maps.values()})
-    title = "maps T(a) = ω ⊙ a + β per module"
-    if kinds != ["affine"]:
-        title = (
-            f"{'/'.join(kinds)} maps per module: ω, β of the least-squares line through the knots"
-        )
+    summaries = {
+        "affine": "maps T(a) = ω ⊙ a + β per module",
+        "quantile": "quantile maps per module: ω, β of the least-squares line through the knots",
+        "joint": "joint maps T(a) = M a + c per module: ω = M's diagonal, β = c",
+    }
+    title = "; ".join(summaries[kind] for kind in kinds)
     table = Table(title=title, show_edge=False)
     table.add_column("module", overflow="fold")
     for name in ("D", "ω mean", "ω min", "ω max", "β mean", "max |β|"):
