@@ -3,7 +3,7 @@ maps on unseen texts (issue 28 §1–2), by held-out W2 per unit and sliced.
 
 SmolLM2-135M-Instruct (float32, CPU), ParaDetox pairs (toxicity_fit/source.txt → target.txt),
 fitted on --sizes texts per set (the first lines), measured on --held-out others per set
-(source_val.txt, target_val.txt), at the modules of --modules (each a preset). Every map is
+(source_val.txt, target_val.txt), at the modules of --modules (each fit's modules=). Every map is
 estimated from one recording of the fit texts (pooling mean, as fit does in mode
 independent), so the variants differ only in the estimator: Linear-AcT, Mean-AcT and
 quantile-act at K knots placed at the extremes or the centres (`quantile_levels`) with
