@@ -133,6 +133,51 @@ def rotated(items: Sequence[str], round_index: int) -> list[str]:
     return list(items[k:]) + list(items[:k])
 
 
+def generate_rounds(
+    model: Any,
+    tok: Any,
+    steerings: dict[str, Any],
+    batch_sizes: Sequence[int],
+    new_tokens: int,
+    rounds: int,
+) -> dict[int, dict[str, list[float]]]:
+    """Greedy `generate` of exactly `new_tokens` tokens on toxic prompts not used for fitting,
+    tokens/s per batch size and variant (a name → steering at λ = 1, or None: unsteered), one
+    entry per round; a warm-up first, then batch sizes and variants rotated every round, each
+    measurement started on a quiet machine."""
+    prompts = {b: dict(tok(read_lines("source", 1000, b), return_tensors="pt", padding=True))
+               for b in batch_sizes}  # fmt: skip
+    settings = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+
+    def tokens_per_second(b: int, name: str) -> float:
+        steered = steerings[name]
+        with torch.inference_mode():
+            if steered is None:
+                start = time.perf_counter()
+                model.generate(**prompts[b], **settings)
+            else:
+                with steered.applied(model, 1.0):
+                    start = time.perf_counter()
+                    model.generate(**prompts[b], **settings)
+            return b * new_tokens / (time.perf_counter() - start)
+
+    names = list(steerings)
+    for b in batch_sizes:  # warm-up
+        for name in names:
+            tokens_per_second(b, name)
+    tps: dict[int, dict[str, list[float]]] = {b: {n: [] for n in names} for b in batch_sizes}
+    for r in range(rounds):
+        for b in rotated([str(b) for b in batch_sizes], r):
+            for name in rotated(names, r):
+                wait_for_quiet()
+                tps[int(b)][name].append(tokens_per_second(int(b), name))
+        print(f"  round {r + 1}/{rounds}", flush=True)
+    return tps
+
+
 def spread(values: Sequence[float]) -> tuple[float, float, float]:
     """(median, min, max)."""
     return statistics.median(values), min(values), max(values)

@@ -16,10 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
-import torch
-from _common import begin, contention, fmt_spread, read_lines, rotated, table, wait_for_quiet
+from _common import (
+    begin,
+    contention,
+    fmt_spread,
+    generate_rounds,
+    read_lines,
+    table,
+)
 
 import actsteer
 from actsteer.capture import record
@@ -57,37 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         "linear-act": affine,
         "quantile-act": dataclasses.replace(affine, maps=knots),
     }
-    prompts = {b: dict(tok(read_lines("source", 1000, b), return_tensors="pt", padding=True))
-               for b in args.batch_sizes}  # fmt: skip
-    settings = dict(
-        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-        pad_token_id=tok.pad_token_id,
+    tps = generate_rounds(
+        model, tok, {"unsteered": None, **steerings}, args.batch_sizes, args.new_tokens,
+        args.rounds,
     )  # fmt: skip
-
-    def tokens_per_second(b: int, name: str) -> float:
-        steered = steerings.get(name)
-        with torch.inference_mode():
-            if steered is None:
-                start = time.perf_counter()
-                model.generate(**prompts[b], **settings)
-            else:
-                with steered.applied(model, 1.0):
-                    start = time.perf_counter()
-                    model.generate(**prompts[b], **settings)
-            return b * args.new_tokens / (time.perf_counter() - start)
-
-    for b in args.batch_sizes:  # warm-up
-        for name in VARIANTS:
-            tokens_per_second(b, name)
-    tps: dict[int, dict[str, list[float]]] = {
-        b: {n: [] for n in VARIANTS} for b in args.batch_sizes
-    }
-    for r in range(args.rounds):
-        for b in rotated([str(b) for b in args.batch_sizes], r):
-            for name in rotated(VARIANTS, r):
-                wait_for_quiet()
-                tps[int(b)][name].append(tokens_per_second(int(b), name))
-        print(f"  round {r + 1}/{args.rounds}", flush=True)
     rows, verdicts = [], []
     for b, per in tps.items():
         for name in VARIANTS[1:]:
