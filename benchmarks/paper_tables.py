@@ -232,6 +232,8 @@ class Runner:
         defaults.append(estimator.default_support)
         if estimator.train is not None:  # a trained method's settings are its mode's defaults
             defaults.append(repr(EndToEnd()))
+        if callable(estimator.fit_map):  # an estimator's own defaults (knots, rank)
+            defaults.append(str(inspect.signature(estimator.fit_map)))
         setup = json.dumps(
             [self.modules, list(source), list(target), options, defaults], sort_keys=True
         )

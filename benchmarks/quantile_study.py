@@ -68,6 +68,8 @@ def variants() -> dict[str, tuple[object, str]]:
     found: dict[str, tuple[object, str]] = {
         "linear-act": (get_method("linear-act").fit, "q0-100"),
         "mean-act": (get_method("mean-act").fit, "q0-100"),
+        "linear-act, support all": (get_method("linear-act").fit, "all"),
+        "mean-act, support all": (get_method("mean-act").fit, "all"),
     }
     for rank in RANKS:
         for shrink, cross in ((True, False), (False, False), (True, True)):
@@ -76,6 +78,14 @@ def variants() -> dict[str, tuple[object, str]]:
                 lambda s, t, r=rank, sh=shrink, c=cross: fit_joint(s, t, r, sh, cross_fit=c),
                 "all",
             )
+    for rank in (1, 4):  # bounded: each unit moved only inside the source's range
+
+        def bounded(s, t, rank=rank):
+            amap = fit_joint(s, t, rank)
+            amap.bounds = support_bounds(s)
+            return amap
+
+        found[f"joint r={rank}, support q0-100"] = (bounded, "q0-100")
     for levels in LEVELS:
         for knots in KNOTS:
             for prior in PRIORS:

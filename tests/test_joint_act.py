@@ -13,7 +13,7 @@ from scipy.linalg import sqrtm
 
 import actsteer
 from actsteer import ActSteerError
-from actsteer.maps import JointMap
+from actsteer.maps import JointMap, support_bounds
 from actsteer.methods import get_method
 from actsteer.methods.joint_act import fit_joint, gaussian_monge
 
@@ -78,10 +78,21 @@ def test_low_rank_moves_the_mean_and_leaves_the_complement_alone():
     assert torch.equal(amap(a, 0.0, "all"), a), "λ = 0 moves nothing"
 
 
-def test_a_bounded_support_is_refused_saying_why():
-    amap = fit_joint(correlated(40, 5, 0, 0.0).float(), correlated(40, 5, 1, 1.0).float(), 2)
-    with pytest.raises(ActSteerError, match="no per-unit support; apply it with support 'all'"):
-        amap.transport("q0-100")
+def test_a_bounded_support_moves_each_unit_only_inside_its_source_range():
+    source = correlated(40, 5, 0, 0.0).float()
+    amap = fit_joint(source, correlated(40, 5, 1, 1.0).float(), 2)
+    amap.bounds = support_bounds(source)
+    a = 1.5 * correlated(30, 5, 2, 0.3).float()
+    lo, hi = amap.bounds["q0-100"]
+    within = (a > lo) & (a < hi)
+    assert within.any() and (~within).any()
+    bounded, free = amap(a, 0.7, "q0-100"), amap(a, 0.7, "all")
+    assert torch.equal(bounded[~within], a[~within]), "units outside their range stay"
+    assert torch.equal(bounded[within], free[within]), "units inside move as with 'all'"
+    per_token = torch.full((30,), 0.7)
+    assert torch.equal(amap(a, per_token, "q0-100"), bounded)
+    with pytest.raises(ActSteerError, match="support"):
+        amap.transport("q5-95-typo")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +110,7 @@ def test_hooks_steer_per_row_and_lambda_zero_is_the_plain_model(
     tiny_llama, tokenizer, neutral, joint_steerings
 ):
     steering = joint_steerings["post-attn-ln"]
-    assert steering.default_support == "all"
+    assert steering.default_support == "q0-100"
     ids = tokenizer(neutral[60:62], return_tensors="pt", padding=True).input_ids
     with torch.no_grad():
         plain = tiny_llama(ids).logits
@@ -119,9 +130,9 @@ def test_hooks_steer_per_row_and_lambda_zero_is_the_plain_model(
 def test_folding_matches_the_hooks(tiny_llama, tokenizer, neutral, joint_steerings, modules):
     steering = joint_steerings[modules]
     ids = tokenizer(neutral[70:72], return_tensors="pt", padding=True).input_ids
-    with torch.no_grad(), steering.applied(tiny_llama, 0.8):
+    with torch.no_grad(), steering.applied(tiny_llama, 0.8, "all"):
         hooked = tiny_llama(ids).logits
-    folded = steering.fold(copy.deepcopy(tiny_llama), 0.8)
+    folded = steering.fold(copy.deepcopy(tiny_llama), 0.8, "all")
     with torch.no_grad():
         got = folded(ids).logits
     torch.testing.assert_close(got, hooked, rtol=1e-4, atol=1e-4)
@@ -131,7 +142,7 @@ def test_folding_a_block_output_and_exporting_a_control_vector_are_refused(
     tiny_llama, joint_steerings, tmp_path
 ):
     with pytest.raises(ActSteerError, match="cannot fold the joint map of 'model.layers.0'"):
-        joint_steerings["residual"].fold(copy.deepcopy(tiny_llama), 1.0)
+        joint_steerings["residual"].fold(copy.deepcopy(tiny_llama), 1.0, "all")
     from actsteer.gguf_vectors import write_control_vector
 
     with pytest.raises(ActSteerError, match="control vector needs affine maps.*joint"):
@@ -153,6 +164,9 @@ def test_save_load_and_inverse(tmp_path, tiny_llama, tokenizer, neutral, joint_s
     ids = tokenizer(neutral[80:81], return_tensors="pt").input_ids
     with torch.no_grad():
         plain = tiny_llama(ids).logits
-        with steering.applied(tiny_llama, 1.0), steering.inverse().applied(tiny_llama, 1.0):
+        with (
+            steering.applied(tiny_llama, 1.0, "all"),
+            steering.inverse().applied(tiny_llama, 1.0, "all"),
+        ):
             both = tiny_llama(ids).logits
     torch.testing.assert_close(both, plain, atol=1e-3, rtol=1e-3)

@@ -211,8 +211,8 @@ class JointMap(UnitMap):
     """A map across units: T(a) = a + U(C Uᵀ(a − m) + δ), the identity off the r-dimensional
     subspace spanned by U's orthonormal columns (D, r), there the affine map z ↦ (I + C) z + δ
     of the coordinates z = Uᵀ(a − m) (C (r, r), δ (r,), m (D,)). T_λ(a) = a + λ(T(a) − a).
-    Applied with support "all" only (it moves every unit at once); the bounds are the source's
-    per-unit ranges, for the guards."""
+    A support other than "all" keeps, as for the per-unit maps, each unit of a token whose
+    activation lies outside the source's range for that unit (bounds) where it was."""
 
     mean: torch.Tensor
     basis: torch.Tensor
@@ -242,13 +242,7 @@ class JointMap(UnitMap):
         }  # fmt: skip
 
     def transport(self, support: str = SUPPORT_ALL, fused: bool = True) -> LowRankTransport:
-        if support != SUPPORT_ALL:
-            check_choice(support, [*SUPPORT_QUANTILES, SUPPORT_ALL], "support")
-            raise ActSteerError(
-                f"a joint map moves every unit at once and has no per-unit support; apply it "
-                f"with support 'all', not {support!r}"
-            )
-        return LowRankTransport(self.mean, self.basis, self.core, self.delta)
+        return LowRankTransport(self.mean, self.basis, self.core, self.delta, self.support(support))
 
     def matrix(self, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, c) in float64 with T_λ(a) = M a + c: M = I + λ U C Uᵀ, c = λ U(δ − C Uᵀ m)."""
@@ -270,7 +264,8 @@ class JointMap(UnitMap):
 
     def inverse(self) -> JointMap:
         """z ↦ (I + C)⁻¹(z − δ) on the subspace, about m + Uδ (an error where I + C is
-        singular)."""
+        singular): exact under support "all"; the bounds stay the forward map's (the image of
+        a box of units under a map across units is no box)."""
         scale = torch.eye(self.core.shape[0], dtype=torch.float64) + self.core.double()
         if torch.linalg.matrix_rank(scale) < scale.shape[0]:
             raise ActSteerError("map is not invertible: it collapses a direction of its subspace")

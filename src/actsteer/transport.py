@@ -272,17 +272,23 @@ class KnotTransport:
 class LowRankTransport:
     """A joint map across units ready to apply (actsteer.maps.JointMap): T(a) = a + U(C Uᵀ(a −
     m) + δ) with U (D, r) orthonormal, C (r, r), δ (r,) and m (D,) in float32, so T_λ(a) =
-    a + λ U(C Uᵀ(a − m) + δ): two (D × r) products per token. Every unit at once, so no
-    per-unit support: "all" only. Torch ops, no strength kept, eager and traced alike."""
+    a + λ U(C Uᵀ(a − m) + δ): two (D × r) products per token, each unit's change kept inside
+    the open support as for `Transport` (bounds None: "all"). Torch ops, no strength kept,
+    eager and traced alike."""
 
     kernel = None
-    bounds = None
 
     def __init__(
-        self, mean: torch.Tensor, basis: torch.Tensor, core: torch.Tensor, delta: torch.Tensor
+        self,
+        mean: torch.Tensor,
+        basis: torch.Tensor,
+        core: torch.Tensor,
+        delta: torch.Tensor,
+        bounds: Bounds | None = None,
     ) -> None:
         self.mean, self.basis = mean.float(), basis.float().contiguous()
         self.core, self.delta = core.float(), delta.float()
+        self.bounds = bounds
         self.units = mean.shape[0]
         self.placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
@@ -292,12 +298,13 @@ class LowRankTransport:
         return self.traced(a, lam, self.parameters(a.device, a.dtype))
 
     def parameters(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """m, U, Cᵀ and δ in float32 on `device`."""
+        """m, U, Cᵀ and δ in float32 and the bounds in `dtype` (None for "all") on `device`."""
         key = (device, dtype)
         placed = self.placed.get(key)
         if placed is None:
             tensors = (self.mean, self.basis, self.core.t().contiguous(), self.delta)
-            placed = self.placed[key] = tuple(t.to(device) for t in tensors)
+            bounds = () if self.bounds is None else (b.to(device, dtype) for b in self.bounds)
+            placed = self.placed[key] = (*(t.to(device) for t in tensors), *bounds)
         return placed
 
     def traced(
@@ -305,7 +312,7 @@ class LowRankTransport:
     ) -> torch.Tensor:
         """T_λ(a) from `parameters` (`self.parameters(a.device, a.dtype)`), λ a tensor on a's
         device (one, per row or per token)."""
-        mean, basis, core_t, delta = parameters
+        mean, basis, core_t, delta, *bounds = parameters
         channels = a.ndim == 4
         units_last = a.movedim(1, -1) if channels else a
         flat = units_last.reshape(-1, self.units)
@@ -315,6 +322,8 @@ class LowRankTransport:
         if lam.ndim:  # one λ per row of `flat`
             lam = lam.view(*lam.shape, *[1] * (len(lead) - lam.ndim)).expand(lead).reshape(-1)
         moved = flat + (lam.unsqueeze(-1) * change).to(a.dtype)
+        if bounds:
+            moved = torch.where(inside(flat, *bounds), moved, flat)
         return moved.view(units_last.shape).movedim(-1, 1) if channels else moved.view(a.shape)
 
     def kernel_hook(self, *args: object) -> None:

@@ -30,7 +30,7 @@ def files(smol, tmp_path_factory):
     """quantile-act on post-attn-ln, support "all" (a continuous map: log-probabilities
     compare; 64 texts a set, four per segment: fitted on 16, a segment between two close
     samples is steep and turns the engines' 1e-6 differences into 1e-3), and joint-act on
-    attn-out, saved."""
+    attn-out, support "all" too, saved."""
     model, tok = smol
     source, target = texts("neutral", 64), texts("football", 64)
     quantile = actsteer.fit(
@@ -44,6 +44,9 @@ def files(smol, tmp_path_factory):
             model, tok, source=source, target=target, modules="attn-out", method="joint-act"
         ),
     }
+    fits["joint"] = dataclasses.replace(
+        fits["joint"], info=dataclasses.replace(fits["joint"].info, support="all")
+    )
     folder = tmp_path_factory.mktemp("nonaffine")
     return {name: steering.save(folder / f"{name}.safetensors") for name, steering in fits.items()}
 
