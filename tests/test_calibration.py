@@ -20,6 +20,7 @@ from actsteer.calibration import (
     likelihood_gap,
     package_prompts,
     search_strength,
+    text_losses,
 )
 from actsteer.evaluation.likelihood import encode, special_prefix
 from actsteer.evaluation.tasks import evaluate
@@ -370,6 +371,22 @@ def test_module_candidates_are_fitted_calibrated_and_compared_on_held_out_texts(
     assert chosen.best.effect == pytest.approx(steered - plain, abs=1e-5)
     with pytest.raises(ActSteerError, match="candidate"):
         calibrate_modules(tiny_llama, tokenizer, neutral, football, [], 1.0)
+
+
+def test_text_losses_are_the_gap_per_text(tiny_llama, tokenizer, neutral, football):
+    source, target = [*neutral[30:34], "alone"], football[30:35]
+    losses = {name: text_losses(tiny_llama, tokenizer, texts) for name, texts in
+              (("source", source), ("target", target))}  # fmt: skip
+    assert losses["source"][-1] == (0.0, 0), "a one-word text is context only"
+    assert all(tokens > 0 and loss > 0 for loss, tokens in losses["source"][:-1])
+
+    def mean(scored: list[tuple[float, int]]) -> float:
+        return sum(loss for loss, _ in scored) / sum(n for _, n in scored)
+
+    gap = likelihood_gap(tiny_llama, tokenizer, source, target)
+    assert gap == pytest.approx(mean(losses["source"]) - mean(losses["target"]), abs=1e-6)
+    alone = text_losses(tiny_llama, tokenizer, source[1:2])
+    assert alone[0] == pytest.approx(losses["source"][1], rel=1e-5), "batching changes nothing"
 
 
 def test_cli_module_candidates(saved, tmp_path, neutral, football):

@@ -464,22 +464,38 @@ def likelihood_gap(
     as a steering makes target-like text likelier than source-like text. Run it inside the
     steering context to measure the steered model. Without a BOS token, a text's first word is
     context, not scored."""
-    prefix = bool(special_prefix(tokenizer))
 
     def nll(texts: Sequence[str]) -> float:
-        requests = []
-        for text in texts:
-            head, space, tail = text.strip().partition(" ")
-            if prefix:
-                requests.append(("", text.strip()))
-            elif tail:
-                requests.append((head, space + tail))
-        if not requests:
+        scored = text_losses(model, tokenizer, texts, batch_size)
+        tokens = sum(n for _, n in scored)
+        if not tokens:
             raise ActSteerError("the held-out texts need at least one with two words or more")
-        scored = continuation_logprobs(model, tokenizer, requests, batch_size=batch_size)
-        return -sum(s for s, _ in scored) / sum(n for _, n in scored)
+        return sum(loss for loss, _ in scored) / tokens
 
     return nll(source) - nll(target)
+
+
+def text_losses(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 8,
+) -> list[tuple[float, int]]:
+    """(summed NLL in nats, tokens scored) of each text, in order, as `likelihood_gap` scores
+    them: without a BOS token the first word is context; a one-word text scores (0.0, 0)."""
+    prefix = bool(special_prefix(tokenizer))
+    requests, scored_at = [], []
+    for index, text in enumerate(texts):
+        head, space, tail = text.strip().partition(" ")
+        if prefix or tail:
+            requests.append(("", text.strip()) if prefix else (head, space + tail))
+            scored_at.append(index)
+    losses = [(0.0, 0)] * len(texts)
+    if requests:
+        scored = continuation_logprobs(model, tokenizer, requests, batch_size=batch_size)
+        for index, (logprob, tokens) in zip(scored_at, scored, strict=True):
+            losses[index] = (-logprob, tokens)
+    return losses
 
 
 def calibrate_modules(
