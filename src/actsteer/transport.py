@@ -7,7 +7,8 @@ is the same interpolation, T_λ(a) = a + λ(T(a) − a), with T(a) = y_k + s_k (
 segment k each activation lies in (`KnotTransport`; the end segments extend past the outer
 knots; written about the segment's knot so steep segments lose nothing to rounding). A joint
 map across units (joint-act: T(a) = a + U(C Uᵀ(a − m) + δ), a rank-r update) interpolates the
-same way over the whole activation vector, support "all" only (`LowRankTransport`).
+same way over the whole activation vector, each unit's change kept inside the support as for
+the others (`LowRankTransport`).
 
 The support (lo, hi) is open, as in the reference implementation: an activation exactly on a
 bound (a one-token text is its own pooled sample) stays as it is. λ is one number, one per row
