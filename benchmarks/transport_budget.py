@@ -10,8 +10,9 @@ text's mean NLL per token minus its paraphrase's (nats; > 0: the neutral paraphr
 likelier relative to the toxic text); its mean is the held-out likelihood gap's change, per
 text. Each new method is compared with the best affine one of the same size by a paired
 bootstrap over the held-out pairs (the same texts under both steerings): the interval of
-the mean difference. Results are kept per (modules, size, method) in --out, so a killed run
-resumes.
+the mean difference. --extrapolate U lets λ go past the methods' range up to U
+(Steering.extrapolated), so no row stops at λ = 1 with budget left. Results are kept per
+(modules, size, method, held-out texts, extrapolation) in --out, so a killed run resumes.
 
   ACTSTEER_DATA=../shared/data .venv/bin/python benchmarks/transport_budget.py
 """
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--modules", default="attn-out")
     parser.add_argument("--methods", nargs="+", default=[*AFFINE, *NEW])
+    parser.add_argument("--extrapolate", type=float, help="λ up to this, past the range")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "runs" / "transport-budget.json"
     )
@@ -76,6 +78,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     held = (read_lines("source_val", 0, args.held_out), read_lines("target_val", 0, args.held_out))
     plain_key = f"plain | {args.held_out}"
+    suffix = f" | λ ≤ {args.extrapolate:g}" if args.extrapolate else ""
 
     def keep(key: str, value: dict[str, Any]) -> None:
         results[key] = value
@@ -90,7 +93,7 @@ def main() -> None:
     for size in args.sizes:
         source, target = read_lines("source", 0, size), read_lines("target", 0, size)
         for method in args.methods:
-            key = f"{args.modules} | {size} | {method} | {args.held_out}"
+            key = f"{args.modules} | {size} | {method} | {args.held_out}{suffix}"
             if key in results:
                 continue
             started = time.perf_counter()
@@ -99,6 +102,8 @@ def main() -> None:
                 modules=args.modules, progress=False,
             )  # fmt: skip
             fitted = time.perf_counter() - started
+            if args.extrapolate:
+                steering = steering.extrapolated(args.extrapolate)
             calibration = actsteer.calibrate(steering, model, tok, budget=1.0)
             with steering.applied(model, calibration.strength):
                 entry = scored(model, tok, held)
@@ -114,7 +119,7 @@ def main() -> None:
         found = {
             method: results[key]
             for method in (*AFFINE, *NEW)
-            if (key := f"{args.modules} | {size} | {method} | {args.held_out}") in results
+            if (key := f"{args.modules} | {size} | {method} | {args.held_out}{suffix}") in results
         }
         effects = {method: pair_effects(entry, plain) for method, entry in found.items()}
         means = {method: statistics.fmean(e) for method, e in effects.items()}
