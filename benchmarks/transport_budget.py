@@ -24,6 +24,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ AFFINE = ("mean-act", "linear-act", "lineas")
 NEW = ("quantile-act", "joint-act")
 
 
-def per_token(losses: list[list[float]]) -> list[float]:
+def per_token(losses: Sequence[Sequence[float]]) -> list[float]:
     """Mean NLL per token of each text ((loss, tokens) pairs; NaN where nothing is scored)."""
     return [loss / tokens if tokens else float("nan") for loss, tokens in losses]
 
@@ -57,6 +58,7 @@ def pair_effects(entry: dict[str, Any], plain: dict[str, Any]) -> list[float]:
 
 
 def scored(model: Any, tok: Any, held: tuple[list[str], list[str]]) -> dict[str, Any]:
+    """(loss, tokens) of each held-out source and target text under the model as it is."""
     source, target = (text_losses(model, tok, texts) for texts in held)
     return {"source": source, "target": target}
 
