@@ -25,10 +25,7 @@ Parts (--parts):
   perplexity of its continuations under the plain model and under the other offline model
   (JUDGE_MODELS: the paper's second perplexity), and gated rows the share of neutral WikiText
   tokens and of their continuations' tokens gated open. --seeds repeats Original, the best
-  ungated and the best gated row with other sampling seeds on the same prompts. Mean-AcT,
-  which stops at its range's end (λ = 1) with budget left, also runs calibrated with λ up to
-  GATE_EXTRAPOLATE as the gated rows are ("Mean-AcT, extrapolated", EXTRAPOLATED_ROWS): its
-  gated row is paired with that one.
+  ungated and the best gated row with other sampling seeds on the same prompts.
 - truthfulqa (paper Table 3): questions split by idx % 2. Steerings fitted on question +
   answer texts of the even fold (incorrect answers = source, correct = target). AcT methods
   at λ = 1; ITI-c's coefficient chosen by MC1 (then MC2) on other even-fold questions never
@@ -100,14 +97,10 @@ TOXICITY_METHODS: Methods = {
 }
 #: The earlier methods each library method is compared with (paired, on the same prompts).
 BASELINES = ("ActAdd", "AurA", "ITI-c")
-#: Ungated rows calibrated with λ up to GATE_EXTRAPOLATE, as the gated rows are: name → the
-#: row whose steering it extrapolates (Mean-AcT stops at its range's end, λ = 1, with budget
-#: left, so its gated row is paired with this one: the gate's gain beyond a larger λ alone).
-EXTRAPOLATED_ROWS = {"Mean-AcT, extrapolated": "Mean-AcT"}
 #: Gated rows (issue 29): name → (the ungated row it is paired with, method, fit options);
 #: the gate's kind is --gate, LinEAS trains its gate with its maps.
 GATED_METHODS: Mapping[str, tuple[str, str, Mapping[str, Any]]] = {
-    "Mean-AcT, gated": ("Mean-AcT, extrapolated", "mean-act", {}),
+    "Mean-AcT, gated": ("Mean-AcT", "mean-act", {}),
     "Linear-AcT, sequential, gated": (
         "Linear-AcT, sequential",
         "linear-act",
@@ -487,10 +480,6 @@ def toxicity_part(run: Runner) -> str:
     target = read_lines(fit_dir / "target.txt", sizes.tox_fit_pairs)
     data = {"source": "ParaDetox toxic (train split)", "target": "ParaDetox neutral (train)"}
     steerings, _ = run.fitted_methods("toxicity", TOXICITY_METHODS, source, target, data=data)
-    for name, row in EXTRAPOLATED_ROWS.items():
-        steering = steerings[row]
-        assert steering is not None
-        steerings[name] = steering.extrapolated(GATE_EXTRAPOLATE)
     calibration = {
         name: run.calibrated(name, steering)
         for name, steering in steerings.items()
