@@ -21,6 +21,7 @@ import torch
 
 from actsteer import transport
 from actsteer.evaluation.data import fixed_subset
+from actsteer.outputs import written_file
 from actsteer.tree import module_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,13 @@ def read_lines(name: str, start: int = 0, count: int | None = None) -> list[str]
     """Non-empty lines of DATA/<name>.txt (read in place), from `start`, at most `count`."""
     lines = [line for line in (DATA / f"{name}.txt").read_text().splitlines() if line.strip()]
     return lines[start : None if count is None else start + count]
+
+
+def save_json(path: Path, content: Any, indent: int | None = 1) -> None:
+    """`content` as JSON at `path`, written in one step (actsteer.outputs.written_file), so a
+    run killed while saving leaves the previous results whole."""
+    with written_file(path) as scratch:
+        scratch.write_text(json.dumps(content, indent=indent))
 
 
 def validation_prompts(count: int, seed: int = 0) -> list[str]:

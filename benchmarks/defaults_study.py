@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, begin, read_lines, table
+from _common import ROOT, begin, read_lines, save_json, table
 
 import actsteer
 from actsteer.calibration import likelihood_gap
@@ -208,10 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only or CANDIDATES:
         if name not in results:
             results[name] = study(name, CANDIDATES[name], model, tok, held)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            temporary = args.out.with_suffix(".tmp")
-            temporary.write_text(json.dumps(results, indent=1))
-            temporary.replace(args.out)
+            save_json(args.out, results)
             print(f"  {name}: {results[name]}", flush=True)
     plain = results["plain gap"]
     rows = sorted(

@@ -28,7 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from _common import DATA, ROOT, begin, read_lines, table
+from _common import DATA, ROOT, begin, read_lines, save_json, table
 
 import actsteer
 from actsteer.capture import record
@@ -134,8 +134,7 @@ def main() -> None:
                 "chosen_step": training.get("chosen_step"),
                 "units_touched": training.get("units_touched"),
             }
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
+            save_json(args.out, results)
             print(f"{key}: ratio {distance / plain['distance']:.3f} ({seconds:.0f} s)", flush=True)
     rows = []
     for key, result in results.items():

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, machine, table, validation_prompts
+from _common import ROOT, machine, save_json, table, validation_prompts
 
 import actsteer
 from actsteer.choices import DEFAULT_MODULES
@@ -284,9 +284,7 @@ class Runner:
             result = actsteer.calibrate(steering, self.model, self.tok, budget=PPL_LIMIT)
             cache[key] = result.to_json()
             print(f"  calibrated {name}: λ = {result.strength:.3g} in {result.seconds:.0f} s")
-            temporary = path.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(cache, indent=1))
-            temporary.replace(path)
+            save_json(path, cache)
         return cache[key]
 
     def calibrated_gate(self, name: str, steering: Steering) -> tuple[Steering, dict[str, Any]]:
@@ -320,9 +318,7 @@ class Runner:
                 f"{best.calibration.strength:.3g} in {best.calibration.seconds:.0f} s per try"
             )
             found.steering.save(saved)
-            temporary = path.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(cache, indent=1))
-            temporary.replace(path)
+            save_json(path, cache)
         return Steering.load(saved), cache[key]
 
     def judge_model(self) -> tuple[Any, Any]:
@@ -342,9 +338,7 @@ class Runner:
             model, tok = self.judge_model() if judge else (self.model, self.tok)
             pairs = [(s["prompt"], s["continuation"]) for s in entry["result"]["samples"]]
             cache[key] = continuation_perplexity(model, tok, [p for p in pairs if p[1].strip()])
-            temporary = path.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(cache, indent=1))
-            temporary.replace(path)
+            save_json(path, cache)
         return cache[key]
 
     def continuations_open(

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, begin, read_lines, table
+from _common import ROOT, begin, read_lines, save_json, table
 
 import actsteer
 from actsteer.capture import record
@@ -86,23 +86,19 @@ def variants() -> dict[str, tuple[object, str]]:
                 "all",
             )
     for rank in (1, 4):  # bounded: each unit moved only inside the source's range
-
-        def bounded(s, t, rank=rank):
-            amap = fit_joint(s, t, rank)
-            amap.bounds = support_bounds(s)
-            return amap
-
-        found[f"joint r={rank}, support q0-100"] = (bounded, "q0-100")
+        found[f"joint r={rank}, support q0-100"] = (
+            lambda s, t, r=rank: fit_joint(s, t, r),
+            "q0-100",
+        )
     for levels in LEVELS:
         for knots in KNOTS:
             for prior in PRIORS:
-
-                def estimate(s, t, knots=knots, prior=prior, levels=levels):
-                    amap = fit_quantile(s, t, knots=knots, prior=prior, levels=levels)
-                    amap.bounds = support_bounds(s)
-                    return amap
-
-                found[f"quantile {levels} K={knots} P={prior:g}"] = (estimate, "q0-100")
+                found[f"quantile {levels} K={knots} P={prior:g}"] = (
+                    lambda s, t, k=knots, p=prior, lv=levels: fit_quantile(
+                        s, t, knots=k, prior=p, levels=lv
+                    ),
+                    "q0-100",
+                )
     for name, options in FITTED.items():
         found[name] = (options, "")
     return found
@@ -157,6 +153,8 @@ def main() -> None:
                     support = steering.default_support
                 else:
                     maps = {n: estimate(fit_source[n], fit_target[n]) for n in names}
+                    for module, amap in maps.items():  # the supports, as Method.fit sets them
+                        amap.bounds = support_bounds(fit_source[module])
                     steering = dataclasses.replace(base, maps=maps)
                 with steering.applied(model, 1.0, support):
                     steered = record(model, tok, held_source, names, progress=False)
@@ -170,8 +168,7 @@ def main() -> None:
                     "sliced": sliced / plain["sliced"],
                     "seconds": time.perf_counter() - started,
                 }
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(results, indent=1))
+                save_json(args.out, results)
                 print(f"{key}: ratio {distance / plain['distance']:.3f}, sliced "
                       f"{sliced / plain['sliced']:.3f}", flush=True)  # fmt: skip
     rows = [

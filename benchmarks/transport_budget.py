@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, begin, read_lines, table
+from _common import ROOT, begin, read_lines, save_json, table
 
 import actsteer
 from actsteer.calibration import text_losses
@@ -84,10 +84,7 @@ def main() -> None:
 
     def keep(key: str, value: dict[str, Any]) -> None:
         results[key] = value
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.out.with_suffix(".tmp")
-        temporary.write_text(json.dumps(results))
-        temporary.replace(args.out)
+        save_json(args.out, results, indent=None)
 
     if plain_key not in results:
         keep(plain_key, scored(model, tok, held))
