@@ -98,5 +98,7 @@ $(WHEELS)/$(LLAMA_CPP).tar.gz: | $(BIN)/python
 test-llamacpp: $(VENV)/.installed $(WHEELS)/$(LLAMA_CPP).tar.gz
 	ls $(WHEELS)/$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || \
 	    nice -n 19 $(BIN)/pip wheel --no-deps $(WHEELS)/$(LLAMA_CPP).tar.gz -w $(WHEELS)
-	$(BIN)/pip install $(WHEELS)/$(LLAMA_CPP)-*.whl "sentencepiece>=0.1.98,<0.3"
+	$(BIN)/python -c "import importlib.metadata as m; m.version('sentencepiece'); \
+	    assert m.version('llama-cpp-python') == '0.3.36'" 2>/dev/null || \
+	    $(BIN)/pip install $(WHEELS)/$(LLAMA_CPP)-*.whl "sentencepiece>=0.1.98,<0.3"
 	LLAMA_CPP_SDIST=$(WHEELS)/$(LLAMA_CPP).tar.gz $(BIN)/python -m pytest -q -rP tests/llamacpp
