@@ -42,6 +42,11 @@ def read_lines(name: str, start: int = 0, count: int | None = None) -> list[str]
     return lines[start : None if count is None else start + count]
 
 
+def load_json(path: Path) -> dict[str, Any]:
+    """The results save_json kept at `path`, or {} where none are there yet (a run's start)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def save_json(path: Path, content: Any, indent: int | None = 1) -> None:
     """`content` as JSON at `path`, written in one step (actsteer.outputs.written_file), so a
     run killed while saving leaves the previous results whole."""

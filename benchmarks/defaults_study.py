@@ -22,13 +22,12 @@ Results go to a resumable JSON (--out) and a table; rows are sorted by effect.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, begin, read_lines, save_json, table
+from _common import ROOT, begin, load_json, read_lines, save_json, table
 
 import actsteer
 from actsteer.calibration import likelihood_gap
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         read_lines("source_val", count=args.held_out),
         read_lines("target_val", count=args.held_out),
     )
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = load_json(args.out)
     results = {RENAMED.get(name, name): result for name, result in results.items()}
     if "plain gap" not in results:
         results["plain gap"] = likelihood_gap(model, tok, *held)

@@ -23,12 +23,11 @@ set, modules, lines, draw, variant) in --out (JSON), so a killed run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
 
-from _common import DATA, ROOT, begin, read_lines, save_json, table
+from _common import DATA, ROOT, begin, load_json, read_lines, save_json, table
 
 import actsteer
 from actsteer.capture import record
@@ -100,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     run = begin("benchmarks/lineas_generalisation.py", None, args.threads)
     model, tok = actsteer.load_model("smollm2-135m")
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = load_json(args.out)
     names = None
     for data_name, (source, target, held_source, held_target) in data_sets(
         args.lines, args.held_out, args.draw

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, machine, save_json, table, validation_prompts
+from _common import ROOT, load_json, machine, save_json, table, validation_prompts
 
 import actsteer
 from actsteer.choices import DEFAULT_MODULES
@@ -278,7 +278,7 @@ class Runner:
         """actsteer.calibrate at ΔPPL ≤ PPL_LIMIT on held-out WikiText (after the perplexity
         task's tokens), cached in <out>/calibration.json by name and steering digest."""
         path = self.out / "calibration.json"
-        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache = load_json(path)
         key = f"{name} {steering_digest(steering)}"
         if key not in cache:
             result = actsteer.calibrate(steering, self.model, self.tok, budget=PPL_LIMIT)
@@ -292,7 +292,7 @@ class Runner:
         effect: see the module), cached in <out>/calibration.json by name and steering digest
         and the chosen steering (its gates centred) in <out>/steerings."""
         path = self.out / "calibration.json"
-        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache = load_json(path)
         digest = steering_digest(steering)
         key = f"{name} {digest}"
         saved = self.out / "steerings" / f"calibrated-{digest[:12]}.safetensors"
@@ -331,7 +331,7 @@ class Runner:
         """Perplexity of a toxicity entry's continuations given their prompts, under the plain
         model or the judge model; cached in <out>/continuations_ppl.json."""
         path = self.out / "continuations_ppl.json"
-        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache = load_json(path)
         which = JUDGE_MODELS[self.args.model] if judge else self.args.model
         key = f"{name} {entry['digest']} {entry['options_key']} {entry['strength']} {which}"
         if key not in cache:

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, begin, read_lines, save_json, table
+from _common import ROOT, begin, load_json, read_lines, save_json, table
 
 import actsteer
 from actsteer.capture import record
@@ -116,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     run = begin("benchmarks/quantile_study.py", None, args.threads)
     model, tok = actsteer.load_model("smollm2-135m")
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = load_json(args.out)
     held_source = read_lines("source_val", 0, args.held_out)
     held_target = read_lines("target_val", 0, args.held_out)
     estimators = variants()

@@ -20,7 +20,6 @@ the mean difference. --extrapolate U lets λ go past the methods' range up to U
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, begin, read_lines, save_json, table
+from _common import ROOT, begin, load_json, read_lines, save_json, table
 
 import actsteer
 from actsteer.calibration import text_losses
@@ -77,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     run = begin("benchmarks/transport_budget.py", None, args.threads)
     model, tok = actsteer.load_model("smollm2-135m")
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = load_json(args.out)
     held = (read_lines("source_val", 0, args.held_out), read_lines("target_val", 0, args.held_out))
     plain_key = f"plain | {args.held_out}"
     suffix = f" | λ ≤ {args.extrapolate:g}" if args.extrapolate else ""
